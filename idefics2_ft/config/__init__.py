@@ -1,0 +1,32 @@
+"""Typed config schema (Hydra structured configs) and the validation pass."""
+
+from idefics2_ft.config.schema import (
+    DataConfig,
+    DebugConfig,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    PeftConfig,
+    TinyConfig,
+    TrainConfig,
+    TrainerConfig,
+    register_configs,
+)
+from idefics2_ft.config.validate import ConfigError, validate
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "EvalConfig",
+    "LoggerConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PeftConfig",
+    "TinyConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "register_configs",
+    "validate",
+]

@@ -1,0 +1,166 @@
+"""Dataclass schemas under every Hydra group. YAML files extend them; a typo or a wrong type fails
+when the config is composed, naming the full key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyConfig:
+    """The tiny random-init Idefics2 (``model.name_or_path=tiny``), built from a seed and cached."""
+
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    n_latents: int = 8
+    resampler_depth: int = 1
+    initializer_range: float = 0.1
+    latent_std: float = 1.0
+    # Stage 1, a stand-in for a pretrained checkpoint (0 steps skips each part):
+    # (a) the vision tower learns to tell the training images' answers apart (as SigLIP is
+    #     pretrained before Idefics2 sees it), then (b) the whole base trains on the training data.
+    vision_pretrain_steps: int = 0
+    pretrain_steps: int = 0
+    pretrain_lr: float = 2e-3
+    pretrain_batch_size: int = 16
+    cache_dir: str = "outputs/.tiny_base"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # a Hub id, a local folder, or "tiny"
+    revision: str | None = None
+    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    gradient_checkpointing: bool = False
+    do_image_splitting: bool = False  # True: 4 crops + the image, 5x the image tokens
+    longest_edge: int = 980  # images are resized so their longest edge is at most this
+    shortest_edge: int = 378
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"  # lora | dora | full
+    quantize: str | None = "nf4"  # nf4 | fp4 | None: load the frozen base in 4 bits (QLoRA)
+    double_quant: bool = True
+    quant_storage: str | None = None  # None: uint8; set to the compute dtype for FSDP
+    # Modules kept in full precision when the base is quantized (as published 4-bit Idefics2 does).
+    skip_modules: list[str] = field(default_factory=lambda: ["vision_model", "connector", "lm_head"])
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target: str = "text+connector"  # text | text+connector | all
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # easyvqa | docvqa | jsonl | hub
+    path: str | None = None  # Hub dataset id or local dataset folder (source=hub / docvqa)
+    name: str | None = None  # Hub dataset config name
+    train_split: str = "train"
+    val_split: str = "validation"
+    train_file: str | None = None  # source=jsonl
+    val_file: str | None = None
+    question_column: str = "question"
+    answer_column: str = "answers"
+    image_column: str = "image"
+    id_column: str | None = None
+    type_column: str | None = None
+    system_prompt: str | None = None
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    max_length: int | None = 2048
+    on_bad_sample: str = "skip"  # skip | raise
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    metric: str = "accuracy"  # accuracy | anls
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "auto"  # auto (paged 8-bit AdamW on CUDA, AdamW on CPU) | adamw | paged_adamw_8bit
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 50
+    scheduler: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
+    max_steps: int = 1000
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    val_check_interval: Any = None  # steps between validations; None: once at the end
+    limit_val_batches: Any = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 200  # last.ckpt is also written when training ends
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 16
+    at_end: bool = True  # validate (loss + generation metrics) once after the last step
+    before_training: bool = False  # also validate the model as loaded, before any step
+
+
+@dataclass
+class LoggerConfig:
+    type: str = "csv"  # csv | tensorboard | wandb | none
+    project: str = "idefics2-ft"
+    entity: str | None = None
+
+
+@dataclass
+class DebugConfig:
+    show_labels: bool = False  # print the first batch with learned tokens marked, then exit
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    run_dir: str = MISSING
+    seed: int = 0
+    resume: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas so that ``conf/*.yaml`` can extend them (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("peft", PeftConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)

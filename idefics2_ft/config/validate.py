@@ -1,0 +1,137 @@
+"""One validation pass over a composed config: every problem is listed at once, each with its fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+LORA_TARGETS = ("text", "text+connector", "all")
+PEFT_METHODS = ("lora", "dora", "full")
+QUANT_TYPES = ("nf4", "fp4")
+ATTN = ("eager", "sdpa", "flash_attention_2")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+SOURCES = ("easyvqa", "docvqa", "jsonl", "hub")
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
+LOGGERS = ("csv", "tensorboard", "wandb", "none")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work. ``problems`` lists each one with its fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
+
+
+def _choice(problems: list[str], key: str, value, allowed) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check everything that can be checked before any weight loads.
+
+    Raises:
+        ConfigError: listing every problem found, each with what to do.
+    """
+    problems: list[str] = []
+    m, p, d, o, t = cfg.model, cfg.peft, cfg.data, cfg.optim, cfg.trainer
+    on_gpu = cuda_available() and t.accelerator in ("auto", "gpu", "cuda")
+
+    _choice(problems, "peft.method", p.method, PEFT_METHODS)
+    _choice(problems, "peft.target", p.target, LORA_TARGETS)
+    if p.quantize is not None:
+        _choice(problems, "peft.quantize", p.quantize, QUANT_TYPES)
+        if p.method == "full":
+            problems.append(
+                "peft.method=full with peft.quantize="
+                f"{p.quantize}: 4-bit weights cannot be trained in full. Use peft=qlora, or peft=full "
+                "with peft.quantize=null."
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"peft.quantize={p.quantize} needs bitsandbytes: pip install bitsandbytes.")
+    if p.method != "full" and p.r <= 0:
+        problems.append(f"peft.r={p.r}: the LoRA rank must be positive (e.g. peft.r=8).")
+    if not 0.0 <= p.dropout < 1.0:
+        problems.append(f"peft.dropout={p.dropout}: must be in [0, 1).")
+
+    _choice(problems, "model.dtype", m.dtype, DTYPES)
+    _choice(problems, "model.attn_implementation", m.attn_implementation, ATTN)
+    if m.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append(
+                "model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
+                "pip install 'idefics2-ft[flash-attn]', or use model.attn_implementation=sdpa."
+            )
+        elif not on_gpu:
+            problems.append(
+                "model.attn_implementation=flash_attention_2 needs a CUDA GPU, and none is used here: "
+                "use model.attn_implementation=sdpa."
+            )
+    if m.longest_edge <= 0 or m.shortest_edge <= 0:
+        problems.append("model.longest_edge and model.shortest_edge must be positive pixel counts.")
+    if m.name_or_path != "tiny" and m.name_or_path.startswith((".", "/")) and not Path(m.name_or_path).is_dir():
+        problems.append(f"model.name_or_path={m.name_or_path!r}: no such folder.")
+
+    _choice(problems, "data.source", d.source, SOURCES)
+    _choice(problems, "data.on_bad_sample", d.on_bad_sample, ("skip", "raise"))
+    _choice(problems, "data.metric", d.metric, ("accuracy", "anls"))
+    if d.source == "jsonl":
+        for key in ("train_file", "val_file"):
+            value = d[key]
+            if value is None:
+                problems.append(f"data.{key} is required with data=jsonl: data.{key}=PATH.jsonl")
+            elif not Path(value).is_file():
+                problems.append(f"data.{key}={value!r}: no such file.")
+    if d.source in ("hub", "docvqa") and not d.path:
+        problems.append(f"data.path is required with data.source={d.source}: a Hub dataset id or a local folder.")
+    if d.max_length is not None and d.max_length <= 0:
+        problems.append(f"data.max_length={d.max_length}: must be positive, or null for no limit.")
+    for key in ("batch_size", "eval_batch_size"):
+        if d[key] <= 0:
+            problems.append(f"data.{key}={d[key]}: must be positive.")
+
+    _choice(problems, "optim.optimizer", o.optimizer, OPTIMIZERS)
+    if o.optimizer == "paged_adamw_8bit" and not on_gpu:
+        problems.append("optim.optimizer=paged_adamw_8bit needs a CUDA GPU: use optim.optimizer=adamw (or auto).")
+    _choice(problems, "optim.scheduler", o.scheduler, ("cosine", "constant"))
+    if o.lr <= 0:
+        problems.append(f"optim.lr={o.lr}: must be positive.")
+
+    _choice(problems, "trainer.precision", str(t.precision), PRECISIONS)
+    if t.max_steps <= 0:
+        problems.append(f"trainer.max_steps={t.max_steps}: must be positive.")
+    if o.warmup_steps >= t.max_steps:
+        problems.append(
+            f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up."
+        )
+
+    _choice(problems, "logger.type", cfg.logger.type, LOGGERS)
+    if cfg.logger.type == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            problems.append("logger.type=wandb needs wandb: pip install wandb, or use logger=csv.")
+        elif not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")):
+            netrc = Path.home() / ".netrc"
+            if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+                problems.append(
+                    "logger=wandb but no W&B credentials were found: run `wandb login`, set WANDB_API_KEY, "
+                    "set WANDB_MODE=offline, or use logger=csv."
+                )
+
+    if cfg.resume and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file():
+        problems.append(
+            f"resume=true but {cfg.run_dir}/checkpoints/last.ckpt does not exist: point run_dir at the "
+            "folder of the run to continue, or drop resume=true."
+        )
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,244 @@
+"""Conversation records -> model batches. All chat rendering, image processing and -100 masking lives here.
+
+A record is the transformers chat format::
+
+    {"images": [PIL.Image, ...],
+     "messages": [{"role": "system" | "user" | "assistant",
+                   "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]}
+
+Labels: only what the assistant says (its words and its closing ``<end_of_utterance>``) is learned.
+The ``Assistant:`` prefix, every system and user turn, image tokens and padding are -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # what transformers' cross-entropy ignores (not image_token_id: see PITFALLS 1)
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A record that cannot be trained on, with its dataset index and the reason."""
+
+    index: int
+    reason: str
+    kind: str = "other"  # a short key for counting: missing_image, empty_answer, too_long, ...
+
+
+class BadSampleError(ValueError):
+    """Raised for a bad record when ``data.on_bad_sample=raise``."""
+
+
+def _expand_images(text: str, image_str: str, fake: str, image: str) -> str:
+    """Replace each ``<image>`` placeholder as ``Idefics2Processor`` does before tokenizing."""
+    text = text.replace(image, image_str)
+    text = text.replace(fake + fake, fake)
+    # The processor puts a space between a closing fake token and a word glued to it.
+    out, i = [], 0
+    while True:
+        j = text.find(fake, i)
+        if j < 0:
+            out.append(text[i:])
+            return "".join(out)
+        end = j + len(fake)
+        out.append(text[i:end])
+        if end < len(text) and not text[end].isspace() and text[end] != "<":
+            out.append(" ")
+        i = end
+
+
+class Idefics2Collator:
+    """Build ``input_ids, attention_mask, pixel_values, pixel_attention_mask, labels`` from records.
+
+    Args:
+        processor: an ``Idefics2Processor`` (its tokenizer and image processor are used).
+        max_length: cut longer samples (after image expansion) at an image-block boundary.
+        padding_side: "right" for training, "left" for generation.
+        add_generation_prompt: drop the last assistant turn and end with ``Assistant:`` (for
+            generation); its text is returned as ``targets``.
+        on_bad_sample: "skip" (count it) or "raise".
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        padding_side: str = "right",
+        add_generation_prompt: bool = False,
+        on_bad_sample: str = "skip",
+    ) -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'.")
+        if on_bad_sample not in ("skip", "raise"):
+            raise ValueError(f"data.on_bad_sample={on_bad_sample!r}: use 'skip' or 'raise'.")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.add_generation_prompt = add_generation_prompt
+        self.on_bad_sample = on_bad_sample
+        self.fake_token = processor.fake_image_token
+        self.image_token = processor.image_token
+        self.fake_id = self.tokenizer.convert_tokens_to_ids(self.fake_token)
+        self.image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.eou = str(processor.end_of_utterance_token)
+        splits = 5 if getattr(processor.image_processor, "do_image_splitting", False) else 1
+        self.tokens_per_image = processor.image_seq_len * splits
+        self.image_str = (self.fake_token + self.image_token * processor.image_seq_len + self.fake_token) * splits
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.unk_token_id
+
+    # ---------------------------------------------------------------- rendering
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Render messages as the Idefics2 chat template does, with images expanded.
+
+        Returns the text and the character spans the model learns (assistant words + closing
+        ``<end_of_utterance>``). Equal to ``processor.apply_chat_template`` followed by the
+        processor's image expansion (tested).
+        """
+        pieces: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            starts_with_image = bool(content) and content[0].get("type") == "image"
+            prefix = message["role"].capitalize() + (":" if starts_with_image else ": ")
+            body = "".join(
+                part["text"] if part.get("type") == "text" else self.image_token
+                for part in content
+                if part.get("type") in ("text", "image")
+            )
+            body = _expand_images(body + self.eou, self.image_str, self.fake_token, self.image_token)
+            learned = message["role"] == "assistant"
+            if learned:
+                # The space of ": " belongs to the first answer token ("▁blue"), so the span
+                # starts right after the colon.
+                colon = len(prefix.rstrip(" "))
+                pieces.append(prefix[:colon])
+                start = pos + colon
+                pieces.append(prefix[colon:] + body)
+                spans.append((start, start + len(prefix) - colon + len(body)))
+            else:
+                pieces.append(prefix + body)
+            pieces.append("\n")
+            pos = sum(len(p) for p in pieces)
+        if add_generation_prompt:
+            pieces.append("Assistant:")
+        return "".join(pieces), spans
+
+    # ---------------------------------------------------------------- one sample
+    def encode(self, record: dict) -> dict | BadSample:
+        """Tokenize one record; returns a dict of lists, or ``BadSample`` if nothing learnable fits."""
+        index = record.get("index", -1)
+        messages = record["messages"]
+        images = list(record.get("images") or [])
+        target = None
+        if self.add_generation_prompt:
+            if not messages or messages[-1]["role"] != "assistant":
+                return BadSample(index, "no assistant turn to generate", "no_assistant_turn")
+            target = _message_text(messages[-1])
+            messages = messages[:-1]
+        text, spans = self.render(messages, add_generation_prompt=self.add_generation_prompt)
+        n_placeholders = sum(
+            1 for m in messages for c in (m["content"] if isinstance(m["content"], list) else []) if c.get("type") == "image"
+        )
+        if n_placeholders > len(images):
+            return BadSample(index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders")
+        images = images[:n_placeholders]
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids: list[int] = enc["input_ids"]
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            if end > start and any(end > s and start < e for s, e in spans):
+                labels[i] = ids[i]
+        for i, tok in enumerate(ids):  # image tokens are never learned, whatever the spans say
+            if tok in (self.image_id, self.fake_id):
+                labels[i] = IGNORE_INDEX
+        if self.max_length is not None and len(ids) > self.max_length:
+            cut = self._safe_cut(ids, self.max_length)
+            kept_images = sum(1 for t in ids[:cut] if t == self.image_id) // self.tokens_per_image
+            ids, labels, images = ids[:cut], labels[:cut], images[:kept_images]
+            if not self.add_generation_prompt and all(x == IGNORE_INDEX for x in labels):
+                return BadSample(index, f"too long: no answer token fits in max_length={self.max_length}", "too_long")
+        out = {"input_ids": ids, "labels": labels, "images": images}
+        if target is not None:
+            out["target"] = target
+        return out
+
+    def _safe_cut(self, ids: list[int], max_length: int) -> int:
+        """The largest cut <= max_length that does not split an image block."""
+        positions = [i for i, t in enumerate(ids) if t == self.image_id]
+        cut = max_length
+        for k in range(0, len(positions), self.tokens_per_image):
+            first, last = positions[k], positions[min(k + self.tokens_per_image, len(positions)) - 1]
+            open_fake, close_fake = first - 1, last + 1
+            if open_fake < cut <= close_fake:
+                # keep an opening fake token only when it also closes the previous image
+                shared = open_fake > 0 and ids[open_fake - 1] == self.image_id
+                return open_fake + 1 if shared else open_fake
+        return cut
+
+    # ---------------------------------------------------------------- batch
+    def __call__(self, records: list[dict | BadSample]) -> dict[str, Any]:
+        encoded, bad = [], []
+        for record in records:
+            item = record if isinstance(record, BadSample) else self.encode(record)
+            if isinstance(item, BadSample):
+                if self.on_bad_sample == "raise":
+                    raise BadSampleError(
+                        f"record {item.index}: {item.reason} (set data.on_bad_sample=skip to skip such records)"
+                    )
+                bad.append(item)
+            else:
+                encoded.append(item)
+        batch: dict[str, Any] = {"bad_samples": bad}
+        if not encoded:
+            return batch
+        length = max(len(e["input_ids"]) for e in encoded)
+        input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            sl = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, sl] = torch.tensor(e["input_ids"])
+            labels[row, sl] = torch.tensor(e["labels"])
+            attention_mask[row, sl] = 1
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        batch.update(self._pixels([e["images"] for e in encoded]))
+        if self.add_generation_prompt:
+            batch["targets"] = [e["target"] for e in encoded]
+        return batch
+
+    def _pixels(self, images: list[list]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` [B, max_images, 3, H, W] and ``pixel_attention_mask`` [B, max_images, H, W]."""
+        if not any(images):
+            return {}
+        rows = [[im.convert("RGB") for im in row] for row in images]
+        nonempty = [row for row in rows if row]
+        out = self.processor.image_processor(nonempty, return_tensors="pt")
+        pv, pm = out["pixel_values"], out["pixel_attention_mask"]
+        if len(nonempty) == len(rows):
+            return {"pixel_values": pv, "pixel_attention_mask": pm}
+        # Rows with no image get all-zero images, which Idefics2 recognises as padding.
+        full_v = pv.new_zeros((len(rows), *pv.shape[1:]))
+        full_m = pm.new_zeros((len(rows), *pm.shape[1:]))
+        j = 0
+        for i, row in enumerate(rows):
+            if row:
+                full_v[i], full_m[i] = pv[j], pm[j]
+                j += 1
+        return {"pixel_values": full_v, "pixel_attention_mask": full_m}
+
+
+def _message_text(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")

@@ -1,0 +1,139 @@
+"""The DataModule: rows -> RecordDataset -> collators -> DataLoaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Sampler
+
+from idefics2_ft.data.collator import BadSample, Idefics2Collator
+from idefics2_ft.data.sources import RecordDataset, build_rows
+
+log = logging.getLogger(__name__)
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled indices for a whole run, reproducible from the seed, that can start part-way.
+
+    ``num_samples`` indices are drawn epoch after epoch (a new permutation each epoch, seeded by
+    ``seed + epoch``), sharded round-robin across ``num_replicas``. ``start`` skips what a resumed
+    run already consumed, so a resumed run sees exactly the batches the uninterrupted one would.
+    """
+
+    def __init__(
+        self, dataset_len: int, num_samples: int, seed: int, rank: int = 0, num_replicas: int = 1, start: int = 0
+    ) -> None:
+        self.dataset_len, self.num_samples, self.seed = dataset_len, num_samples, seed
+        self.rank, self.num_replicas, self.start = rank, num_replicas, start
+
+    def _stream(self) -> Iterator[int]:
+        epoch = 0
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            yield from torch.randperm(self.dataset_len, generator=generator).tolist()
+            epoch += 1
+
+    def __iter__(self) -> Iterator[int]:
+        stream = self._stream()
+        for i in range(self.num_samples * self.num_replicas):
+            index = next(stream)
+            if i % self.num_replicas == self.rank and i // self.num_replicas >= self.start:
+                yield index
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ValCollator:
+    """Validation batches: right-padded inputs for ``val/loss`` and left-padded prompts to generate from."""
+
+    def __init__(self, processor: Any, max_length: int | None, on_bad_sample: str) -> None:
+        self.loss = Idefics2Collator(processor, max_length, "right", on_bad_sample=on_bad_sample)
+        self.gen = Idefics2Collator(processor, max_length, "left", add_generation_prompt=True, on_bad_sample=on_bad_sample)
+
+    def __call__(self, records: list) -> dict:
+        good = [r for r in records if not isinstance(r, BadSample)]
+        loss = self.loss(records)
+        batch: dict[str, Any] = {"bad_samples": loss.pop("bad_samples")}
+        ok = [r for r in good if not any(b.index == r["index"] for b in batch["bad_samples"])]
+        if not ok:
+            return batch
+        gen = self.gen(ok)
+        gen.pop("bad_samples")
+        batch.update(
+            loss_inputs=loss,
+            gen_inputs=gen,
+            answers=[r["answers"] for r in ok],
+            question_types=[r.get("question_type") for r in ok],
+            ids=[r.get("id") for r in ok],
+        )
+        return batch
+
+
+class Idefics2DataModule(L.LightningDataModule):
+    """Train / validation data for one config. The processor is built outside and injected."""
+
+    def __init__(self, data_cfg: DictConfig, processor: Any, seed: int = 0, max_steps: int = 1000, accumulate: int = 1):
+        super().__init__()
+        self.cfg = data_cfg
+        self.processor = processor
+        self.seed = seed
+        self.max_steps = max_steps
+        self.accumulate = accumulate
+        self.train_set: RecordDataset | None = None
+        self.val_set: RecordDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            self.train_set = RecordDataset(build_rows(self.cfg, "train"), self.cfg.max_train_samples)
+        if self.val_set is None:
+            self.val_set = RecordDataset(build_rows(self.cfg, "val"), self.cfg.max_val_samples)
+
+    def train_collator(self) -> Idefics2Collator:
+        return Idefics2Collator(self.processor, self.cfg.max_length, "right", on_bad_sample=self.cfg.on_bad_sample)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = self.max_steps * self.accumulate
+        # On resume the trainer's step is already restored: skip what the first run consumed.
+        consumed = trainer.global_step * self.accumulate if trainer is not None else 0
+        sampler = ResumableSampler(
+            len(self.train_set),
+            num_samples=batches * self.cfg.batch_size,
+            seed=self.seed,
+            rank=rank,
+            num_replicas=world,
+            start=consumed * self.cfg.batch_size,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            collate_fn=self.train_collator(),
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        from torch.utils.data.distributed import DistributedSampler
+
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            self.val_set,
+            batch_size=self.cfg.eval_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample),
+            num_workers=self.cfg.num_workers,
+        )

@@ -1,0 +1,157 @@
+"""``load_idefics2`` (quantization, dtype, attention), ``apply_peft`` (LoRA presets, k-bit preparation).
+
+QLoRA is LoRA on a base loaded with a 4-bit ``BitsAndBytesConfig``: one code path, two settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForConditionalGeneration
+
+from idefics2_ft.tiny import IDEFICS2_CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+# Module-name regexes (full match, relative to Idefics2ForConditionalGeneration) per component.
+_TEXT = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+_CONNECTOR = r"model\.connector\.(modality_projection|perceiver_resampler\.layers\.\d+\.(self_attn|mlp))\.\w+_proj"
+_VISION = r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+LORA_PRESETS = {
+    "text": (_TEXT,),
+    "text+connector": (_TEXT, _CONNECTOR),
+    "all": (_TEXT, _CONNECTOR, _VISION),
+}
+COMPONENTS = (
+    ("vision", "model.vision_model."),
+    ("connector", "model.connector."),
+    ("text", "model.text_model."),
+    ("head", "lm_head."),
+)
+
+
+def lora_target_regex(preset: str) -> str:
+    """The PEFT ``target_modules`` regex for a preset (``text``, ``text+connector``, ``all``)."""
+    return "|".join(f"(?:{r})" for r in LORA_PRESETS[preset])
+
+
+def resolve_dtype(name: str, on_gpu: bool | None = None) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on the CPU (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def build_quantization_config(peft_cfg: DictConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """NF4 (or FP4) with optional double quantization; ``skip_modules`` stay in full precision."""
+    if peft_cfg.quantize is None:
+        return None
+    storage = resolve_dtype(peft_cfg.quant_storage) if peft_cfg.quant_storage else torch.uint8
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft_cfg.quantize,
+        bnb_4bit_use_double_quant=peft_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=list(peft_cfg.skip_modules),
+    )
+
+
+def load_processor(path: str, model_cfg: DictConfig, revision: str | None = None):
+    """``AutoProcessor.from_pretrained`` with the image settings of the config and the chat template."""
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    image_processor = processor.image_processor
+    image_processor.do_image_splitting = model_cfg.do_image_splitting
+    image_processor.size = type(image_processor.size)(
+        longest_edge=model_cfg.longest_edge, shortest_edge=min(model_cfg.shortest_edge, model_cfg.longest_edge)
+    ) if not isinstance(image_processor.size, dict) else {
+        "longest_edge": model_cfg.longest_edge,
+        "shortest_edge": min(model_cfg.shortest_edge, model_cfg.longest_edge),
+    }
+    if processor.chat_template is None:
+        log.info("The processor at %s has no chat template: using the published Idefics2 template.", path)
+        processor.chat_template = IDEFICS2_CHAT_TEMPLATE
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token
+    return processor
+
+
+def load_idefics2(
+    path: str,
+    model_cfg: DictConfig,
+    peft_cfg: DictConfig,
+    device_map: dict | str | None = None,
+) -> Idefics2ForConditionalGeneration:
+    """Load Idefics2 from the Hub or a folder, 4-bit quantized when ``peft.quantize`` is set."""
+    dtype = resolve_dtype(model_cfg.dtype)
+    quantization = build_quantization_config(peft_cfg, dtype)
+    if quantization is not None and device_map is None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantizes as weights reach the GPU
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        path,
+        revision=model_cfg.revision,
+        dtype=dtype,
+        quantization_config=quantization,
+        attn_implementation=model_cfg.attn_implementation,
+        device_map=device_map,
+    )
+    model.config.use_cache = False  # training; generation turns it back on per call
+    return model
+
+
+def _prepare_kbit(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """What k-bit training needs, without peft's blanket fp32 upcast of every non-4-bit weight.
+
+    ``prepare_model_for_kbit_training`` casts every float weight (vision tower included) to fp32,
+    which costs gigabytes on the 8B model. Frozen weights stay in the compute dtype here: the
+    norms already upcast internally and LoRA weights are created in fp32 by PEFT.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+
+
+def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gradient_checkpointing: bool):
+    """Attach LoRA / DoRA adapters (or unfreeze everything for ``full``) and return the model."""
+    if gradient_checkpointing:
+        # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not require
+        # grad, which is every input of a frozen PEFT base.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    _prepare_kbit(model, gradient_checkpointing)
+    lora = LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=lora_target_regex(peft_cfg.target),
+        modules_to_save=list(peft_cfg.modules_to_save) or None,
+        use_dora=peft_cfg.method == "dora",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameter counts per component (vision / connector / text / head) and in total."""
+    counts: dict[str, int] = defaultdict(int)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        name = name.removeprefix("base_model.model.")
+        component = next((c for c, prefix in COMPONENTS if name.startswith(prefix)), "other")
+        counts[component] += param.numel()
+    out = {c: counts.get(c, 0) for c, _ in COMPONENTS}
+    if counts.get("other"):
+        out["other"] = counts["other"]
+    out["total"] = sum(counts.values())
+    return out

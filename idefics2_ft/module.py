@@ -1,0 +1,199 @@
+"""The LightningModule: it receives a built Idefics2 (with adapters) and an optimizer factory.
+
+It does not load models, processors or datasets; ``idefics2_ft.train`` builds those and injects them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from idefics2_ft.metrics import anls, exact_match
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, cosine: bool = True) -> Callable:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Idefics2Module(L.LightningModule):
+    """Train, validate (loss + greedy generation metrics) and checkpoint trainable weights only.
+
+    Args:
+        model: Idefics2ForConditionalGeneration, possibly wrapped by PEFT.
+        tokenizer: decodes generated answers.
+        optimizer_factory: ``params -> torch.optim.Optimizer``.
+        lr_lambda: ``step -> multiplier`` for a per-step ``LambdaLR``.
+        metric: "accuracy" (exact match) or "anls".
+        max_new_tokens: generation budget for validation answers.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        optimizer_factory: Callable[[list], torch.optim.Optimizer],
+        lr_lambda: Callable[[int], float] | None = None,
+        metric: str = "accuracy",
+        max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optimizer_factory = optimizer_factory
+        self.lr_lambda = lr_lambda
+        self.metric = metric
+        self.max_new_tokens = max_new_tokens
+        self.strict_loading = False  # checkpoints hold trainable weights only: checked in on_load_checkpoint
+        eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        self.stop_ids = [i for i in (eou, tokenizer.eos_token_id) if i is not None]
+        self.skipped: Counter[str] = Counter()
+        self.val_metrics: dict[str, float] = {}
+        self._val_rows: list[dict] = []
+        self._val_loss: list[tuple[float, int]] = []
+        self._step_start: float | None = None
+
+    # ------------------------------------------------------------------ training
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def _count_bad(self, batch: dict) -> None:
+        for bad in batch.get("bad_samples", ()):
+            self.skipped[bad.kind] += 1
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self._count_bad(batch)
+        if "input_ids" not in batch:  # every record of this batch was bad
+            return None
+        now = time.perf_counter()
+        out = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        tokens = int(batch["attention_mask"].sum())
+        if self._step_start is not None:
+            elapsed = now - self._step_start
+            if elapsed > 0:
+                self.log("train/tokens_per_s", tokens / elapsed, prog_bar=True, batch_size=n)
+        self._step_start = now
+        return out.loss
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows, self._val_loss = [], []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._count_bad(batch)
+        if "loss_inputs" not in batch:
+            return
+        inputs = batch["loss_inputs"]
+        out = self.model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
+        supervised = int((inputs["labels"][:, 1:] != -100).sum())
+        self._val_loss.append((float(out.loss) * supervised, supervised))
+        predictions = self.generate(batch["gen_inputs"])
+        for pred, refs, qtype, rid in zip(
+            predictions, batch["answers"], batch["question_types"], batch["ids"], strict=True
+        ):
+            row = {"id": rid, "prediction": pred, "answers": refs, "question_type": qtype}
+            row["accuracy"] = exact_match(pred, refs)
+            row["anls"] = anls(pred, refs)
+            self._val_rows.append(row)
+
+    @torch.no_grad()
+    def generate(self, inputs: dict) -> list[str]:
+        """Greedy answers for a left-padded batch of prompts ending with ``Assistant:``."""
+        gen_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs and k != "labels"}
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        output = self.model.generate(
+            **gen_inputs,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=synced,  # sharded ranks must keep stepping together until all are done
+        )
+        new_tokens = output[:, gen_inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def on_validation_epoch_end(self) -> None:
+        rows, losses = self._val_rows, self._val_loss
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (rows, losses))
+            rows = [r for part, _ in gathered for r in part]
+            losses = [x for _, part in gathered for x in part]
+            # a DistributedSampler pads with repeats: count each question once
+            unique = {}
+            for r in rows:
+                unique.setdefault(str(r["id"]), r)
+            rows = list(unique.values())
+        metrics: dict[str, float] = {}
+        total = sum(n for _, n in losses)
+        if total:
+            metrics["val/loss"] = sum(x for x, _ in losses) / total
+        if rows:
+            metrics[f"val/{self.metric}"] = sum(r[self.metric] for r in rows) / len(rows)
+            by_type: dict[str, list[float]] = defaultdict(list)
+            for r in rows:
+                if r["question_type"]:
+                    by_type[str(r["question_type"])].append(r[self.metric])
+            for qtype, scores in sorted(by_type.items()):
+                metrics[f"val/{self.metric}/{qtype}"] = sum(scores) / len(scores)
+            metrics["val/n_questions"] = float(len(rows))
+        self.val_metrics = metrics
+        self.val_predictions = rows
+        for key, value in metrics.items():
+            self.log(key, value, rank_zero_only=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_lambda is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the weights that train (adapters, saved modules): the frozen base is not saved."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["rng_torch"] = torch.get_rng_state()
+        checkpoint["skipped_samples"] = dict(self.skipped)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        stored = set(checkpoint["state_dict"])
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        if missing or unexpected:
+            raise RuntimeError(
+                "The checkpoint does not match this model's trainable weights "
+                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}): resume with the same "
+                "model and peft settings as the run that wrote it."
+            )
+        if "rng_torch" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_torch"])
+        self.skipped = Counter(checkpoint.get("skipped_samples", {}))

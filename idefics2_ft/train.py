@@ -1,0 +1,296 @@
+"""``train(cfg) -> metrics``: compose the parts, fit, validate, save. The root ``train.py`` wraps it in Hydra."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from idefics2_ft.config import validate
+from idefics2_ft.data.collator import IGNORE_INDEX
+from idefics2_ft.data.datamodule import Idefics2DataModule
+from idefics2_ft.data.sources import build_rows
+from idefics2_ft.models import apply_peft, load_idefics2, load_processor, resolve_dtype, trainable_parameters
+from idefics2_ft.module import Idefics2Module, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+SECRET_WORDS = ("token", "secret", "password", "api_key")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and int(
+        os.environ.get("LOCAL_RANK", "0")
+    ) == 0
+
+
+def redacted(cfg: DictConfig) -> dict:
+    """The resolved config as a dict, with any secret-looking value replaced."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: ("<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) and v else scrub(v))
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(OmegaConf.to_container(cfg, resolve=True))
+
+
+# ---------------------------------------------------------------------------- tiny base
+def tiny_base_key(cfg: DictConfig) -> str:
+    """A folder name that changes whenever anything the tiny base is built from changes."""
+    d = cfg.data
+    payload = {
+        "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
+        "image": [cfg.model.longest_edge, cfg.model.do_image_splitting],
+        "data": [d.source, d.path, d.train_split, d.train_file, d.max_train_samples, d.system_prompt],
+    }
+    payload["tiny"].pop("cache_dir")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_tiny_base(cfg: DictConfig) -> Path:
+    """Build (once) and cache the tiny base: random init from the seed, then stage 1 if configured.
+
+    The folder is an ordinary ``save_pretrained`` folder (model + processor), so the tiny model
+    then goes through the same ``from_pretrained`` path as a Hub checkpoint.
+    """
+    from idefics2_ft.tiny import build_processor, build_tiny_model, pretrain_tiny_base, tiny_config
+
+    t = cfg.model.tiny
+    folder = Path(t.cache_dir) / tiny_base_key(cfg)
+    if (folder / "config.json").is_file():
+        log.info("Tiny base: using the cached %s", folder)
+        return folder
+    if not _is_rank_zero():
+        raise RuntimeError(f"The tiny base {folder} must be built by rank 0 first: run once on one process.")
+    start = time.perf_counter()
+    config = tiny_config(
+        image_size=t.image_size,
+        patch_size=t.patch_size,
+        vision_hidden=t.vision_hidden,
+        vision_layers=t.vision_layers,
+        text_hidden=t.text_hidden,
+        text_layers=t.text_layers,
+        n_latents=t.n_latents,
+        resampler_depth=t.resampler_depth,
+        initializer_range=t.initializer_range,
+    )
+    processor = build_processor(t.n_latents, cfg.model.longest_edge, cfg.model.do_image_splitting)
+    model = build_tiny_model(config, seed=t.seed, latent_std=t.latent_std)
+    report: dict[str, float] = {}
+    if t.vision_pretrain_steps or t.pretrain_steps:
+        log.info(
+            "Tiny base, stage 1 (a stand-in for a pretrained checkpoint): %d vision-tower steps, "
+            "then %d steps of full training on %s",
+            t.vision_pretrain_steps,
+            t.pretrain_steps,
+            cfg.data.source,
+        )
+        rows = build_rows(cfg.data, "train")
+        if cfg.data.max_train_samples is not None:
+            rows = rows[: cfg.data.max_train_samples]
+        report = pretrain_tiny_base(model, processor, rows, t, progress=cfg.trainer.enable_progress_bar)
+    report["stage1/wall_s"] = time.perf_counter() - start
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "stage1.json").write_text(json.dumps(report, indent=2))
+    tmp.rename(folder)  # a half-written base never looks complete
+    log.info("Tiny base saved to %s (%.0f s)", folder, report["stage1/wall_s"])
+    return folder
+
+
+def resolve_model_path(cfg: DictConfig) -> str:
+    return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+
+
+# ---------------------------------------------------------------------------- pieces
+def make_optimizer_factory(cfg: DictConfig):
+    o = cfg.optim
+    name = o.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw"
+
+    def factory(params):
+        if name == "paged_adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    return factory
+
+
+def make_logger(cfg: DictConfig, run_dir: Path):
+    kind = cfg.logger.type
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, save_dir=str(run_dir))
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = cfg.trainer
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_on_train_epoch_end=True,
+    )
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=precision,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if t.val_check_interval else 1,
+        limit_val_batches=t.limit_val_batches if t.val_check_interval else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=make_logger(cfg, run_dir),
+        callbacks=[checkpoint],
+        enable_progress_bar=t.enable_progress_bar,
+        default_root_dir=str(run_dir),
+        deterministic=t.deterministic,
+    )
+
+
+def format_labels(batch: dict, tokenizer, limit: int = 2) -> str:
+    """The first samples of a batch, one token per item, learned tokens in [brackets]."""
+    lines = []
+    for row in range(min(limit, batch["input_ids"].shape[0])):
+        ids = batch["input_ids"][row].tolist()
+        labels = batch["labels"][row].tolist()
+        mask = batch["attention_mask"][row].tolist()
+        pieces = []
+        for tok, lab, m in zip(ids, labels, mask, strict=True):
+            if not m:
+                continue
+            text = tokenizer.convert_ids_to_tokens(tok)
+            pieces.append(f"[{text}]" if lab != IGNORE_INDEX else text)
+        learned = sum(1 for x in labels if x != IGNORE_INDEX)
+        lines.append(f"sample {row}: {learned} learned tokens of {sum(mask)}\n  " + " ".join(pieces))
+    return "\n".join(lines)
+
+
+def _validate_now(trainer, module, datamodule, limit) -> dict[str, float]:
+    trainer.limit_val_batches = limit if limit is not None else 1.0
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return dict(module.val_metrics)
+
+
+# ---------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune as the config says and return the final metrics (also written to metrics.json).
+
+    Raises:
+        ConfigError: before any weight loads, listing every problem in the config.
+    """
+    import lightning as L
+
+    validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if _is_rank_zero():
+        OmegaConf.save(OmegaConf.create(redacted(cfg)), run_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    started = time.perf_counter()
+
+    model_path = resolve_model_path(cfg)
+    processor = load_processor(model_path, cfg.model, cfg.model.revision)
+    datamodule = Idefics2DataModule(
+        cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+    )
+    datamodule.setup("fit")
+    # Fail early: read and collate a first batch before any weight loads.
+    first = datamodule.train_collator()([datamodule.train_set[i] for i in range(min(cfg.data.batch_size, len(datamodule.train_set)))])
+    if "input_ids" not in first:
+        raise ValueError(
+            f"The first {cfg.data.batch_size} training records are all bad ({first['bad_samples'][:2]}...): "
+            "check data.* paths and column names."
+        )
+    if cfg.debug.show_labels:
+        text = format_labels(first, processor.tokenizer)
+        log.info("Learned tokens are in [brackets]:\n%s", text)
+        return {"debug/show_labels": text}
+
+    model = load_idefics2(model_path, cfg.model, cfg.peft)
+    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
+    counts = trainable_parameters(model)
+    log.info("Trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+    module = Idefics2Module(
+        model,
+        processor.tokenizer,
+        make_optimizer_factory(cfg),
+        warmup_cosine(cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_ratio, cfg.optim.scheduler == "cosine"),
+        metric=cfg.data.metric,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    trainer = make_trainer(cfg, run_dir)
+    metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
+    stage1 = Path(model_path) / "stage1.json"
+    if stage1.is_file():
+        metrics.update(json.loads(stage1.read_text()))
+    resume_from = str(run_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
+    if cfg.eval.before_training and resume_from is None:
+        before = _validate_now(trainer, module, datamodule, cfg.trainer.limit_val_batches)
+        metrics.update({k.replace("val/", "before/val/", 1): v for k, v in before.items()})
+        trainer.limit_val_batches = cfg.trainer.limit_val_batches if cfg.trainer.val_check_interval else 0
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    metrics["train/wall_s"] = time.perf_counter() - fit_start
+    metrics["train/steps"] = trainer.global_step
+    if cfg.eval.at_end:
+        metrics.update(_validate_now(trainer, module, datamodule, cfg.trainer.limit_val_batches))
+    skipped = dict(module.skipped)
+    metrics["data/skipped"] = sum(skipped.values())
+    metrics.update({f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
+    if skipped:
+        log.warning("Skipped %d bad records: %s", metrics["data/skipped"], skipped)
+    metrics["wall_s"] = time.perf_counter() - started
+    if trainer.is_global_zero:
+        out = run_dir / ("model" if cfg.peft.method == "full" else "adapter")
+        module.model.save_pretrained(out)
+        processor.save_pretrained(out)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if getattr(module, "val_predictions", None):
+            with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+                for row in module.val_predictions:
+                    f.write(json.dumps(row) + "\n")
+        log.info("Run folder: %s", run_dir)
+    return metrics
