@@ -55,7 +55,8 @@ class PeftConfig:
     double_quant: bool = True
     quant_storage: str | None = None  # None: uint8; set to the compute dtype for FSDP
     # Modules kept in full precision when the base is quantized (as published 4-bit Idefics2 does).
-    skip_modules: list[str] = field(default_factory=lambda: ["vision_model", "connector", "lm_head"])
+    # transformers 5 matches these from the start of the module name, up to a dot.
+    skip_modules: list[str] = field(default_factory=lambda: ["model.vision_model", "model.connector", "lm_head"])
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05

@@ -1,0 +1,41 @@
+# idefics2-ft. `make help` lists the targets. Every target installs what it needs into .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 (on these machines it lies on disk). On a CUDA machine install the
+# torch build you want first, or set TORCH_SPEC to it.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow lint format clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install the package with its test tools
+
+demo: $(VENV)/.installed ## train the embedded default recipe (tiny Idefics2, easy-VQA, QLoRA) on the CPU and report
+	$(PY) train.py run_dir=$(DEMO_DIR)
+	$(PY) scripts/demo_report.py $(DEMO_DIR) --min-overall 0.77 --min-color 0.60
+
+test: $(VENV)/.installed ## the fast test tier (CPU, tiny model)
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed ## the slow tier (longer CPU runs, the full demo)
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed ## ruff check + format check
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed ## ruff fix + format
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,88 @@
+"""Print the easy-VQA demo's accuracy per question type beside the blind baseline.
+
+    python scripts/demo_report.py RUN_DIR [--min-overall 0.77] [--min-color 0.60]
+
+The blind baseline answers each test question with its most common answer in the training set
+(the image is never looked at); it is computed here on the same questions the run evaluated.
+Exits 1 if a --min-* bar is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from idefics2_ft.data.sources import easyvqa_question_type
+from idefics2_ft.metrics import exact_match
+
+
+def blind_answers() -> dict[str, str]:
+    """Most common training answer for each question text (ties: the first seen)."""
+    import easy_vqa
+
+    questions, answers, _ = easy_vqa.get_train_questions()
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    for q, a in zip(questions, answers, strict=True):
+        by_question[q][a] += 1
+    overall = Counter(answers).most_common(1)[0][0]
+    return defaultdict(lambda: overall, {q: c.most_common(1)[0][0] for q, c in by_question.items()})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--min-overall", type=float, default=None)
+    parser.add_argument("--min-color", type=float, default=None)
+    args = parser.parse_args()
+
+    import easy_vqa
+
+    metrics = json.loads((args.run_dir / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (args.run_dir / "predictions.jsonl").read_text().splitlines()]
+    test_questions = easy_vqa.get_test_questions()[0]
+    blind = blind_answers()
+    scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row in rows:
+        question = test_questions[int(str(row["id"]).split("-")[1])]
+        qtype = easyvqa_question_type(row["answers"][0])
+        pair = (row["accuracy"], exact_match(blind[question], row["answers"]))
+        scores[qtype].append(pair)
+        scores["overall"].append(pair)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    before = {k.removeprefix("before/val/accuracy").lstrip("/") or "overall": v for k, v in metrics.items()
+              if k.startswith("before/val/accuracy")}
+    print(f"\neasy-VQA demo: {len(rows)} held-out test questions, greedy decoding, exact match")
+    print(f"{'question type':<14}{'n':>6}{'stage 1 base':>14}{'after QLoRA':>13}{'blind baseline':>16}")
+    for qtype in ("yes/no", "shape", "color", "overall"):
+        pairs = scores.get(qtype, [])
+        b = before.get(qtype)
+        print(
+            f"{qtype:<14}{len(pairs):>6}{(f'{b:.1%}' if b is not None else '-'):>14}"
+            f"{mean([p[0] for p in pairs]):>13.1%}{mean([p[1] for p in pairs]):>16.1%}"
+        )
+    stage1 = metrics.get("stage1/wall_s")
+    print(
+        f"wall time: stage 1 (tiny base, cached after the first run) "
+        f"{'%.0f s' % stage1 if stage1 is not None else '-'}; stage 2 (QLoRA run, incl. evaluation) "
+        f"{metrics['wall_s']:.0f} s"
+    )
+    failed = []
+    overall, color = mean([p[0] for p in scores["overall"]]), mean([p[0] for p in scores.get("color", [])])
+    if args.min_overall is not None and not overall >= args.min_overall:
+        failed.append(f"overall {overall:.1%} < {args.min_overall:.0%}")
+    if args.min_color is not None and not color >= args.min_color:
+        failed.append(f"color {color:.1%} < {args.min_color:.0%}")
+    if failed:
+        print("BAR MISSED: " + "; ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""LoRA presets, per-component trainable counts (tiny and the real 8B shapes), QLoRA weights."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from idefics2_ft.config import PeftConfig
+from idefics2_ft.models import apply_peft, load_idefics2, trainable_parameters
+from idefics2_ft.models.reference import idefics2_8b_on_meta
+from idefics2_ft.train import ensure_tiny_base
+
+
+def peft_cfg(**kw):
+    return OmegaConf.structured(PeftConfig(**kw))
+
+
+R = 8
+# Hand-derived from the published idefics2-8b shapes: LoRA on Linear(i, o) adds r * (i + o).
+MISTRAL_LAYER = 2 * (4096 + 4096) + 2 * (4096 + 1024) + 2 * (4096 + 14336) + (14336 + 4096)
+TEXT_8B = 32 * R * MISTRAL_LAYER
+PERCEIVER_LAYER = (4096 + 1536) + 2 * (4096 + 384) + (1536 + 4096) + 2 * (4096 + 16384) + (16384 + 4096)
+CONNECTOR_8B = R * (2 * (1152 + 14336) + (14336 + 4096)) + 3 * R * PERCEIVER_LAYER
+VISION_8B = 27 * R * (4 * (1152 + 1152) + 2 * (1152 + 4304))
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("text", {"vision": 0, "connector": 0, "text": TEXT_8B, "head": 0}),
+        ("text+connector", {"vision": 0, "connector": CONNECTOR_8B, "text": TEXT_8B, "head": 0}),
+        ("all", {"vision": VISION_8B, "connector": CONNECTOR_8B, "text": TEXT_8B, "head": 0}),
+    ],
+)
+def test_lora_presets_on_the_real_8b_shapes(target, expected):
+    model = apply_peft(idefics2_8b_on_meta(), peft_cfg(r=R, quantize=None, target=target), gradient_checkpointing=False)
+    counts = trainable_parameters(model)
+    assert {k: counts[k] for k in expected} == expected
+    assert counts["total"] == sum(expected.values())
+    assert TEXT_8B == 20_971_520  # the well-known figure for r=8 on all Mistral-7B linears
+
+
+def test_modules_to_save_puts_the_head_in_training():
+    model = apply_peft(
+        idefics2_8b_on_meta(), peft_cfg(r=R, quantize=None, target="text", modules_to_save=["lm_head"]),
+        gradient_checkpointing=False,
+    )
+    assert trainable_parameters(model)["head"] == 32003 * 4096
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from tests.conftest import TINY_RUN, compose_config
+
+    cache = tmp_path_factory.mktemp("tiny")
+    cfg = compose_config([*TINY_RUN, f"model.tiny.cache_dir={cache}", f"run_dir={cache}/run"])
+    return cfg, str(ensure_tiny_base(cfg))
+
+
+def test_qlora_quantizes_the_text_model_only(tiny_base):
+    cfg, path = tiny_base
+    model = load_idefics2(path, cfg.model, cfg.peft)
+    text_linears = [m for n, m in model.named_modules() if n.startswith("model.text_model.layers") and isinstance(m, torch.nn.Linear)]
+    assert text_linears and all(isinstance(m, bnb.nn.Linear4bit) for m in text_linears)
+    for prefix in ("model.vision_model", "model.connector", "lm_head"):
+        linears = [m for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+        assert linears and not any(isinstance(m, bnb.nn.Linear4bit) for m in linears), prefix
+    weight = text_linears[0].weight
+    assert weight.quant_state.quant_type == "nf4" and weight.dtype == torch.uint8
+
+
+def test_an_optimizer_step_moves_lora_and_leaves_the_4bit_base_unchanged(tiny_base, processor):
+    from idefics2_ft.data.collator import Idefics2Collator
+    from idefics2_ft.models import load_processor
+
+    cfg, path = tiny_base
+    model = apply_peft(load_idefics2(path, cfg.model, cfg.peft), cfg.peft, gradient_checkpointing=True)
+    counts = trainable_parameters(model)
+    assert counts["vision"] == 0 and counts["head"] == 0 and counts["text"] > 0 and counts["connector"] > 0
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in lora)
+    from PIL import Image
+
+    proc = load_processor(path, cfg.model)
+    record = {"images": [Image.new("RGB", (64, 64), "red")],
+              "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    batch = Idefics2Collator(proc)([record, record])
+    batch.pop("bad_samples")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):  # lora_B starts at zero: lora_A gets gradient from the second step on
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), f"frozen weight changed: {n}"
+    moved = [n for n, p in model.named_parameters() if n in lora and not torch.equal(p.detach(), lora[n])]
+    assert len(moved) == len(lora)
+    # the 4-bit text weights took part in the step: their LoRA pairs got gradients through them
+    assert any("text_model" in n and "lora_A" in n for n in moved)
+
+
+def test_full_finetuning_trains_everything(tiny_base):
+    cfg, path = tiny_base
+    full = OmegaConf.merge(cfg.peft, {"method": "full", "quantize": None})
+    model = apply_peft(load_idefics2(path, cfg.model, full), full, gradient_checkpointing=False)
+    counts = trainable_parameters(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert min(counts[c] for c in ("vision", "connector", "text", "head")) > 0

@@ -1,0 +1,45 @@
+"""The offline processor is the real Idefics2 processor: tokenizer ids, BOS, pad, chat template."""
+
+from idefics2_ft.tiny import IDEFICS2_CHAT_TEMPLATE, build_tiny_model, tiny_config
+
+
+def test_tokenizer_is_mistral_with_idefics2_special_tokens(processor):
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [
+        32000,
+        32001,
+        32002,
+    ]
+    assert len(tok) == 32003
+    ids = tok("Hello")["input_ids"]
+    assert ids == [1, 22557]  # BOS prepended, as Idefics2 does; "Hello" -> 22557 as in Mistral
+    assert tok.pad_token == "<unk>" and tok.pad_token_id == 0
+    assert processor.image_token_id == 32001
+
+
+def test_chat_template_renders_idefics2_turns(processor):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    assert processor.chat_template == IDEFICS2_CHAT_TEMPLATE
+    assert processor.apply_chat_template(messages) == "User:<image>What color?<end_of_utterance>\nAssistant: red<end_of_utterance>\n"
+    prompt = processor.apply_chat_template(messages[:1], add_generation_prompt=True)
+    assert prompt.endswith("<end_of_utterance>\nAssistant:")
+
+
+def test_tiny_model_is_deterministic_and_has_distinct_latents():
+    config = tiny_config(vision_hidden=64, text_hidden=64, vision_layers=1, text_layers=1)
+    a, b = build_tiny_model(config, seed=3), build_tiny_model(config, seed=3)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert (pa == pb).all(), name
+    latents = a.model.connector.perceiver_resampler.latents
+    assert latents.std() > 0.5  # drawn, not the all-ones upstream init
+    assert config.perceiver_config.resampler_n_latents == 8 and config.image_token_id == 32001
+
+
+def test_tiny_config_rejects_dimensions_the_4bit_cpu_kernel_cannot_take():
+    import pytest
+
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tiny_config(text_hidden=96)
