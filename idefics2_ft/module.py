@@ -70,17 +70,33 @@ class Idefics2Module(L.LightningModule):
         self._val_rows: list[dict] = []
         self._val_loss: list[tuple[float, int]] = []
         self._step_start: float | None = None
+        self._pending_rng: torch.Tensor | None = None
+        self._step_rng: tuple[int, torch.Tensor | None] = (-1, None)
 
     # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's
+        # mode: without this, LoRA dropout would silently be off.
+        self.model.train()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not in on_load_checkpoint: creating the dataloader iterator draws from
+        # the global RNG after the checkpoint is loaded.
+        if self._pending_rng is not None:
+            torch.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        if self._step_rng[0] != self.global_step:  # the first micro-batch of an optimizer step
+            self._step_rng = (self.global_step, torch.get_rng_state())
+
     def forward(self, **inputs):
         return self.model(**inputs)
 
-    def _count_bad(self, batch: dict) -> None:
+    def _count_bad(self, batch: dict, stage: str) -> None:
         for bad in batch.get("bad_samples", ()):
-            self.skipped[bad.kind] += 1
+            self.skipped[f"{stage}/{bad.kind}"] += 1
 
     def training_step(self, batch: dict, batch_idx: int):
-        self._count_bad(batch)
+        self._count_bad(batch, "train")
         if "input_ids" not in batch:  # every record of this batch was bad
             return None
         now = time.perf_counter()
@@ -98,9 +114,11 @@ class Idefics2Module(L.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val_rows, self._val_loss = [], []
+        for key in [k for k in self.skipped if k.startswith("val/")]:
+            del self.skipped[key]  # each validation pass counts its own
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._count_bad(batch)
+        self._count_bad(batch, "val")
         if "loss_inputs" not in batch:
             return
         inputs = batch["loss_inputs"]
@@ -180,7 +198,11 @@ class Idefics2Module(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
-        checkpoint["rng_torch"] = torch.get_rng_state()
+        # A checkpoint written mid-step (on an exception) holds the weights from before that step:
+        # pair them with the random state from before it too, so a resumed run replays it exactly.
+        step, state = self._step_rng
+        mid_step = state is not None and checkpoint.get("global_step", self.global_step) == step
+        checkpoint["rng_torch"] = state if mid_step else torch.get_rng_state()
         checkpoint["skipped_samples"] = dict(self.skipped)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -194,6 +216,5 @@ class Idefics2Module(L.LightningModule):
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}): resume with the same "
                 "model and peft settings as the run that wrote it."
             )
-        if "rng_torch" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_torch"])
+        self._pending_rng = checkpoint.get("rng_torch")
         self.skipped = Counter(checkpoint.get("skipped_samples", {}))

@@ -162,9 +162,10 @@ def build_tiny_model(config: Idefics2Config, seed: int = 0, latent_std: float = 
     question and the image reaches the text as one repeated vector. Drawing them from N(0, latent_std)
     gives each latent its own query, as a pretrained checkpoint's latents are.
     """
-    torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(config)
-    if latent_std > 0:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        model = Idefics2ForConditionalGeneration(config)
+    if latent_std > 0:  # drawn from a generator of its own, as above
         latents = model.model.connector.perceiver_resampler.latents
         latents.copy_(torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)) * latent_std)
     return model

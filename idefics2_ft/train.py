@@ -166,6 +166,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         save_top_k=0,
         every_n_train_steps=t.checkpoint_every_n_steps,
         save_on_train_epoch_end=True,
+        save_on_exception=True,  # nothing lost on a crash or Ctrl-C: resume=true continues from it
     )
     return L.Trainer(
         accelerator=t.accelerator,
@@ -204,6 +205,21 @@ def format_labels(batch: dict, tokenizer, limit: int = 2) -> str:
         learned = sum(1 for x in labels if x != IGNORE_INDEX)
         lines.append(f"sample {row}: {learned} learned tokens of {sum(mask)}\n  " + " ".join(pieces))
     return "\n".join(lines)
+
+
+def _sum_across_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Bad-sample counts of every rank added up (each rank saw its own shard of the data)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, counts)
+    total: dict[str, int] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _validate_now(trainer, module, datamodule, limit) -> dict[str, float]:
@@ -277,7 +293,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["train/steps"] = trainer.global_step
     if cfg.eval.at_end:
         metrics.update(_validate_now(trainer, module, datamodule, cfg.trainer.limit_val_batches))
-    skipped = dict(module.skipped)
+    skipped = _sum_across_ranks(dict(module.skipped))
     metrics["data/skipped"] = sum(skipped.values())
     metrics.update({f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
     if skipped:

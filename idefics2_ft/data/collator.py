@@ -20,7 +20,7 @@ import torch
 IGNORE_INDEX = -100  # what transformers' cross-entropy ignores (not image_token_id: see PITFALLS 1)
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning rebuilds dataclasses when it moves a batch to the device
 class BadSample:
     """A record that cannot be trained on, with its dataset index and the reason."""
 

@@ -46,7 +46,9 @@ class ResumableSampler(Sampler[int]):
                 yield index
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        # The whole run's length, also on resume: Lightning restores its batch index within the
+        # epoch and would end the epoch early (and start over) if the length shrank.
+        return self.num_samples
 
 
 class ValCollator:

@@ -1,0 +1,135 @@
+"""End to end on the tiny model: the run folder, checkpoints without base weights, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from idefics2_ft.data.collator import BadSampleError
+from idefics2_ft.train import train
+
+RUN_FILES = {"config.yaml", "metrics.json", "predictions.jsonl", "checkpoints", "adapter", "logs", "train.log"}
+
+
+def test_train_writes_the_run_folder(tiny_run_cfg, tmp_path):
+    cfg = tiny_run_cfg()
+    metrics = train(cfg)
+    run = tmp_path / "run"
+    assert RUN_FILES - {"train.log"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    adapter = {p.name for p in (run / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= adapter
+    written = json.loads((run / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    for key in ("val/accuracy", "val/loss", "val/n_questions", "train/steps", "data/skipped"):
+        assert key in written, key
+    assert written["train/steps"] == 4 and written["val/n_questions"] == 12
+    assert {f"val/accuracy/{t}" for t in ("yes/no", "shape", "color")} & set(written)
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 12
+    # the adapter holds LoRA weights only
+    assert all("lora_" in k for k in load_file(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_checkpoint_holds_trainable_weights_only(tiny_run_cfg, tmp_path):
+    metrics = train(tiny_run_cfg())
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    assert sum(v.numel() for v in state.values()) == metrics["params/trainable/total"]
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and ckpt["global_step"] == 4
+
+
+def _adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_ends_where_the_uninterrupted_run_ends(tiny_run_cfg, tmp_path, monkeypatch):
+    common = ("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", "peft.dropout=0.1", "eval.at_end=false")
+    straight = tiny_run_cfg(*common, run_dir=tmp_path / "straight")
+    train(straight)
+
+    from idefics2_ft.module import Idefics2Module
+
+    original = Idefics2Module.training_step
+
+    def crash_at_step_4(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(Idefics2Module, "training_step", crash_at_step_4)
+    interrupted = tiny_run_cfg(*common, run_dir=tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(interrupted)
+    assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    monkeypatch.setattr(Idefics2Module, "training_step", original)
+    metrics = train(tiny_run_cfg(*common, "resume=true", run_dir=tmp_path / "resumed"))
+    assert metrics["train/steps"] == 6
+    a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_show_labels_prints_the_first_batch_and_loads_no_weights(tiny_run_cfg, tmp_path):
+    out = train(tiny_run_cfg("debug.show_labels=true"))
+    text = out["debug/show_labels"]
+    assert "learned tokens" in text and "[<end_of_utterance>]" in text
+    assert "[Ass]" not in text and "[<image>]" not in text
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def _write_jsonl(folder, records):
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _qa(image, answer="red", question="What color?", n_images=1):
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return {"images": image if isinstance(image, list) else [image],
+            "messages": [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+@pytest.fixture
+def bad_jsonl(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "img").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "img" / "red.png")
+    (folder / "img" / "broken.png").write_bytes(b"not a png at all")
+    records = [
+        _qa("img/red.png"),
+        _qa("img/red.png", answer="yes", question="Is it red?"),
+        _qa("img/missing.png"),                       # missing image file
+        _qa("img/broken.png"),                        # unreadable image
+        {"images": ["img/red.png"], "messages": [{"role": "user", "content": [{"type": "image"}]}]},  # no assistant
+        _qa("img/red.png", answer="  "),              # empty answer
+        _qa(["img/red.png"], n_images=2),             # more placeholders than images
+        _qa("img/red.png", question="And the shape?", answer="circle"),
+    ]
+    return _write_jsonl(folder, records)
+
+
+def test_bad_records_are_skipped_and_counted(tiny_run_cfg, bad_jsonl, tmp_path):
+    cfg = tiny_run_cfg("data=jsonl", f"data.train_file={bad_jsonl}", f"data.val_file={bad_jsonl}",
+                       "data.batch_size=8", "data.eval_batch_size=8", "trainer.max_steps=1", "optim.warmup_steps=0")
+    metrics = train(cfg)
+    expected = {"missing_image": 1, "unreadable_image": 1, "no_assistant_turn": 1, "empty_answer": 1,
+                "too_many_placeholders": 1}
+    for stage in ("train", "val"):
+        for kind, n in expected.items():
+            assert metrics[f"data/skipped/{stage}/{kind}"] == n, (stage, kind)
+    assert metrics["data/skipped"] == 10
+    assert metrics["val/n_questions"] == 3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data/skipped"] == 10
+
+
+def test_bad_record_stops_the_run_with_its_index_when_asked(tiny_run_cfg, bad_jsonl):
+    cfg = tiny_run_cfg("data=jsonl", f"data.train_file={bad_jsonl}", f"data.val_file={bad_jsonl}",
+                       "data.batch_size=8", "data.on_bad_sample=raise")
+    with pytest.raises(BadSampleError, match=r"record 2: image not found: .*missing.png"):
+        train(cfg)
