@@ -155,7 +155,9 @@ def tiny_config(
 
 
 @torch.no_grad()
-def build_tiny_model(config: Idefics2Config, seed: int = 0, latent_std: float = 1.0) -> Idefics2ForConditionalGeneration:
+def build_tiny_model(
+    config: Idefics2Config, seed: int = 0, latent_std: float = 1.0
+) -> Idefics2ForConditionalGeneration:
     """A deterministic random-init tiny Idefics2.
 
     The perceiver latents start as all-ones upstream: every latent then asks the image the same
@@ -214,7 +216,9 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
         params = list(model.model.vision_model.parameters()) + list(probe.parameters())
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         cache: dict[str, object] = {}
-        bar = tqdm(range(tiny.vision_pretrain_steps), desc="stage 1a: vision tower", disable=not progress, mininterval=2.0)
+        bar = tqdm(
+            range(tiny.vision_pretrain_steps), desc="stage 1a: vision tower", disable=not progress, mininterval=2.0
+        )
         for _ in bar:
             batch = rng.sample(images, min(32, len(images)))
             pics = [[cache.setdefault(p, load_image(p))] for p in batch]

@@ -18,8 +18,9 @@ from idefics2_ft.config import validate
 from idefics2_ft.data.collator import IGNORE_INDEX
 from idefics2_ft.data.datamodule import Idefics2DataModule
 from idefics2_ft.data.sources import build_rows
-from idefics2_ft.models import apply_peft, load_idefics2, load_processor, resolve_dtype, trainable_parameters
+from idefics2_ft.models import apply_peft, load_idefics2, load_processor, trainable_parameters
 from idefics2_ft.module import Idefics2Module, warmup_cosine
+from idefics2_ft.versions import check_versions
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ SECRET_WORDS = ("token", "secret", "password", "api_key")
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and int(
-        os.environ.get("LOCAL_RANK", "0")
-    ) == 0
+    return (
+        int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+        and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    )
 
 
 def redacted(cfg: DictConfig) -> dict:
@@ -237,6 +239,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     import lightning as L
 
+    check_versions()
     validate(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -247,13 +250,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     model_path = resolve_model_path(cfg)
     processor = load_processor(model_path, cfg.model, cfg.model.revision)
+    crops = 5 if cfg.model.do_image_splitting else 1
+    log.info(
+        "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",
+        cfg.model.longest_edge,
+        "on" if crops > 1 else "off",
+        crops * processor.image_seq_len,
+        crops,
+        processor.image_seq_len,
+    )
     datamodule = Idefics2DataModule(
-        cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps,
+        cfg.data,
+        processor,
+        seed=cfg.seed,
+        max_steps=cfg.trainer.max_steps,
         accumulate=cfg.trainer.accumulate_grad_batches,
     )
     datamodule.setup("fit")
     # Fail early: read and collate a first batch before any weight loads.
-    first = datamodule.train_collator()([datamodule.train_set[i] for i in range(min(cfg.data.batch_size, len(datamodule.train_set)))])
+    first = datamodule.train_collator()(
+        [datamodule.train_set[i] for i in range(min(cfg.data.batch_size, len(datamodule.train_set)))]
+    )
     if "input_ids" not in first:
         raise ValueError(
             f"The first {cfg.data.batch_size} training records are all bad ({first['bad_samples'][:2]}...): "
@@ -273,7 +290,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model,
         processor.tokenizer,
         make_optimizer_factory(cfg),
-        warmup_cosine(cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_ratio, cfg.optim.scheduler == "cosine"),
+        warmup_cosine(
+            cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_ratio, cfg.optim.scheduler == "cosine"
+        ),
         metric=cfg.data.metric,
         max_new_tokens=cfg.eval.max_new_tokens,
     )

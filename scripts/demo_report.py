@@ -55,8 +55,11 @@ def main() -> int:
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")
 
-    before = {k.removeprefix("before/val/accuracy").lstrip("/") or "overall": v for k, v in metrics.items()
-              if k.startswith("before/val/accuracy")}
+    before = {
+        k.removeprefix("before/val/accuracy").lstrip("/") or "overall": v
+        for k, v in metrics.items()
+        if k.startswith("before/val/accuracy")
+    }
     print(f"\neasy-VQA demo: {len(rows)} held-out test questions, greedy decoding, exact match")
     print(f"{'question type':<14}{'n':>6}{'stage 1 base':>14}{'after QLoRA':>13}{'blind baseline':>16}")
     for qtype in ("yes/no", "shape", "color", "overall"):
@@ -69,7 +72,7 @@ def main() -> int:
     stage1 = metrics.get("stage1/wall_s")
     print(
         f"wall time: stage 1 (tiny base, cached after the first run) "
-        f"{'%.0f s' % stage1 if stage1 is not None else '-'}; stage 2 (QLoRA run, incl. evaluation) "
+        f"{f'{stage1:.0f} s' if stage1 is not None else '-'}; stage 2 (QLoRA run, incl. evaluation) "
         f"{metrics['wall_s']:.0f} s"
     )
     failed = []

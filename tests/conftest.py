@@ -48,7 +48,12 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
 @pytest.fixture
 def tiny_run_cfg(tmp_path, tiny_cache):
     def make(*extra: str, run_dir: Path | None = None):
-        overrides = [*TINY_RUN, f"model.tiny.cache_dir={tiny_cache}", f"run_dir={run_dir or tmp_path / 'run'}", "name=test"]
+        overrides = [
+            *TINY_RUN,
+            f"model.tiny.cache_dir={tiny_cache}",
+            f"run_dir={run_dir or tmp_path / 'run'}",
+            "name=test",
+        ]
         return compose_config(overrides + list(extra))
 
     return make

@@ -19,8 +19,13 @@ def learned_tokens(batch, tok, row=0):
 
 
 def test_single_turn_learns_only_the_answer_and_its_end_of_utterance(processor, red):
-    record = {"images": [red], "messages": [{"role": "user", "content": [IMG, text("What color?")]},
-                                            {"role": "assistant", "content": [text("red")]}]}
+    record = {
+        "images": [red],
+        "messages": [
+            {"role": "user", "content": [IMG, text("What color?")]},
+            {"role": "assistant", "content": [text("red")]},
+        ],
+    }
     batch = Idefics2Collator(processor)([record])
     tok = processor.tokenizer
     assert learned_tokens(batch, tok) == ["▁red", "<end_of_utterance>"]
@@ -45,7 +50,12 @@ def test_multi_turn_multi_image_with_system_prompt(processor, red, blue):
     batch = Idefics2Collator(processor)([record])
     tok = processor.tokenizer
     assert learned_tokens(batch, tok) == [
-        "▁red", "<end_of_utterance>", "▁blue", ",", "▁clearly", "<end_of_utterance>",
+        "▁red",
+        "<end_of_utterance>",
+        "▁blue",
+        ",",
+        "▁clearly",
+        "<end_of_utterance>",
     ]
     tokens = tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     labels = batch["labels"][0].tolist()
@@ -71,10 +81,17 @@ def test_collator_tokenizes_exactly_as_the_processor(processor, red, blue):
 
 
 def _records(red):
-    short = {"images": [red], "messages": [{"role": "user", "content": [IMG, text("Hi?")]},
-                                           {"role": "assistant", "content": [text("yes")]}]}
-    long = {"images": [red], "messages": [{"role": "user", "content": [IMG, text("What is the color of the big shape here?")]},
-                                          {"role": "assistant", "content": [text("red")]}]}
+    short = {
+        "images": [red],
+        "messages": [{"role": "user", "content": [IMG, text("Hi?")]}, {"role": "assistant", "content": [text("yes")]}],
+    }
+    long = {
+        "images": [red],
+        "messages": [
+            {"role": "user", "content": [IMG, text("What is the color of the big shape here?")]},
+            {"role": "assistant", "content": [text("red")]},
+        ],
+    }
     return short, long
 
 
@@ -148,8 +165,10 @@ def test_bad_samples_are_skipped_and_counted_or_raise(processor, red):
 
 
 def test_text_only_rows_in_a_batch_get_zero_images(processor, red):
-    text_only = {"images": [], "messages": [{"role": "user", "content": [text("Hello?")]},
-                                            {"role": "assistant", "content": [text("hi")]}]}
+    text_only = {
+        "images": [],
+        "messages": [{"role": "user", "content": [text("Hello?")]}, {"role": "assistant", "content": [text("hi")]}],
+    }
     batch = Idefics2Collator(processor)([text_only, _records(red)[0]])
     assert batch["pixel_values"].shape[:2] == (2, 1)
     assert (batch["pixel_values"][0] == 0).all() and batch["pixel_values"][1].abs().sum() > 0

@@ -30,8 +30,11 @@ def test_every_recipe_composes_validates_and_instantiates(recipe, monkeypatch, t
     validate(cfg)
     if cfg.model.name_or_path == "tiny":
         t = cfg.model.tiny
-        model = build_tiny_model(tiny_config(vision_hidden=t.vision_hidden, text_hidden=t.text_hidden,
-                                             n_latents=t.n_latents, patch_size=t.patch_size))
+        model = build_tiny_model(
+            tiny_config(
+                vision_hidden=t.vision_hidden, text_hidden=t.text_hidden, n_latents=t.n_latents, patch_size=t.patch_size
+            )
+        )
     else:  # the real 8B shapes on the meta device; 4-bit needs real storage, LoRA does not
         model = idefics2_8b_on_meta()
     peft = OmegaConf.merge(cfg.peft, {"quantize": None})
@@ -76,14 +79,17 @@ def test_validation_lists_every_problem_with_its_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with W&B credentials
-    cfg = compose_config([
-        f"run_dir={tmp_path}",
-        "peft=full", "peft.quantize=nf4",  # 4-bit can't be trained in full
-        "model.attn_implementation=flash_attention_2",
-        "data=jsonl",  # needs files
-        "logger=wandb",
-        "resume=true",
-    ])
+    cfg = compose_config(
+        [
+            f"run_dir={tmp_path}",
+            "peft=full",
+            "peft.quantize=nf4",  # 4-bit can't be trained in full
+            "model.attn_implementation=flash_attention_2",
+            "data=jsonl",  # needs files
+            "logger=wandb",
+            "resume=true",
+        ]
+    )
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     text = str(info.value)

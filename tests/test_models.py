@@ -42,7 +42,8 @@ def test_lora_presets_on_the_real_8b_shapes(target, expected):
 
 def test_modules_to_save_puts_the_head_in_training():
     model = apply_peft(
-        idefics2_8b_on_meta(), peft_cfg(r=R, quantize=None, target="text", modules_to_save=["lm_head"]),
+        idefics2_8b_on_meta(),
+        peft_cfg(r=R, quantize=None, target="text", modules_to_save=["lm_head"]),
         gradient_checkpointing=False,
     )
     assert trainable_parameters(model)["head"] == 32003 * 4096
@@ -60,7 +61,11 @@ def tiny_base(tmp_path_factory):
 def test_qlora_quantizes_the_text_model_only(tiny_base):
     cfg, path = tiny_base
     model = load_idefics2(path, cfg.model, cfg.peft)
-    text_linears = [m for n, m in model.named_modules() if n.startswith("model.text_model.layers") and isinstance(m, torch.nn.Linear)]
+    text_linears = [
+        m
+        for n, m in model.named_modules()
+        if n.startswith("model.text_model.layers") and isinstance(m, torch.nn.Linear)
+    ]
     assert text_linears and all(isinstance(m, bnb.nn.Linear4bit) for m in text_linears)
     for prefix in ("model.vision_model", "model.connector", "lm_head"):
         linears = [m for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
@@ -83,9 +88,13 @@ def test_an_optimizer_step_moves_lora_and_leaves_the_4bit_base_unchanged(tiny_ba
     from PIL import Image
 
     proc = load_processor(path, cfg.model)
-    record = {"images": [Image.new("RGB", (64, 64), "red")],
-              "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
-                           {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    record = {
+        "images": [Image.new("RGB", (64, 64), "red")],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+    }
     batch = Idefics2Collator(proc)([record, record])
     batch.pop("bad_samples")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -111,3 +120,25 @@ def test_full_finetuning_trains_everything(tiny_base):
     counts = trainable_parameters(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert min(counts[c] for c in ("vision", "connector", "text", "head")) > 0
+
+
+def test_kbit_preparation_keeps_frozen_weights_in_the_compute_dtype(tiny_base):
+    """No blanket fp32 upcast (PITFALLS 6): the vision tower stays in bf16 when the base is bf16."""
+    cfg, path = tiny_base
+    model_cfg = OmegaConf.merge(cfg.model, {"dtype": "bfloat16"})
+    model = apply_peft(load_idefics2(path, model_cfg, cfg.peft), cfg.peft, gradient_checkpointing=True)
+    vision = [p.dtype for n, p in model.named_parameters() if ".vision_model." in n]
+    assert vision and set(vision) == {torch.bfloat16}
+    assert model.base_model.model.is_gradient_checkpointing
+
+
+def test_untested_versions_are_refused(monkeypatch):
+    from idefics2_ft import versions
+
+    monkeypatch.setattr(
+        versions,
+        "version",
+        lambda name: "4.40.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6",
+    )
+    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 \(tested: >=5.23.0,<6\)"):
+        versions.check_versions()

@@ -23,7 +23,10 @@ def test_chat_template_renders_idefics2_turns(processor):
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
     ]
     assert processor.chat_template == IDEFICS2_CHAT_TEMPLATE
-    assert processor.apply_chat_template(messages) == "User:<image>What color?<end_of_utterance>\nAssistant: red<end_of_utterance>\n"
+    assert (
+        processor.apply_chat_template(messages)
+        == "User:<image>What color?<end_of_utterance>\nAssistant: red<end_of_utterance>\n"
+    )
     prompt = processor.apply_chat_template(messages[:1], add_generation_prompt=True)
     assert prompt.endswith("<end_of_utterance>\nAssistant:")
 

@@ -20,8 +20,13 @@ def test_train_writes_the_run_folder(tiny_run_cfg, tmp_path):
     assert RUN_FILES - {"train.log"} <= {p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "last.ckpt").is_file()
     adapter = {p.name for p in (run / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
-            "chat_template.jinja"} <= adapter
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= adapter
     written = json.loads((run / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
     for key in ("val/accuracy", "val/loss", "val/n_questions", "train/steps", "data/skipped"):
@@ -90,9 +95,13 @@ def _write_jsonl(folder, records):
 
 def _qa(image, answer="red", question="What color?", n_images=1):
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-    return {"images": image if isinstance(image, list) else [image],
-            "messages": [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+    return {
+        "images": image if isinstance(image, list) else [image],
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
 
 
 @pytest.fixture
@@ -104,22 +113,34 @@ def bad_jsonl(tmp_path):
     records = [
         _qa("img/red.png"),
         _qa("img/red.png", answer="yes", question="Is it red?"),
-        _qa("img/missing.png"),                       # missing image file
-        _qa("img/broken.png"),                        # unreadable image
+        _qa("img/missing.png"),  # missing image file
+        _qa("img/broken.png"),  # unreadable image
         {"images": ["img/red.png"], "messages": [{"role": "user", "content": [{"type": "image"}]}]},  # no assistant
-        _qa("img/red.png", answer="  "),              # empty answer
-        _qa(["img/red.png"], n_images=2),             # more placeholders than images
+        _qa("img/red.png", answer="  "),  # empty answer
+        _qa(["img/red.png"], n_images=2),  # more placeholders than images
         _qa("img/red.png", question="And the shape?", answer="circle"),
     ]
     return _write_jsonl(folder, records)
 
 
 def test_bad_records_are_skipped_and_counted(tiny_run_cfg, bad_jsonl, tmp_path):
-    cfg = tiny_run_cfg("data=jsonl", f"data.train_file={bad_jsonl}", f"data.val_file={bad_jsonl}",
-                       "data.batch_size=8", "data.eval_batch_size=8", "trainer.max_steps=1", "optim.warmup_steps=0")
+    cfg = tiny_run_cfg(
+        "data=jsonl",
+        f"data.train_file={bad_jsonl}",
+        f"data.val_file={bad_jsonl}",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "trainer.max_steps=1",
+        "optim.warmup_steps=0",
+    )
     metrics = train(cfg)
-    expected = {"missing_image": 1, "unreadable_image": 1, "no_assistant_turn": 1, "empty_answer": 1,
-                "too_many_placeholders": 1}
+    expected = {
+        "missing_image": 1,
+        "unreadable_image": 1,
+        "no_assistant_turn": 1,
+        "empty_answer": 1,
+        "too_many_placeholders": 1,
+    }
     for stage in ("train", "val"):
         for kind, n in expected.items():
             assert metrics[f"data/skipped/{stage}/{kind}"] == n, (stage, kind)
@@ -129,7 +150,12 @@ def test_bad_records_are_skipped_and_counted(tiny_run_cfg, bad_jsonl, tmp_path):
 
 
 def test_bad_record_stops_the_run_with_its_index_when_asked(tiny_run_cfg, bad_jsonl):
-    cfg = tiny_run_cfg("data=jsonl", f"data.train_file={bad_jsonl}", f"data.val_file={bad_jsonl}",
-                       "data.batch_size=8", "data.on_bad_sample=raise")
+    cfg = tiny_run_cfg(
+        "data=jsonl",
+        f"data.train_file={bad_jsonl}",
+        f"data.val_file={bad_jsonl}",
+        "data.batch_size=8",
+        "data.on_bad_sample=raise",
+    )
     with pytest.raises(BadSampleError, match=r"record 2: image not found: .*missing.png"):
         train(cfg)

@@ -112,9 +112,7 @@ def validate(cfg: DictConfig) -> None:
     if t.max_steps <= 0:
         problems.append(f"trainer.max_steps={t.max_steps}: must be positive.")
     if o.warmup_steps >= t.max_steps:
-        problems.append(
-            f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up."
-        )
+        problems.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up.")
 
     _choice(problems, "logger.type", cfg.logger.type, LOGGERS)
     if cfg.logger.type == "wandb":

@@ -146,10 +146,15 @@ class Idefics2Collator:
             messages = messages[:-1]
         text, spans = self.render(messages, add_generation_prompt=self.add_generation_prompt)
         n_placeholders = sum(
-            1 for m in messages for c in (m["content"] if isinstance(m["content"], list) else []) if c.get("type") == "image"
+            1
+            for m in messages
+            for c in (m["content"] if isinstance(m["content"], list) else [])
+            if c.get("type") == "image"
         )
         if n_placeholders > len(images):
-            return BadSample(index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders")
+            return BadSample(
+                index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders"
+            )
         images = images[:n_placeholders]
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
         ids: list[int] = enc["input_ids"]

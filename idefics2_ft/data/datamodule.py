@@ -56,7 +56,9 @@ class ValCollator:
 
     def __init__(self, processor: Any, max_length: int | None, on_bad_sample: str) -> None:
         self.loss = Idefics2Collator(processor, max_length, "right", on_bad_sample=on_bad_sample)
-        self.gen = Idefics2Collator(processor, max_length, "left", add_generation_prompt=True, on_bad_sample=on_bad_sample)
+        self.gen = Idefics2Collator(
+            processor, max_length, "left", add_generation_prompt=True, on_bad_sample=on_bad_sample
+        )
 
     def __call__(self, records: list) -> dict:
         good = [r for r in records if not isinstance(r, BadSample)]

@@ -93,8 +93,13 @@ def jsonl_rows(path: str) -> list[Row]:
                 last = [m for m in messages if m.get("role") == "assistant"]
                 answers = [message_text(last[-1])] if last else []
             rows.append(
-                Row(messages=messages, images=images, answers=list(answers), id=obj.get("id", line_no),
-                    question_type=obj.get("question_type"))
+                Row(
+                    messages=messages,
+                    images=images,
+                    answers=list(answers),
+                    id=obj.get("id", line_no),
+                    question_type=obj.get("question_type"),
+                )
             )
     return rows
 

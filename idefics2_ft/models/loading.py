@@ -66,12 +66,16 @@ def load_processor(path: str, model_cfg: DictConfig, revision: str | None = None
     processor = AutoProcessor.from_pretrained(path, revision=revision)
     image_processor = processor.image_processor
     image_processor.do_image_splitting = model_cfg.do_image_splitting
-    image_processor.size = type(image_processor.size)(
-        longest_edge=model_cfg.longest_edge, shortest_edge=min(model_cfg.shortest_edge, model_cfg.longest_edge)
-    ) if not isinstance(image_processor.size, dict) else {
-        "longest_edge": model_cfg.longest_edge,
-        "shortest_edge": min(model_cfg.shortest_edge, model_cfg.longest_edge),
-    }
+    image_processor.size = (
+        type(image_processor.size)(
+            longest_edge=model_cfg.longest_edge, shortest_edge=min(model_cfg.shortest_edge, model_cfg.longest_edge)
+        )
+        if not isinstance(image_processor.size, dict)
+        else {
+            "longest_edge": model_cfg.longest_edge,
+            "shortest_edge": min(model_cfg.shortest_edge, model_cfg.longest_edge),
+        }
+    )
     if processor.chat_template is None:
         log.info("The processor at %s has no chat template: using the published Idefics2 template.", path)
         processor.chat_template = IDEFICS2_CHAT_TEMPLATE

@@ -21,9 +21,15 @@ def idefics2_8b_config() -> Idefics2Config:
     """Idefics2Config of idefics2-8b: SigLIP-so400m, 64-latent perceiver, Mistral-7B with 32,003 tokens."""
     return Idefics2Config(
         vision_config=IDEFICS2_8B_VISION,
-        perceiver_config={"resampler_n_latents": 64, "resampler_depth": 3, "resampler_n_heads": 16,
-                          "resampler_head_dim": 96, "num_key_value_heads": 4, "hidden_size": 4096,
-                          "rms_norm_eps": 1e-5},
+        perceiver_config={
+            "resampler_n_latents": 64,
+            "resampler_depth": 3,
+            "resampler_n_heads": 16,
+            "resampler_head_dim": 96,
+            "num_key_value_heads": 4,
+            "hidden_size": 4096,
+            "rms_norm_eps": 1e-5,
+        },
         text_config={"model_type": "mistral", "vocab_size": 32003, "rms_norm_eps": 1e-5, "pad_token_id": 0},
         image_token_id=32001,
         tie_word_embeddings=False,
