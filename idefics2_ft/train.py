@@ -56,7 +56,7 @@ def tiny_base_key(cfg: DictConfig) -> str:
     d = cfg.data
     payload = {
         "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
-        "image": [cfg.model.longest_edge, cfg.model.do_image_splitting],
+        "image": [cfg.data.longest_edge, cfg.data.do_image_splitting],
         "data": [d.source, d.path, d.train_split, d.train_file, d.max_train_samples, d.system_prompt],
     }
     payload["tiny"].pop("cache_dir")
@@ -90,7 +90,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
         resampler_depth=t.resampler_depth,
         initializer_range=t.initializer_range,
     )
-    processor = build_processor(t.n_latents, cfg.model.longest_edge, cfg.model.do_image_splitting)
+    processor = build_processor(t.n_latents, cfg.data.longest_edge, cfg.data.do_image_splitting)
     model = build_tiny_model(config, seed=t.seed, latent_std=t.latent_std)
     report: dict[str, float] = {}
     if t.vision_pretrain_steps or t.pretrain_steps:
@@ -249,11 +249,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
 
     model_path = resolve_model_path(cfg)
-    processor = load_processor(model_path, cfg.model, cfg.model.revision)
-    crops = 5 if cfg.model.do_image_splitting else 1
+    processor = load_processor(model_path, cfg.data, cfg.model.revision)
+    crops = 5 if cfg.data.do_image_splitting else 1
     log.info(
         "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",
-        cfg.model.longest_edge,
+        cfg.data.longest_edge,
         "on" if crops > 1 else "off",
         crops * processor.image_seq_len,
         crops,

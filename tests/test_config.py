@@ -47,13 +47,13 @@ def test_docvqa_recipe_is_what_the_readme_says(tmp_path):
     assert cfg.model.name_or_path == "HuggingFaceM4/idefics2-8b"
     assert cfg.peft.method == "lora" and cfg.peft.quantize == "nf4" and cfg.peft.r == 8
     assert cfg.peft.target == "text+connector"
-    assert cfg.model.attn_implementation == "sdpa" and cfg.model.do_image_splitting is False
+    assert cfg.model.attn_implementation == "sdpa" and cfg.data.do_image_splitting is False
     assert cfg.model.gradient_checkpointing is True and cfg.logger.type == "wandb"
     assert cfg.data.source == "docvqa" and cfg.data.metric == "anls"
     overridden = compose_config(
-        ["recipe=docvqa_qlora", f"run_dir={tmp_path}", "peft.r=16", "model.longest_edge=490", "trainer.max_steps=2000"]
+        ["recipe=docvqa_qlora", f"run_dir={tmp_path}", "peft.r=16", "data.longest_edge=490", "trainer.max_steps=2000"]
     )
-    assert (overridden.peft.r, overridden.model.longest_edge, overridden.trainer.max_steps) == (16, 490, 2000)
+    assert (overridden.peft.r, overridden.data.longest_edge, overridden.trainer.max_steps) == (16, 490, 2000)
 
 
 def test_default_recipe_is_the_tiny_demo(tmp_path):

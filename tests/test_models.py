@@ -87,7 +87,7 @@ def test_an_optimizer_step_moves_lora_and_leaves_the_4bit_base_unchanged(tiny_ba
     assert all("lora_" in n for n in lora)
     from PIL import Image
 
-    proc = load_processor(path, cfg.model)
+    proc = load_processor(path, cfg.data)
     record = {
         "images": [Image.new("RGB", (64, 64), "red")],
         "messages": [

@@ -42,9 +42,6 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False
-    do_image_splitting: bool = False  # True: 4 crops + the image, 5x the image tokens
-    longest_edge: int = 980  # images are resized so their longest edge is at most this
-    shortest_edge: int = 378
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
@@ -79,6 +76,10 @@ class DataConfig:
     id_column: str | None = None
     type_column: str | None = None
     system_prompt: str | None = None
+    # Image processing (every model): splitting gives 4 crops + the image, 5x the image tokens.
+    do_image_splitting: bool = False
+    longest_edge: int = 980  # images are resized so their longest edge is at most this (pixels)
+    shortest_edge: int = 378
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     max_length: int | None = 2048

@@ -78,8 +78,8 @@ def validate(cfg: DictConfig) -> None:
                 "model.attn_implementation=flash_attention_2 needs a CUDA GPU, and none is used here: "
                 "use model.attn_implementation=sdpa."
             )
-    if m.longest_edge <= 0 or m.shortest_edge <= 0:
-        problems.append("model.longest_edge and model.shortest_edge must be positive pixel counts.")
+    if d.longest_edge <= 0 or d.shortest_edge <= 0:
+        problems.append("data.longest_edge and data.shortest_edge must be positive pixel counts.")
     if m.name_or_path != "tiny" and m.name_or_path.startswith((".", "/")) and not Path(m.name_or_path).is_dir():
         problems.append(f"model.name_or_path={m.name_or_path!r}: no such folder.")
 

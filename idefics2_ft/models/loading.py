@@ -61,19 +61,19 @@ def build_quantization_config(peft_cfg: DictConfig, compute_dtype: torch.dtype) 
     )
 
 
-def load_processor(path: str, model_cfg: DictConfig, revision: str | None = None):
-    """``AutoProcessor.from_pretrained`` with the image settings of the config and the chat template."""
+def load_processor(path: str, data_cfg: DictConfig, revision: str | None = None):
+    """``AutoProcessor.from_pretrained`` with the image settings of ``data.*`` and the chat template."""
     processor = AutoProcessor.from_pretrained(path, revision=revision)
     image_processor = processor.image_processor
-    image_processor.do_image_splitting = model_cfg.do_image_splitting
+    image_processor.do_image_splitting = data_cfg.do_image_splitting
     image_processor.size = (
         type(image_processor.size)(
-            longest_edge=model_cfg.longest_edge, shortest_edge=min(model_cfg.shortest_edge, model_cfg.longest_edge)
+            longest_edge=data_cfg.longest_edge, shortest_edge=min(data_cfg.shortest_edge, data_cfg.longest_edge)
         )
         if not isinstance(image_processor.size, dict)
         else {
-            "longest_edge": model_cfg.longest_edge,
-            "shortest_edge": min(model_cfg.shortest_edge, model_cfg.longest_edge),
+            "longest_edge": data_cfg.longest_edge,
+            "shortest_edge": min(data_cfg.shortest_edge, data_cfg.longest_edge),
         }
     )
     if processor.chat_template is None:
