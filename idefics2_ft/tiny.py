@@ -233,7 +233,7 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        report["stage1/vision_loss"] = float(loss)
+        report["stage1/vision_loss"] = loss.item()
     if tiny.pretrain_steps:
         dataset = RecordDataset(rows)
         collator = Idefics2Collator(processor, on_bad_sample="skip")
@@ -255,6 +255,6 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        report["stage1/lm_loss"] = float(loss)
+        report["stage1/lm_loss"] = loss.item()
     model.eval()
     return report
