@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format clean
+.PHONY: help install demo test test-slow test-gpu lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: $(VENV)/.installed ## the fast test tier (CPU, tiny model)
 
 test-slow: $(VENV)/.installed ## the slow tier (longer CPU runs, the full demo)
 	$(PY) -m pytest -q -m slow
+
+test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
+	$(PY) -m pytest -q -m gpu
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

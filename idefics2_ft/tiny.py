@@ -35,6 +35,9 @@ IDEFICS2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# Bump when the tiny base's construction or stage 1 changes: cached bases are keyed by it.
+STAGE1_VERSION = 2
+
 SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
 
 
@@ -173,20 +176,19 @@ def build_tiny_model(
     return model
 
 
-def _vision_features(model, pixel_values, pixel_attention_mask, patch_size: int) -> torch.Tensor:
-    """Mean-pooled vision-tower features [B, D] of single-image batches."""
-    pv, pm = pixel_values[:, 0], pixel_attention_mask[:, 0]  # [B, 3, H, W], [B, H, W]
-    patches = pm.unfold(1, patch_size, patch_size).unfold(2, patch_size, patch_size).sum((-1, -2)) > 0
-    hidden = model.model.vision_model(pixel_values=pv, patch_attention_mask=patches).last_hidden_state
-    return hidden.mean(1)
+def _image_features(model, pixel_values, pixel_attention_mask) -> torch.Tensor:
+    """What the text model receives for single-image batches, mean-pooled over the latents: [B, D]."""
+    features = model.model.get_image_features(pixel_values, pixel_attention_mask).pooler_output
+    return torch.stack([f.mean(0) for f in features])  # each f: [n_latents, D]
 
 
 def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> dict[str, float]:
     """Stage 1: make a random tiny base behave like a (very small) pretrained one.
 
-    (a) ``tiny.vision_pretrain_steps``: the vision tower learns, through a throw-away linear probe,
-    which open answers (not yes/no) each training image has: a multi-label classifier, as SigLIP is
-    pretrained on its own before Idefics2 is built on it. (b) ``tiny.pretrain_steps``: the whole
+    (a) ``tiny.vision_pretrain_steps``: the vision tower and the connector learn, through a
+    throw-away linear probe on the image features the text model receives, which open answers (not
+    yes/no) each training image has: a multi-label classifier. This stands in for SigLIP's own
+    pretraining and for aligning the connector, as real Idefics2 had both before fine-tuning. (b) ``tiny.pretrain_steps``: the whole
     model trains on the training conversations with the language-model loss.
 
     Returns the last losses of each part.
@@ -212,12 +214,15 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
         vocab = sorted({a for s in answers_of.values() for a in s})
         index = {a: i for i, a in enumerate(vocab)}
         images = sorted(answers_of)
-        probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(vocab))
-        params = list(model.model.vision_model.parameters()) + list(probe.parameters())
+        probe = torch.nn.Linear(model.config.text_config.hidden_size, len(vocab))
+        params = [*model.model.vision_model.parameters(), *model.model.connector.parameters(), *probe.parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         cache: dict[str, object] = {}
         bar = tqdm(
-            range(tiny.vision_pretrain_steps), desc="stage 1a: vision tower", disable=not progress, mininterval=2.0
+            range(tiny.vision_pretrain_steps),
+            desc="stage 1a: vision tower + connector",
+            disable=not progress,
+            mininterval=2.0,
         )
         for _ in bar:
             batch = rng.sample(images, min(32, len(images)))
@@ -227,7 +232,7 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
             for row, path in enumerate(batch):
                 for a in answers_of[path]:
                     target[row, index[a]] = 1.0
-            feats = _vision_features(model, px["pixel_values"], px["pixel_attention_mask"], tiny.patch_size)
+            feats = _image_features(model, px["pixel_values"], px["pixel_attention_mask"])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(feats), target)
             optimizer.zero_grad()
             loss.backward()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from idefics2_ft.versions import check_versions
 
 log = logging.getLogger(__name__)
 
-SECRET_WORDS = ("token", "secret", "password", "api_key")
+# Keys such as `token`, `hf_token`, `api_key`, `password` (not `max_new_tokens`).
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|key)$")
 
 
 def _is_rank_zero() -> bool:
@@ -40,7 +42,7 @@ def redacted(cfg: DictConfig) -> dict:
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
             return {
-                k: ("<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) and v else scrub(v))
+                k: ("<redacted>" if SECRET_KEY.search(str(k).lower()) and isinstance(v, str) and v else scrub(v))
                 for k, v in node.items()
             }
         if isinstance(node, list):
@@ -54,7 +56,10 @@ def redacted(cfg: DictConfig) -> dict:
 def tiny_base_key(cfg: DictConfig) -> str:
     """A folder name that changes whenever anything the tiny base is built from changes."""
     d = cfg.data
+    from idefics2_ft.tiny import STAGE1_VERSION
+
     payload = {
+        "stage1_version": STAGE1_VERSION,
         "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
         "image": [cfg.data.longest_edge, cfg.data.do_image_splitting],
         "data": [d.source, d.path, d.train_split, d.train_file, d.max_train_samples, d.system_prompt],
@@ -241,6 +246,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     check_versions()
     validate(cfg)
+    if cfg.export.push_to_hub and not cfg.debug.show_labels:
+        from idefics2_ft.hub import check_write_access
+
+        check_write_access(cfg.export.hub.repo_id)  # a missing token fails now, not after training
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if _is_rank_zero():
@@ -283,6 +292,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     model = load_idefics2(model_path, cfg.model, cfg.peft)
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
+    model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
     counts = trainable_parameters(model)
     log.info("Trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
@@ -318,6 +328,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if skipped:
         log.warning("Skipped %d bad records: %s", metrics["data/skipped"], skipped)
     metrics["wall_s"] = time.perf_counter() - started
+    metrics["hardware"] = (
+        f"{trainer.world_size} x {torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available() and trainer.on_gpu
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     if trainer.is_global_zero:
         out = run_dir / ("model" if cfg.peft.method == "full" else "adapter")
         module.model.save_pretrained(out)
@@ -327,5 +342,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
                 for row in module.val_predictions:
                     f.write(json.dumps(row) + "\n")
+        if cfg.export.at_end or cfg.export.push_to_hub:
+            from idefics2_ft.export import export_run
+
+            folder, report = export_run(cfg, metrics)
+            metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            log.info("Export: %s", folder)
         log.info("Run folder: %s", run_dir)
     return metrics

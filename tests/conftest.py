@@ -78,3 +78,15 @@ def red():
 @pytest.fixture
 def blue():
     return Image.new("RGB", (48, 64), (0, 0, 255))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skip them (with the reason) where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -114,3 +114,18 @@ def test_train_refuses_a_bad_config_before_loading_any_weight(tmp_path, monkeypa
     with pytest.raises(ConfigError):
         train_module.train(cfg)
     assert not Path(tmp_path, "adapter").exists()
+
+
+def test_config_yaml_redacts_secret_keys_only():
+    from omegaconf import OmegaConf
+
+    from idefics2_ft.train import redacted
+
+    cfg = OmegaConf.create(
+        {"eval": {"max_new_tokens": 16}, "hub": {"token": "hf_x", "repo_id": "me/m"}, "api_key": "k"}
+    )
+    assert redacted(cfg) == {
+        "eval": {"max_new_tokens": 16},
+        "hub": {"token": "<redacted>", "repo_id": "me/m"},
+        "api_key": "<redacted>",
+    }

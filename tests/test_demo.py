@@ -17,9 +17,17 @@ def test_default_recipe_reaches_the_bar(tmp_path):
     assert metrics["val/accuracy"] >= 0.77
     assert metrics["val/accuracy/color"] >= 0.60
     report = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo_report.py"), str(tmp_path / "run"),
-         "--min-overall", "0.77", "--min-color", "0.60"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo_report.py"),
+            str(tmp_path / "run"),
+            "--min-overall",
+            "0.77",
+            "--min-color",
+            "0.60",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert report.returncode == 0, report.stdout + report.stderr
     assert "blind baseline" in report.stdout

@@ -133,6 +133,27 @@ class LoggerConfig:
 
 
 @dataclass
+class HubConfig:
+    repo_id: str | None = None  # "user/name"; required to push
+    private: bool = True
+    revision: str | None = None  # a branch to push to (created if missing); None: main
+    commit_message: str = "Upload Idefics2 fine-tuned with idefics2-ft"
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = False  # merge, check and save to export.out_dir when training ends
+    push_to_hub: bool = False  # ... and push it (the token is checked before training starts)
+    adapter_only: bool = False  # export just the PEFT adapter (with its own card), no merge
+    out_dir: str | None = None  # default: <run_dir>/export
+    dtype: str = "auto"  # the full-precision base to merge into: auto = bf16 on CUDA, fp32 on the CPU
+    parity_samples: int = 4  # validation records the merged and unmerged models must agree on
+    parity_atol: float | None = None  # max |logit difference|; None: 1e-3 in fp32, 0.1 in bf16/fp16
+    max_shard_size: str = "2GB"
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+@dataclass
 class DebugConfig:
     show_labels: bool = False  # print the first batch with learned tokens marked, then exit
 
@@ -150,6 +171,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

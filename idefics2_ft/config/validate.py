@@ -126,6 +126,13 @@ def validate(cfg: DictConfig) -> None:
                     "set WANDB_MODE=offline, or use logger=csv."
                 )
 
+    e = cfg.export
+    if e.push_to_hub and not e.hub.repo_id:
+        problems.append("export.push_to_hub=true needs export.hub.repo_id=USER/NAME.")
+    if e.adapter_only and p.method == "full":
+        problems.append("export.adapter_only=true with peft.method=full: there is no adapter; drop adapter_only.")
+    _choice(problems, "export.dtype", e.dtype, DTYPES)
+
     if cfg.resume and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file():
         problems.append(
             f"resume=true but {cfg.run_dir}/checkpoints/last.ckpt does not exist: point run_dir at the "

@@ -1,0 +1,232 @@
+"""Merge a run's adapter into a full-precision base, check it, save it with a card, push it.
+
+Never merged into the 4-bit base (rounding would change the outputs): the base is reloaded in
+bf16 (fp32 on the CPU), the adapter applied, ``merge_and_unload`` called, and the merged model's
+logits compared with the unmerged adapter model's on the same base before anything is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from idefics2_ft.data.collator import Idefics2Collator
+from idefics2_ft.data.datamodule import RecordDataset
+from idefics2_ft.data.sources import build_rows
+from idefics2_ft.models import load_idefics2, load_processor, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(RuntimeError):
+    """The merged model does not reproduce the adapter model: nothing was exported."""
+
+
+def parity_batch(cfg: DictConfig, processor, n: int) -> dict[str, torch.Tensor]:
+    """``n`` validation records as one right-padded batch (bad records skipped)."""
+    dataset = RecordDataset(build_rows(cfg.data, "val"), cfg.data.max_val_samples)
+    records = [dataset[i] for i in range(min(len(dataset), 4 * n))]
+    batch = Idefics2Collator(processor, cfg.data.max_length)(records)
+    if "input_ids" not in batch:
+        raise ParityError("No usable validation record for the parity check: check data.* in the run's config.")
+    return {k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    return logits[batch["attention_mask"].bool()]  # [valid tokens, vocab]
+
+
+def merge_and_check(cfg: DictConfig, adapter_dir: Path, dtype: torch.dtype, n: int, atol: float | None):
+    """Returns ``(merged_model, processor, report)``; raises ParityError if the check fails."""
+    from peft import PeftModel
+
+    from idefics2_ft.inference import base_model_path
+
+    base_path = base_model_path(cfg)
+    processor = load_processor(str(adapter_dir), cfg.data)
+    batch = parity_batch(cfg, processor, n)
+    full_cfg = OmegaConf.merge(cfg.model, {"dtype": str(dtype).removeprefix("torch.")})
+    no_quant = OmegaConf.merge(cfg.peft, {"quantize": None})
+    model = PeftModel.from_pretrained(load_idefics2(base_path, full_cfg, no_quant), str(adapter_dir)).eval()
+    reference = _logits(model, batch)
+    merged = model.merge_and_unload().eval()
+    merged_logits = _logits(merged, batch)
+    tol = atol if atol is not None else (1e-3 if dtype == torch.float32 else 1e-1)
+    diff = (merged_logits - reference).abs()
+    report: dict[str, Any] = {
+        "parity/records": int(batch["input_ids"].shape[0]),
+        "parity/tokens": int(reference.shape[0]),
+        "parity/dtype": str(dtype).removeprefix("torch."),
+        "parity/atol": tol,
+        "parity/max_abs_diff": float(diff.max()) if torch.isfinite(diff).all() else float("inf"),
+        "parity/mean_abs_diff": float(diff.mean()) if torch.isfinite(diff).all() else float("inf"),
+        "parity/argmax_agreement": float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
+    if cfg.peft.quantize is not None:  # how far the model as trained (4-bit base) is from the export
+        trained = PeftModel.from_pretrained(load_idefics2(base_path, cfg.model, cfg.peft), str(adapter_dir)).eval()
+        trained_diff = (_logits(trained, batch) - merged_logits).abs()
+        report["parity/trained_4bit_vs_merged_max_abs_diff"] = float(trained_diff.max())
+        report["parity/trained_4bit_vs_merged_argmax_agreement"] = float(
+            (_logits(trained, batch).argmax(-1) == merged_logits.argmax(-1)).float().mean()
+        )
+        del trained
+    ok = (
+        torch.isfinite(merged_logits).all() and torch.isfinite(reference).all() and report["parity/max_abs_diff"] <= tol
+    )
+    if not ok:
+        raise ParityError(
+            f"The merged model differs from the adapter model: max |logit diff| {report['parity/max_abs_diff']:.3g} "
+            f"> {tol:g} on {report['parity/tokens']} tokens ({report['parity/dtype']}). Nothing was exported; "
+            "check the adapter files, or raise export.parity_atol if the difference is expected."
+        )
+    return merged, processor, report
+
+
+def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any], adapter_only: bool) -> str:
+    """A Hub model card: base, data, recipe and resolved config, image settings, metrics, usage."""
+    from idefics2_ft.train import redacted
+
+    base = cfg.model.name_or_path
+    base_id = "a tiny random-init Idefics2 (idefics2-ft's CPU demo)" if base == "tiny" else base
+    data = cfg.data.path or cfg.data.source
+    evals = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
+    split = metrics.get("eval/split", cfg.data.val_split)
+    hardware = metrics.get("hardware") or (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
+    meta = [
+        "---",
+        "library_name: peft" if adapter_only else "library_name: transformers",
+        "license: apache-2.0",
+        "pipeline_tag: image-text-to-text",
+        "tags:",
+        "- idefics2",
+        "- idefics2-ft",
+        "- qlora" if cfg.peft.quantize else "- lora",
+    ]
+    if base != "tiny":
+        meta.append(f"base_model: {base}")
+    if cfg.data.source == "docvqa" or cfg.data.path:
+        meta += ["datasets:", f"- {data}"]
+    meta.append("---")
+    usage_load = (
+        f'base = Idefics2ForConditionalGeneration.from_pretrained("{base}")\n'
+        'model = PeftModel.from_pretrained(base, "REPO_OR_FOLDER")'
+        if adapter_only
+        else 'model = Idefics2ForConditionalGeneration.from_pretrained("REPO_OR_FOLDER")'
+    )
+    lines = [
+        *meta,
+        "",
+        f"# {cfg.name}: Idefics2 fine-tuned with idefics2-ft",
+        "",
+        f"- **Base model:** {base_id}",
+        f"- **Data:** {data} (train split `{cfg.data.train_split}`, evaluated on `{split}`)",
+        f"- **Method:** {cfg.peft.method}"
+        + (f" on a {cfg.peft.quantize.upper()} 4-bit base (QLoRA)" if cfg.peft.quantize else "")
+        + (
+            f", r={cfg.peft.r}, alpha={cfg.peft.alpha}, targets `{cfg.peft.target}`"
+            if cfg.peft.method != "full"
+            else ""
+        ),
+        f"- **This repository holds:** {'the adapter only' if adapter_only else 'the adapter merged into the full-precision base'}",
+        f"- **Images:** `do_image_splitting={cfg.data.do_image_splitting}`, `longest_edge={cfg.data.longest_edge}`",
+        f"- **Training:** {metrics.get('train/steps', '?')} steps, {metrics.get('train/wall_s', float('nan')):.0f} s on {hardware}",
+        "- **License:** Apache-2.0 (the base model's license applies to the weights)",
+        "",
+        "## Evaluation",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| `{k}` | {v:.4f} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in sorted(evals.items())],
+        "",
+        f"Split: `{split}`.",
+        "",
+    ]
+    if report:
+        lines += [
+            "## Merge check",
+            "",
+            "| check | value |",
+            "|---|---|",
+            *[f"| `{k}` | {v} |" for k, v in report.items()],
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from transformers import AutoProcessor, Idefics2ForConditionalGeneration",
+        *(["from peft import PeftModel"] if adapter_only else []),
+        "",
+        'processor = AutoProcessor.from_pretrained("REPO_OR_FOLDER")',
+        usage_load,
+        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the total?"}]}]',
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        'inputs = processor(text=[prompt], images=[[Image.open("page.png")]], return_tensors="pt")',
+        "out = model.generate(**inputs, max_new_tokens=32)",
+        'print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])',
+        "```",
+        "",
+        "## Recipe and resolved config",
+        "",
+        f"Recipe: `{cfg.name}`",
+        "",
+        "```yaml",
+        OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Merge (or copy the adapter), check parity, save with a card; push if ``export.push_to_hub``.
+
+    Returns the export folder and the report. Raises ParityError before writing anything if the
+    merged model does not match; HubError (folder kept) if the push fails.
+    """
+    e = cfg.export
+    run_dir = Path(cfg.run_dir)
+    out = Path(e.out_dir) if e.out_dir else run_dir / "export"
+    if metrics is None:
+        path = run_dir / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+    adapter_dir = run_dir / "adapter"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    report: dict[str, Any] = {}
+    if e.adapter_only:
+        shutil.copytree(adapter_dir, tmp)
+    else:
+        merged, processor, report = merge_and_check(
+            cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol
+        )
+        merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
+        merged.generation_config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(cfg, metrics, report, e.adapter_only))
+    (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("Exported to %s", out)
+    if e.push_to_hub:
+        from idefics2_ft.hub import push_folder
+
+        url = push_folder(out, e.hub.repo_id, e.hub.private, e.hub.commit_message, e.hub.revision)
+        report["hub/commit"] = url
+        log.info("Pushed to %s", url)
+    return out, report

@@ -1,0 +1,176 @@
+"""Load a finished run (adapter or merged model) and evaluate or answer questions with it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from idefics2_ft.config import TrainConfig
+from idefics2_ft.models import load_idefics2, load_processor, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
+    """``key=value`` arguments as ``train.py`` takes them: ``run_dir`` and config keys, plus the
+    script's own keys (``script_keys`` with their defaults).
+
+    Returns the run's config (``run_dir/config.yaml`` with the overrides, checked against the
+    schema) and the script's values.
+
+    Raises:
+        SystemExit: with a usage line for a missing ``run_dir`` or a malformed argument.
+    """
+    pairs = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"arguments are key=value (got {arg!r}); e.g. run_dir=outputs/easyvqa_tiny/demo")
+        key, value = arg.split("=", 1)
+        pairs[key] = value
+    if "run_dir" not in pairs:
+        raise SystemExit("run_dir=PATH is required: the folder of a finished training run.")
+    run_dir = Path(pairs.pop("run_dir"))
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{run_dir}/config.yaml not found: run_dir must be a folder that train.py wrote.")
+    own = dict(script_keys)
+    for key in list(pairs):
+        if key in script_keys:
+            own[key] = pairs.pop(key)
+    schema = OmegaConf.structured(TrainConfig)
+    cfg = OmegaConf.merge(schema, OmegaConf.load(run_dir / "config.yaml"))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]))
+    cfg.run_dir = str(run_dir)
+    return cfg, own
+
+
+def base_model_path(cfg: DictConfig) -> str:
+    """Where the run's base model lives: the Hub id, or the cached tiny base (rebuilt if missing)."""
+    from idefics2_ft.train import resolve_model_path
+
+    return resolve_model_path(cfg)
+
+
+def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | None = None):
+    """The model and processor of a run, ready for generation.
+
+    ``model_dir`` (a merged export or ``run_dir/model``) loads as a plain checkpoint. Otherwise the
+    base is loaded as it was trained (4-bit for QLoRA), or in full precision with
+    ``full_precision=True``, and the run's ``adapter/`` goes on top.
+    """
+    from peft import PeftModel
+
+    run_dir = Path(cfg.run_dir)
+    if model_dir is None and (run_dir / "model").is_dir():
+        model_dir = str(run_dir / "model")
+    if model_dir is not None:
+        from transformers import Idefics2ForConditionalGeneration
+
+        model = Idefics2ForConditionalGeneration.from_pretrained(
+            model_dir, dtype=resolve_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+        )
+        processor = load_processor(model_dir, cfg.data)
+    else:
+        adapter = run_dir / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}/adapter_config.json not found: did the run finish?")
+        peft_cfg = OmegaConf.merge(cfg.peft, {"quantize": None}) if full_precision else cfg.peft
+        model = load_idefics2(base_model_path(cfg), cfg.model, peft_cfg)
+        model = PeftModel.from_pretrained(model, str(adapter))
+        processor = load_processor(str(adapter), cfg.data)
+    model.eval()
+    model.config.use_cache = True
+    return model, processor
+
+
+def evaluate(cfg: DictConfig, model, processor, split: str, out_dir: Path) -> dict[str, float]:
+    """Greedy answers on ``split`` (left-padded batches); writes predictions.jsonl and metrics JSON.
+
+    Returns flat metrics: ``eval/accuracy``, ``eval/anls``, ``eval/<metric>/<question type>``, ``eval/loss``.
+    """
+    import lightning as L
+
+    from idefics2_ft.data.datamodule import Idefics2DataModule
+    from idefics2_ft.module import Idefics2Module
+
+    data_cfg = OmegaConf.merge(cfg.data, {"val_split": split})
+    datamodule = Idefics2DataModule(data_cfg, processor)
+    module = Idefics2Module(
+        model,
+        processor.tokenizer,
+        optimizer_factory=None,
+        metric=data_cfg.metric,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_checkpointing=False,
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    rows = module.val_predictions
+    metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
+    other = "anls" if data_cfg.metric == "accuracy" else "accuracy"
+    metrics[f"eval/{other}"] = sum(r[other] for r in rows) / len(rows) if rows else float("nan")
+    metrics["eval/split"] = split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(
+                json.dumps(
+                    {
+                        "id": row["id"],
+                        "prediction": row["prediction"],
+                        "references": row["answers"],
+                        "question_type": row["question_type"],
+                        "accuracy": row["accuracy"],
+                        "anls": row["anls"],
+                    }
+                )
+                + "\n"
+            )
+    (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A plain summary table of flat eval metrics."""
+    width = max(len(k) for k in metrics)
+    lines = [
+        f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in sorted(metrics.items())
+    ]
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def answer(
+    model, processor, images: list, question: str | None = None, messages: list | None = None, max_new_tokens: int = 64
+) -> str:
+    """One answer, greedy, with the processor's chat template and ``add_generation_prompt=True``."""
+    if messages is None:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    stop = [processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>"), processor.tokenizer.eos_token_id]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -1,0 +1,185 @@
+"""Evaluate, predict, merge with a parity check, model card, push up to the network boundary."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from idefics2_ft.export import ParityError, export_run, merge_and_check, parity_batch
+from idefics2_ft.hub import HubError, check_write_access, push_folder
+from idefics2_ft.inference import evaluate, load_run, parse_overrides
+from idefics2_ft.train import train
+from tests.conftest import ROOT
+
+FAKE_TOKEN = "hf_FAKEtoken1234567890abcdefghijklmnopq"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.conftest import TINY_RUN, compose_config
+
+    root = tmp_path_factory.mktemp("export")
+    cfg = compose_config(
+        [
+            *TINY_RUN,
+            f"model.tiny.cache_dir={root / 'tiny'}",
+            f"run_dir={root / 'run'}",
+            "name=t",
+            "trainer.max_steps=6",
+            "optim.lr=5e-3",
+        ]
+    )
+    train(cfg)
+    return root / "run"
+
+
+def run_cfg(run_dir, *overrides):
+    cfg, _ = parse_overrides([f"run_dir={run_dir}", *overrides], {})
+    return cfg
+
+
+def test_evaluate_writes_one_prediction_per_question(run_dir, tmp_path):
+    cfg = run_cfg(run_dir)
+    model, processor = load_run(cfg)
+    metrics = evaluate(cfg, model, processor, "test", tmp_path)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == cfg.data.max_val_samples == metrics["eval/n_questions"]
+    row = json.loads(lines[0])
+    assert {"id", "prediction", "references", "accuracy", "anls", "question_type"} <= set(row)
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and "eval/anls" in metrics and metrics["eval/split"] == "test"
+    assert json.loads((tmp_path / "eval_metrics.json").read_text()) == metrics
+
+
+def test_merge_parity_holds_and_the_export_reloads_with_the_same_answers(run_dir, monkeypatch):
+    from transformers import Idefics2ForConditionalGeneration
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    cfg = run_cfg(run_dir)
+    out, report = export_run(cfg)
+    assert report["parity/max_abs_diff"] <= report["parity/atol"] == 1e-3
+    assert report["parity/argmax_agreement"] == 1.0
+    assert "parity/trained_4bit_vs_merged_max_abs_diff" in report
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "export_report.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= names
+    assert any(n.endswith(".safetensors") for n in names) and not any("adapter" in n for n in names)
+
+    merged = Idefics2ForConditionalGeneration.from_pretrained(out).eval()
+    adapter_model, processor = load_run(cfg, full_precision=True)
+    batch = parity_batch(cfg, processor, 4)
+    with torch.no_grad():
+        gen = {k: v for k, v in batch.items() if k != "labels"}
+        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(merged.generate(**gen, **kwargs), adapter_model.generate(**gen, **kwargs))
+
+    card = (out / "README.md").read_text()
+    for field in (
+        "Base model",
+        "Data:",
+        "easyvqa",
+        "Recipe and resolved config",
+        "do_image_splitting",
+        "longest_edge",
+        "val/accuracy",
+        "Split:",
+        "steps",
+        "License",
+        "from_pretrained",
+        "Merge check",
+    ):
+        assert field in card, field
+    for path in Path(run_dir).rglob("*"):  # the token is written nowhere: run folder and export
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_a_corrupted_adapter_fails_the_parity_check_and_exports_nothing(run_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken, ignore=shutil.ignore_patterns("export*", "checkpoints"))
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if "lora_B" in k and "text_model" in k)
+    state[key] = torch.full_like(state[key], float("inf"))
+    save_file(state, weights)
+    cfg = run_cfg(broken)
+    with pytest.raises(ParityError, match="differs from the adapter model"):
+        merge_and_check(cfg, broken / "adapter", torch.float32, 2, None)
+    with pytest.raises(ParityError):
+        export_run(cfg)
+    assert not (broken / "export").exists()
+
+
+def test_adapter_only_export(run_dir, tmp_path):
+    cfg = run_cfg(run_dir, "export.adapter_only=true", f"export.out_dir={tmp_path / 'a'}")
+    out, _ = export_run(cfg)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= names
+    assert "library_name: peft" in (out / "README.md").read_text()
+
+
+def test_predict_script_answers(run_dir):
+    image = sorted(Path(__import__("easy_vqa").__file__).parent.rglob("*.png"))[0]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "predict.py"),
+            f"run_dir={run_dir}",
+            f"image={image}",
+            "question=what color is the shape?",
+            "max_new_tokens=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip()  # one line: the answer
+
+
+def test_push_without_a_token_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        check_write_access("me/model")
+
+
+def test_training_with_push_checks_the_token_before_any_weight_loads(tiny_run_cfg, monkeypatch, tmp_path):
+    from idefics2_ft import train as train_module
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(train_module, "ensure_tiny_base", lambda cfg: (_ for _ in ()).throw(AssertionError("loaded")))
+    cfg = tiny_run_cfg("export.push_to_hub=true", "export.hub.repo_id=me/model")
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        train_module.train(cfg)
+
+
+def test_push_without_network_says_so_and_keeps_the_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "README.md").write_text("card")
+    with pytest.raises(HubError, match="Cannot reach the Hugging Face Hub"):
+        push_folder(folder, "me/model", private=True, commit_message="test")
+    with pytest.raises(HubError, match="Cannot reach"):
+        check_write_access("me/model")
+    assert (folder / "README.md").is_file()
+    assert OmegaConf is not None
