@@ -258,6 +258,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
 
     model_path = resolve_model_path(cfg)
+    base_s = time.perf_counter() - started  # the tiny base's stage 1 when it was built just now
     processor = load_processor(model_path, cfg.data, cfg.model.revision)
     crops = 5 if cfg.data.do_image_splitting else 1
     log.info(
@@ -328,6 +329,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if skipped:
         log.warning("Skipped %d bad records: %s", metrics["data/skipped"], skipped)
     metrics["wall_s"] = time.perf_counter() - started
+    metrics["base/wall_s"] = base_s
     metrics["hardware"] = (
         f"{trainer.world_size} x {torch.cuda.get_device_name(0)}"
         if torch.cuda.is_available() and trainer.on_gpu

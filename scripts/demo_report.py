@@ -69,11 +69,16 @@ def main() -> int:
             f"{qtype:<14}{len(pairs):>6}{(f'{b:.1%}' if b is not None else '-'):>14}"
             f"{mean([p[0] for p in pairs]):>13.1%}{mean([p[1] for p in pairs]):>16.1%}"
         )
-    stage1 = metrics.get("stage1/wall_s")
+    total, base = metrics["wall_s"], metrics.get("base/wall_s", 0.0)
+    built = base > 5  # loading the cached base takes well under a second
     print(
-        f"wall time: stage 1 (tiny base, cached after the first run) "
-        f"{f'{stage1:.0f} s' if stage1 is not None else '-'}; stage 2 (QLoRA run, incl. evaluation) "
-        f"{metrics['wall_s']:.0f} s"
+        f"wall time of this run: {total:.0f} s = stage 1 {base:.0f} s"
+        + (
+            " (built in this run)"
+            if built
+            else f" (cached by an earlier run; building it took {metrics.get('stage1/wall_s', float('nan')):.0f} s)"
+        )
+        + f" + QLoRA training {metrics['train/wall_s']:.0f} s + evaluations and loading {total - base - metrics['train/wall_s']:.0f} s"
     )
     failed = []
     overall, color = mean([p[0] for p in scores["overall"]]), mean([p[0] for p in scores.get("color", [])])

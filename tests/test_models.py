@@ -142,3 +142,47 @@ def test_untested_versions_are_refused(monkeypatch):
     )
     with pytest.raises(RuntimeError, match=r"transformers 4.40.0 \(tested: >=5.23.0,<6\)"):
         versions.check_versions()
+
+
+def test_gradients_through_the_4bit_base_equal_those_through_its_dequantized_weights(tiny_base, processor):
+    """torch warns that bitsandbytes' CPU 4-bit op has no autograd kernel; the gradients are right."""
+    from PIL import Image
+
+    from idefics2_ft.data.collator import Idefics2Collator
+    from idefics2_ft.models import load_processor
+
+    cfg, path = tiny_base
+    peft_q = OmegaConf.merge(cfg.peft, {"dropout": 0.0})
+    peft_fp = OmegaConf.merge(peft_q, {"quantize": None})
+    quantized = apply_peft(load_idefics2(path, cfg.model, peft_q), peft_q, gradient_checkpointing=False)
+    dense = apply_peft(load_idefics2(path, cfg.model, peft_fp), peft_fp, gradient_checkpointing=False)
+    q_modules, q_params = dict(quantized.named_modules()), dict(quantized.named_parameters())
+    with torch.no_grad():
+        for name, param in quantized.named_parameters():
+            if "lora_B" in name:  # non-zero, so every LoRA pair takes part
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        for name, module in dense.named_modules():
+            if isinstance(q_modules.get(name), bnb.nn.Linear4bit):
+                w = q_modules[name].weight
+                module.weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state))
+        for name, param in dense.named_parameters():
+            if param.requires_grad:
+                param.copy_(q_params[name])
+    record = {
+        "images": [Image.new("RGB", (64, 64), "red")],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+    }
+    batch = Idefics2Collator(load_processor(path, cfg.data))([record, record])
+    batch.pop("bad_samples")
+    for model in (quantized, dense):
+        model.train()
+        model(**batch).loss.backward()
+    d_params = dict(dense.named_parameters())
+    connector = [n for n, p in quantized.named_parameters() if p.requires_grad and "connector" in n]
+    assert connector  # their gradients pass through every 4-bit text layer
+    for name, param in quantized.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, d_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
