@@ -186,3 +186,13 @@ def test_gradients_through_the_4bit_base_equal_those_through_its_dequantized_wei
     for name, param in quantized.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, d_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dora_adds_a_magnitude_vector_per_adapted_layer():
+    lora = trainable_parameters(apply_peft(idefics2_8b_on_meta(), peft_cfg(r=R, quantize=None, target="text"), False))
+    dora = trainable_parameters(
+        apply_peft(idefics2_8b_on_meta(), peft_cfg(r=R, quantize=None, target="text", method="dora"), False)
+    )
+    # one magnitude per output feature of every adapted Mistral linear
+    per_layer = 4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096
+    assert dora["text"] - lora["text"] == 32 * per_layer
