@@ -97,8 +97,10 @@ class Idefics2Module(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_bad(batch, "train")
-        if "input_ids" not in batch:  # every record of this batch was bad
-            return None
+        if "input_ids" not in batch:
+            # Every record of this batch was bad. A zero loss over the trainable weights keeps the
+            # step (and, across ranks, the gradient all-reduce) in step with everyone else.
+            return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
         now = time.perf_counter()
         out = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
         n = batch["input_ids"].shape[0]

@@ -6,6 +6,7 @@ QLoRA is LoRA on a base loaded with a 4-bit ``BitsAndBytesConfig``: one code pat
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 
 import torch
@@ -94,7 +95,9 @@ def load_idefics2(
     dtype = resolve_dtype(model_cfg.dtype)
     quantization = build_quantization_config(peft_cfg, dtype)
     if quantization is not None and device_map is None and torch.cuda.is_available():
-        device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantizes as weights reach the GPU
+        # bitsandbytes quantizes as the weights reach the GPU: each process loads onto its own,
+        # which Lightning has not selected yet at this point (LOCAL_RANK is set by the launcher).
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = Idefics2ForConditionalGeneration.from_pretrained(
         path,
         revision=model_cfg.revision,
