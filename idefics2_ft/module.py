@@ -102,9 +102,18 @@ class Idefics2Module(L.LightningModule):
             # step (and, across ranks, the gradient all-reduce) in step with everyone else.
             return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
         now = time.perf_counter()
-        out = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            # Normalise by the supervised tokens of the global batch, not of this rank's share:
+            # DDP averages the ranks' gradients, so each rank divides its summed loss by
+            # total/world, and the step equals one process over the whole batch.
+            total = (batch["labels"][:, 1:] != -100).sum().float()
+            dist.all_reduce(total)
+            inputs["num_items_in_batch"] = total.clamp(min=1) / world
+        out = self.model(**inputs)
         n = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
         tokens = int(batch["attention_mask"].sum())
         if self._step_start is not None:
             elapsed = now - self._step_start

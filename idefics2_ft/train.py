@@ -159,6 +159,19 @@ def make_logger(cfg: DictConfig, run_dir: Path):
     return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, save_dir=str(run_dir))
 
 
+def make_strategy(cfg: DictConfig):
+    """``auto``, or DDP with the right process-group backend (gloo on the CPU, nccl on CUDA)."""
+    s = cfg.strategy
+    if s.name == "auto":
+        return "auto"
+    from lightning.pytorch.strategies import DDPStrategy
+
+    backend = s.process_group_backend or (
+        "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
+    )
+    return DDPStrategy(find_unused_parameters=s.find_unused_parameters, process_group_backend=backend)
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -179,6 +192,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
+        strategy=make_strategy(cfg),
         precision=precision,
         max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -193,6 +207,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
+        use_distributed_sampler=False,  # the DataModule shards the data itself (resumable)
     )
 
 
@@ -227,6 +242,28 @@ def _sum_across_ranks(counts: dict[str, int]) -> dict[str, int]:
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return total
+
+
+def _ranks_in_sync(model: torch.nn.Module) -> bool:
+    """True if every rank holds the same trainable weights (always true on one process).
+
+    Raises:
+        RuntimeError: if the ranks diverged (data-parallel training has a bug).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    checksum = sum(
+        float(p.detach().double().sum()) + float(p.detach().double().abs().sum())
+        for p in model.parameters()
+        if p.requires_grad
+    )
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, checksum)
+    if max(gathered) - min(gathered) > 1e-6 * max(1.0, abs(gathered[0])):
+        raise RuntimeError(f"The ranks' trainable weights differ after training: checksums {gathered}.")
+    return True
 
 
 def _validate_now(trainer, module, datamodule, limit) -> dict[str, float]:
@@ -308,6 +345,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         max_new_tokens=cfg.eval.max_new_tokens,
     )
     trainer = make_trainer(cfg, run_dir)
+    log.info(
+        "Effective batch: %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
+        cfg.data.batch_size,
+        trainer.num_devices,
+        trainer.num_nodes,
+        cfg.trainer.accumulate_grad_batches,
+        cfg.data.batch_size * trainer.world_size * cfg.trainer.accumulate_grad_batches,
+    )
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     stage1 = Path(model_path) / "stage1.json"
     if stage1.is_file():
@@ -321,6 +366,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     metrics["train/wall_s"] = time.perf_counter() - fit_start
     metrics["train/steps"] = trainer.global_step
+    metrics["train/world_size"] = trainer.world_size
+    metrics["train/effective_batch"] = cfg.data.batch_size * trainer.world_size * cfg.trainer.accumulate_grad_batches
+    metrics["train/ranks_in_sync"] = _ranks_in_sync(module.model)
     if cfg.eval.at_end:
         metrics.update(_validate_now(trainer, module, datamodule, cfg.trainer.limit_val_batches))
     skipped = _sum_across_ranks(dict(module.skipped))

@@ -102,6 +102,13 @@ class OptimConfig:
 
 
 @dataclass
+class StrategyConfig:
+    name: str = "auto"  # auto | ddp
+    find_unused_parameters: bool = False
+    process_group_backend: str | None = None  # None: nccl on CUDA, gloo on the CPU
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
@@ -169,6 +176,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -186,5 +194,6 @@ def register_configs() -> None:
         ("optim", OptimConfig),
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
+        ("strategy", StrategyConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)

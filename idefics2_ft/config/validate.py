@@ -114,6 +114,9 @@ def validate(cfg: DictConfig) -> None:
     if o.warmup_steps >= t.max_steps:
         problems.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up.")
 
+    _choice(problems, "strategy.name", cfg.strategy.name, ("auto", "ddp"))
+    _choice(problems, "strategy.process_group_backend", cfg.strategy.process_group_backend, (None, "nccl", "gloo"))
+
     _choice(problems, "logger.type", cfg.logger.type, LOGGERS)
     if cfg.logger.type == "wandb":
         if importlib.util.find_spec("wandb") is None:

@@ -1,0 +1,42 @@
+"""DDP with 2 CPU processes (gloo): ranks stay in sync and equal one process over the global batch."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY_RUN
+
+
+def run_train(*overrides, cwd=ROOT):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path):
+    common = [*TINY_RUN, f"model.tiny.cache_dir={tmp_path / 'tiny'}", "peft.dropout=0", "name=ddp"]
+    run_train(*common, "data.batch_size=4", f"run_dir={tmp_path / 'one'}")  # also builds the tiny base
+    run_train(
+        *common,
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.batch_size=2",
+        f"run_dir={tmp_path / 'two'}",
+    )
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["train/world_size"] == 2 and two["train/effective_batch"] == 4
+    assert two["train/ranks_in_sync"] is True  # checked across ranks with all_gather after training
+    assert two["val/n_questions"] == 12  # each question counted once, gathered from both ranks
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    # one run folder for both ranks: nothing was written anywhere else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]
