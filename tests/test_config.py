@@ -129,3 +129,18 @@ def test_config_yaml_redacts_secret_keys_only():
         "hub": {"token": "<redacted>", "repo_id": "me/m"},
         "api_key": "<redacted>",
     }
+
+
+def test_slurm_allocation_is_checked_against_the_config(tmp_path):
+    from idefics2_ft.config.validate import slurm_problems
+
+    cfg = compose_config([f"run_dir={tmp_path}", "trainer.devices=4", "trainer.num_nodes=2"])
+    good = {"SLURM_JOB_ID": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "idefics2-ft"}
+    assert slurm_problems(cfg, good) == []
+    assert slurm_problems(cfg, {}) == []  # not under SLURM
+    bad = {"SLURM_JOB_ID": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "bash"}
+    problems = slurm_problems(cfg, bad)
+    assert any("--ntasks-per-node=2 but trainer.devices=4" in p for p in problems)
+    assert any("trainer.num_nodes=1" in p for p in problems)
+    assert any("hides SLURM from Lightning" in p for p in problems)
+    assert any("SLURM_NTASKS_PER_NODE is not set" in p for p in slurm_problems(cfg, {"SLURM_JOB_ID": "1"}))

@@ -38,6 +38,36 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def slurm_problems(cfg: DictConfig, env: dict[str, str] | None = None) -> list[str]:
+    """Mismatches between a SLURM allocation and the config, each with its fix (none outside SLURM)."""
+    env = dict(os.environ if env is None else env)
+    if "SLURM_JOB_ID" not in env:
+        return []
+    problems = []
+    t = cfg.trainer
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        problems.append(
+            f"SLURM job name {env['SLURM_JOB_NAME']!r} hides SLURM from Lightning (each task would start its own "
+            "workers): submit with `sbatch --job-name=idefics2-ft` or `srun -J idefics2-ft`."
+        )
+    if not per_node:
+        problems.append(
+            "SLURM_NTASKS_PER_NODE is not set: launch with --ntasks-per-node=<GPUs per node> (Lightning refuses -n alone)."
+        )
+    elif per_node.isdigit() and str(t.devices).isdigit() and int(per_node) != int(t.devices):
+        problems.append(
+            f"--ntasks-per-node={per_node} but trainer.devices={t.devices}: the job would stall waiting for "
+            f"ranks. Set trainer.devices={per_node} or #SBATCH --ntasks-per-node={t.devices}."
+        )
+    nnodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
+    if nnodes and nnodes.isdigit() and int(nnodes) != t.num_nodes:
+        problems.append(
+            f"SLURM allocated {nnodes} node(s) but trainer.num_nodes={t.num_nodes}: set trainer.num_nodes={nnodes}."
+        )
+    return problems
+
+
 def validate(cfg: DictConfig) -> None:
     """Check everything that can be checked before any weight loads.
 
@@ -141,5 +171,6 @@ def validate(cfg: DictConfig) -> None:
             f"resume=true but {cfg.run_dir}/checkpoints/last.ckpt does not exist: point run_dir at the "
             "folder of the run to continue, or drop resume=true."
         )
+    problems += slurm_problems(cfg)
     if problems:
         raise ConfigError(problems)
