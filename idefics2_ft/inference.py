@@ -50,7 +50,7 @@ def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictC
 
 
 def base_model_path(cfg: DictConfig) -> str:
-    """Where the run's base model lives: the Hub id, or the cached tiny base (rebuilt if missing)."""
+    """The base the run trained on (``run_dir/base_model.json``), so its adapter fits."""
     from idefics2_ft.train import resolve_model_path
 
     return resolve_model_path(cfg)
@@ -172,5 +172,11 @@ def answer(
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    """Our own messages on stderr (Lightning and transformers keep their own handlers)."""
+    logger = logging.getLogger("idefics2_ft")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -77,7 +77,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
     from idefics2_ft.tiny import build_processor, build_tiny_model, pretrain_tiny_base, tiny_config
 
     t = cfg.model.tiny
-    folder = Path(t.cache_dir) / tiny_base_key(cfg)
+    folder = (Path(t.cache_dir) / tiny_base_key(cfg)).resolve()
     if (folder / "config.json").is_file():
         log.info("Tiny base: using the cached %s", folder)
         return folder
@@ -121,8 +121,51 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
     return folder
 
 
-def resolve_model_path(cfg: DictConfig) -> str:
+def resolve_model_path(cfg: DictConfig, use_record: bool = True) -> str:
+    """The base to load: the run's recorded base (``use_record``) if it has one, else the Hub id or
+    folder, or the tiny base (built and cached if needed).
+
+    Raises:
+        FileNotFoundError / RuntimeError: the recorded tiny base is gone or was replaced.
+    """
+    record = Path(cfg.run_dir) / BASE_RECORD
+    if use_record and record.is_file():
+        recorded = json.loads(record.read_text())
+        if cfg.model.name_or_path != "tiny":
+            return recorded["path"]
+        folder = Path(recorded["path"])
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"The tiny base this run was trained on ({folder}) is gone; its adapter only fits that base. "
+                "Restore the folder, or train again."
+            )
+        if _fingerprint(folder) != recorded["fingerprint"]:
+            raise RuntimeError(f"The tiny base at {folder} is not the one this run was trained on.")
+        return str(folder)
     return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+
+
+BASE_RECORD = "base_model.json"
+
+
+def _fingerprint(folder: Path) -> str:
+    """A hash of a local base's weight files (cheap for the tiny model)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def record_base(cfg: DictConfig, model_path: str) -> None:
+    """Write which base the run trains on, so evaluation and export load exactly that one."""
+    entry = {"path": model_path}
+    if Path(model_path).is_dir():
+        entry["path"] = str(Path(model_path).resolve())
+        if cfg.model.name_or_path == "tiny":
+            entry["fingerprint"] = _fingerprint(Path(model_path))
+    if cfg.model.revision:
+        entry["revision"] = cfg.model.revision
+    (Path(cfg.run_dir) / BASE_RECORD).write_text(json.dumps(entry, indent=2))
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -294,8 +337,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.perf_counter()
 
-    model_path = resolve_model_path(cfg)
+    model_path = resolve_model_path(cfg, use_record=cfg.resume)
     base_s = time.perf_counter() - started  # the tiny base's stage 1 when it was built just now
+    if _is_rank_zero():
+        record_base(cfg, model_path)
     processor = load_processor(model_path, cfg.data, cfg.model.revision)
     crops = 5 if cfg.data.do_image_splitting else 1
     log.info(

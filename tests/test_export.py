@@ -183,3 +183,30 @@ def test_push_without_network_says_so_and_keeps_the_folder(monkeypatch, tmp_path
         check_write_access("me/model")
     assert (folder / "README.md").is_file()
     assert OmegaConf is not None
+
+
+def test_a_run_loads_the_exact_base_it_was_trained_on(run_dir, tmp_path):
+    import shutil
+
+    record = json.loads((run_dir / "base_model.json").read_text())
+    assert Path(record["path"]).is_absolute() and record["fingerprint"]
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("export*", "checkpoints"))
+    cfg = run_cfg(moved, "model.tiny.cache_dir=/nonexistent")  # no rebuild: the record wins
+    from idefics2_ft.inference import base_model_path
+
+    assert base_model_path(cfg) == record["path"]
+    record["fingerprint"] = "0" * 16
+    (moved / "base_model.json").write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match="not the one this run was trained on"):
+        base_model_path(cfg)
+
+
+def test_evaluate_a_merged_folder(run_dir, tmp_path):
+    cfg = run_cfg(run_dir, f"export.out_dir={tmp_path / 'merged'}")
+    out, _ = export_run(cfg)
+    model, processor = load_run(cfg, model_dir=str(out))
+    assert not hasattr(model, "peft_config")  # a plain transformers model
+    metrics = evaluate(cfg, model, processor, "test", tmp_path / "eval")
+    assert metrics["eval/n_questions"] == cfg.data.max_val_samples
+    assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == cfg.data.max_val_samples
