@@ -214,6 +214,11 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
         vocab = sorted({a for s in answers_of.values() for a in s})
         index = {a: i for i, a in enumerate(vocab)}
         images = sorted(answers_of)
+        if not images:
+            raise ValueError(
+                "model.tiny.vision_pretrain_steps needs single-image training rows with image files and "
+                "open (not yes/no) answers; this data has none: set model.tiny.vision_pretrain_steps=0."
+            )
         probe = torch.nn.Linear(model.config.text_config.hidden_size, len(vocab))
         params = [*model.model.vision_model.parameters(), *model.model.connector.parameters(), *probe.parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -226,7 +231,10 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
         )
         for _ in bar:
             batch = rng.sample(images, min(32, len(images)))
-            pics = [[cache.setdefault(p, load_image(p))] for p in batch]
+            for path in batch:
+                if path not in cache:
+                    cache[path] = load_image(path)
+            pics = [[cache[p]] for p in batch]
             px = processor.image_processor(pics, return_tensors="pt")
             target = torch.zeros(len(batch), len(vocab))
             for row, path in enumerate(batch):
@@ -253,6 +261,8 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
             start = (step * tiny.pretrain_batch_size) % len(order)
             batch = collator([dataset[i] for i in order[start : start + tiny.pretrain_batch_size]])
             batch.pop("bad_samples")
+            if "input_ids" not in batch:  # every record of this batch was bad
+                continue
             loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()

@@ -46,3 +46,44 @@ def test_tiny_config_rejects_dimensions_the_4bit_cpu_kernel_cannot_take():
 
     with pytest.raises(ValueError, match="multiple of 64"):
         tiny_config(text_hidden=96)
+
+
+def test_stage1_builds_once_and_trains_the_random_base(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from idefics2_ft.train import ensure_tiny_base, tiny_base_key
+    from tests.conftest import TINY_RUN, compose_config
+
+    overrides = [
+        *TINY_RUN,
+        f"model.tiny.cache_dir={tmp_path}",
+        f"run_dir={tmp_path / 'run'}",
+        "model.tiny.vision_pretrain_steps=3",
+        "model.tiny.pretrain_steps=3",
+        "data.max_train_samples=40",
+    ]
+    cfg = compose_config(overrides)
+    folder = ensure_tiny_base(cfg)
+    report = json.loads((folder / "stage1.json").read_text())
+    assert {"stage1/vision_loss", "stage1/lm_loss", "stage1/wall_s"} <= set(report)
+    t = cfg.model.tiny
+    random_init = build_tiny_model(
+        tiny_config(
+            vision_hidden=t.vision_hidden,
+            text_hidden=t.text_hidden,
+            vision_layers=t.vision_layers,
+            text_layers=t.text_layers,
+        ),
+        seed=t.seed,
+    ).state_dict()
+    trained = load_file(folder / "model.safetensors")
+    for prefix in ("model.vision_model.", "model.connector.", "model.text_model.", "lm_head."):
+        keys = [k for k in trained if k.startswith(prefix)]
+        assert any(not torch.equal(trained[k], random_init[k]) for k in keys), prefix
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_base(cfg) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    other = compose_config([*overrides, "model.tiny.pretrain_steps=4"])
+    assert tiny_base_key(other) != tiny_base_key(cfg)  # any change of stage 1 builds a new base
