@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-gpu lint format clean
+.PHONY: help install demo test test-slow test-gpu test-slurm lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-slow: $(VENV)/.installed ## the slow tier (longer CPU runs, the full demo)
 
 test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
 	$(PY) -m pytest -q -m gpu
+
+test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster: sbatch 2 DDP ranks on the CPU (root)
+	$(PY) -m pytest -q -m slurm
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -82,7 +82,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
         log.info("Tiny base: using the cached %s", folder)
         return folder
     if not _is_rank_zero():
-        raise RuntimeError(f"The tiny base {folder} must be built by rank 0 first: run once on one process.")
+        return _wait_for_base(folder)
     start = time.perf_counter()
     config = tiny_config(
         image_size=t.image_size,
@@ -118,6 +118,19 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
     (tmp / "stage1.json").write_text(json.dumps(report, indent=2))
     tmp.rename(folder)  # a half-written base never looks complete
     log.info("Tiny base saved to %s (%.0f s)", folder, report["stage1/wall_s"])
+    return folder
+
+
+def _wait_for_base(folder: Path, timeout_s: float = 3600.0) -> Path:
+    """Other ranks wait for rank 0 to build the tiny base (no process group exists yet)."""
+    start = time.perf_counter()
+    while not (folder / "config.json").is_file():
+        waited = time.perf_counter() - start
+        if waited > timeout_s:
+            raise TimeoutError(f"Rank 0 did not build the tiny base {folder} within {timeout_s:.0f} s.")
+        if int(waited) % 60 == 0:
+            log.info("Waiting for rank 0 to build the tiny base %s (%.0f s)", folder, waited)
+        time.sleep(1.0)
     return folder
 
 
