@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from idefics2_ft.export import ParityError, export_run, merge_and_check, parity_batch
@@ -182,7 +181,6 @@ def test_push_without_network_says_so_and_keeps_the_folder(monkeypatch, tmp_path
     with pytest.raises(HubError, match="Cannot reach"):
         check_write_access("me/model")
     assert (folder / "README.md").is_file()
-    assert OmegaConf is not None
 
 
 def test_a_run_loads_the_exact_base_it_was_trained_on(run_dir, tmp_path):
