@@ -142,15 +142,10 @@ class Idefics2Collator:
         if self.add_generation_prompt:
             if not messages or messages[-1]["role"] != "assistant":
                 return BadSample(index, "no assistant turn to generate", "no_assistant_turn")
-            target = _message_text(messages[-1])
+            target = message_text(messages[-1])
             messages = messages[:-1]
         text, spans = self.render(messages, add_generation_prompt=self.add_generation_prompt)
-        n_placeholders = sum(
-            1
-            for m in messages
-            for c in (m["content"] if isinstance(m["content"], list) else [])
-            if c.get("type") == "image"
-        )
+        n_placeholders = count_images(messages)
         if n_placeholders > len(images):
             return BadSample(
                 index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders"
@@ -242,8 +237,16 @@ class Idefics2Collator:
         return {"pixel_values": full_v, "pixel_attention_mask": full_m}
 
 
-def _message_text(message: dict) -> str:
-    content = message["content"]
+def message_text(message: dict) -> str:
+    """The text of one message (its text parts joined; images left out)."""
+    content = message.get("content", "")
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def count_images(messages: list[dict]) -> int:
+    """How many ``{"type": "image"}`` placeholders the messages hold."""
+    return sum(
+        1 for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image"
+    )

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
 
-from idefics2_ft.data.collator import BadSample
+from idefics2_ft.data.collator import BadSample, count_images, message_text
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,6 @@ class HubRows(Sequence):
         )
 
 
-def message_text(message: dict) -> str:
-    content = message.get("content", "")
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
 def load_image(ref: Any) -> Image.Image:
     """Open an image reference: a PIL image, a path, bytes, or a ``datasets`` image dict."""
     if isinstance(ref, Image.Image):
@@ -187,9 +180,7 @@ def check_row(row: Row) -> tuple[str, str] | None:
         return "no_assistant_turn", "no assistant turn"
     if any(not message_text(m).strip() for m in assistant):
         return "empty_answer", "empty assistant answer"
-    placeholders = sum(
-        1 for m in row.messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image"
-    )
+    placeholders = count_images(row.messages)
     if placeholders > len(row.images):
         return "too_many_placeholders", f"{placeholders} image placeholders but {len(row.images)} images"
     return None
