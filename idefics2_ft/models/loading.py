@@ -67,16 +67,8 @@ def load_processor(path: str, data_cfg: DictConfig, revision: str | None = None)
     processor = AutoProcessor.from_pretrained(path, revision=revision)
     image_processor = processor.image_processor
     image_processor.do_image_splitting = data_cfg.do_image_splitting
-    image_processor.size = (
-        type(image_processor.size)(
-            longest_edge=data_cfg.longest_edge, shortest_edge=min(data_cfg.shortest_edge, data_cfg.longest_edge)
-        )
-        if not isinstance(image_processor.size, dict)
-        else {
-            "longest_edge": data_cfg.longest_edge,
-            "shortest_edge": min(data_cfg.shortest_edge, data_cfg.longest_edge),
-        }
-    )
+    sizes = {"longest_edge": data_cfg.longest_edge, "shortest_edge": min(data_cfg.shortest_edge, data_cfg.longest_edge)}
+    image_processor.size = type(image_processor.size)(**sizes)  # a dict or transformers' SizeDict
     if processor.chat_template is None:
         log.info("The processor at %s has no chat template: using the published Idefics2 template.", path)
         processor.chat_template = IDEFICS2_CHAT_TEMPLATE
