@@ -44,6 +44,8 @@ class Idefics2Module(L.LightningModule):
         lr_lambda: ``step -> multiplier`` for a per-step ``LambdaLR``.
         metric: "accuracy" (exact match) or "anls".
         max_new_tokens: generation budget for validation answers.
+        shard: ``(model, device_mesh) -> units``, applied in ``configure_model`` when the strategy
+            gives a device mesh (FSDP2); None for every other strategy.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Idefics2Module(L.LightningModule):
         lr_lambda: Callable[[int], float] | None = None,
         metric: str = "accuracy",
         max_new_tokens: int = 16,
+        shard: Callable[[torch.nn.Module, Any], int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -62,6 +65,7 @@ class Idefics2Module(L.LightningModule):
         self.lr_lambda = lr_lambda
         self.metric = metric
         self.max_new_tokens = max_new_tokens
+        self.shard = shard
         self.strict_loading = False  # checkpoints hold trainable weights only: checked in on_load_checkpoint
         eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
         self.stop_ids = [i for i in (eou, tokenizer.eos_token_id) if i is not None]
@@ -72,6 +76,11 @@ class Idefics2Module(L.LightningModule):
         self._step_start: float | None = None
         self._pending_rng: torch.Tensor | None = None
         self._step_rng: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def configure_model(self) -> None:
+        # Called for every fit/validate, before the first forward (4-bit weights shard only then).
+        if self.shard is not None:
+            self.shard(self.model, self.device_mesh["data_parallel"])
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
@@ -202,13 +211,11 @@ class Idefics2Module(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the weights that train (adapters, saved modules): the frozen base is not saved."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
+        # The strategy collected the state (under FSDP: the gathered trainable weights already).
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        checkpoint["trainable_names"] = sorted(checkpoint["state_dict"])
         # A checkpoint written mid-step (on an exception) holds the weights from before that step:
         # pair them with the random state from before it too, so a resumed run replays it exactly.
         step, state = self._step_rng
@@ -218,7 +225,8 @@ class Idefics2Module(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
-        stored = set(checkpoint["state_dict"])
+        # Under FSDP the strategy has taken the weights out of the checkpoint already: the names stay.
+        stored = set(checkpoint["trainable_names"] if "trainable_names" in checkpoint else checkpoint["state_dict"])
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)
         if missing or unexpected:
             raise RuntimeError(

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from idefics2_ft.config import validate
+from idefics2_ft.config import accumulation, validate
 from idefics2_ft.data.collator import IGNORE_INDEX
 from idefics2_ft.data.datamodule import Idefics2DataModule
 from idefics2_ft.data.sources import build_rows
+from idefics2_ft.distributed import full_trainable_state, make_shard_fn, make_strategy, quant_storage_for
 from idefics2_ft.models import apply_peft, load_idefics2, load_processor, trainable_parameters
 from idefics2_ft.module import Idefics2Module, warmup_cosine
 from idefics2_ft.versions import check_versions
@@ -186,9 +187,17 @@ def make_optimizer_factory(cfg: DictConfig):
     o = cfg.optim
     name = o.optimizer
     if name == "auto":
-        name = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw"
+        # paged 8-bit AdamW on one GPU or DDP; FSDP and ZeRO shard a plain AdamW's state instead
+        replicated = cfg.strategy.name in ("auto", "ddp")
+        name = "paged_adamw_8bit" if torch.cuda.is_available() and replicated else "adamw"
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.offload_optimizer:
+        name = "deepspeed_cpu_adam"  # the optimizer step runs where the offloaded state lives
 
     def factory(params):
+        if name == "deepspeed_cpu_adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         if name == "paged_adamw_8bit":
             import bitsandbytes as bnb
 
@@ -215,17 +224,19 @@ def make_logger(cfg: DictConfig, run_dir: Path):
     return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, save_dir=str(run_dir))
 
 
-def make_strategy(cfg: DictConfig):
-    """``auto``, or DDP with the right process-group backend (gloo on the CPU, nccl on CUDA)."""
-    s = cfg.strategy
-    if s.name == "auto":
-        return "auto"
-    from lightning.pytorch.strategies import DDPStrategy
+class RehearsedCrash(RuntimeError):
+    """Raised by ``debug.crash_at_step``."""
 
-    backend = s.process_group_backend or (
-        "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
-    )
-    return DDPStrategy(find_unused_parameters=s.find_unused_parameters, process_group_backend=backend)
+
+def _crash_callback(step: int):
+    from lightning.pytorch.callbacks import Callback
+
+    class CrashAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == step:
+                raise RehearsedCrash(f"debug.crash_at_step={step}: stopping on purpose (resume with resume=true).")
+
+    return CrashAt()
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path):
@@ -251,7 +262,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         strategy=make_strategy(cfg),
         precision=precision,
         max_steps=t.max_steps,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        accumulate_grad_batches=accumulation(cfg),
         gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None if t.val_check_interval else 1,
@@ -259,7 +270,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         logger=make_logger(cfg, run_dir),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint] + ([_crash_callback(cfg.debug.crash_at_step)] if cfg.debug.crash_at_step else []),
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
@@ -300,8 +311,9 @@ def _sum_across_ranks(counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def _ranks_in_sync(model: torch.nn.Module) -> bool:
-    """True if every rank holds the same trainable weights (always true on one process).
+def _ranks_in_sync(state: dict[str, torch.Tensor]) -> bool:
+    """True if every rank holds the same trainable weights (``full_trainable_state``; always true on
+    one process).
 
     Raises:
         RuntimeError: if the ranks diverged (data-parallel training has a bug).
@@ -310,11 +322,7 @@ def _ranks_in_sync(model: torch.nn.Module) -> bool:
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return True
-    checksum = sum(
-        float(p.detach().double().sum()) + float(p.detach().double().abs().sum())
-        for p in model.parameters()
-        if p.requires_grad
-    )
+    checksum = sum(float(t.double().sum()) + float(t.double().abs().sum()) for t in state.values())
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, checksum)
     if max(gathered) - min(gathered) > 1e-6 * max(1.0, abs(gathered[0])):
@@ -339,6 +347,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     check_versions()
     validate(cfg)
+    storage = quant_storage_for(cfg)
+    if storage != cfg.peft.quant_storage:
+        log.info("strategy=%s shards the 4-bit base: peft.quant_storage=%s", cfg.strategy.name, storage)
+        cfg.peft.quant_storage = storage
     if cfg.export.push_to_hub and not cfg.debug.show_labels:
         from idefics2_ft.hub import check_write_access
 
@@ -369,7 +381,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         processor,
         seed=cfg.seed,
         max_steps=cfg.trainer.max_steps,
-        accumulate=cfg.trainer.accumulate_grad_batches,
+        accumulate=accumulation(cfg),
     )
     datamodule.setup("fit")
     # Fail early: read and collate a first batch before any weight loads.
@@ -401,6 +413,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ),
         metric=cfg.data.metric,
         max_new_tokens=cfg.eval.max_new_tokens,
+        shard=make_shard_fn(cfg),
     )
     trainer = make_trainer(cfg, run_dir)
     log.info(
@@ -408,8 +421,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.data.batch_size,
         trainer.num_devices,
         trainer.num_nodes,
-        cfg.trainer.accumulate_grad_batches,
-        cfg.data.batch_size * trainer.world_size * cfg.trainer.accumulate_grad_batches,
+        accumulation(cfg),
+        cfg.data.batch_size * trainer.world_size * accumulation(cfg),
     )
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     stage1 = Path(model_path) / "stage1.json"
@@ -425,8 +438,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["train/wall_s"] = time.perf_counter() - fit_start
     metrics["train/steps"] = trainer.global_step
     metrics["train/world_size"] = trainer.world_size
-    metrics["train/effective_batch"] = cfg.data.batch_size * trainer.world_size * cfg.trainer.accumulate_grad_batches
-    metrics["train/ranks_in_sync"] = _ranks_in_sync(module.model)
+    metrics["train/effective_batch"] = cfg.data.batch_size * trainer.world_size * accumulation(cfg)
+    metrics["train/accumulate_grad_batches"] = accumulation(cfg)
+    trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
+    metrics["train/ranks_in_sync"] = _ranks_in_sync(trained)
     if cfg.eval.at_end:
         metrics.update(_validate_now(trainer, module, datamodule, cfg.trainer.limit_val_batches))
     skipped = _sum_across_ranks(dict(module.skipped))
@@ -443,7 +458,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         out = run_dir / ("model" if cfg.peft.method == "full" else "adapter")
-        module.model.save_pretrained(out)
+        module.model.save_pretrained(out, state_dict=trained)  # one ordinary adapter, whatever the strategy
         processor.save_pretrained(out)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if getattr(module, "val_predictions", None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,16 @@ TINY_RUN = [
     "eval.before_training=false",
     "logger=csv",
 ]
+
+
+def run_train(*overrides: str, cwd: Path = ROOT, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py OVERRIDES`` in a subprocess (how users launch several processes)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    if expect_ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train"):

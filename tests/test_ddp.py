@@ -1,21 +1,11 @@
 """DDP with 2 CPU processes (gloo): ranks stay in sync and equal one process over the global batch."""
 
 import json
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN
-
-
-def run_train(*overrides, cwd=ROOT):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+from tests.conftest import TINY_RUN, run_train
 
 
 def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path):

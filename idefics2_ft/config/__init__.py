@@ -15,10 +15,11 @@ from idefics2_ft.config.schema import (
     TrainerConfig,
     register_configs,
 )
-from idefics2_ft.config.validate import ConfigError, validate
+from idefics2_ft.config.validate import ConfigError, accumulation, validate
 
 __all__ = [
     "ConfigError",
+    "accumulation",
     "DataConfig",
     "DebugConfig",
     "EvalConfig",

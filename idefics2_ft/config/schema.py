@@ -50,7 +50,7 @@ class PeftConfig:
     method: str = "lora"  # lora | dora | full
     quantize: str | None = "nf4"  # nf4 | fp4 | None: load the frozen base in 4 bits (QLoRA)
     double_quant: bool = True
-    quant_storage: str | None = None  # None: uint8; set to the compute dtype for FSDP
+    quant_storage: str | None = None  # None: uint8, or the compute dtype under strategy=fsdp (automatic)
     # Modules kept in full precision when the base is quantized (as published 4-bit Idefics2 does).
     # transformers 5 matches these from the start of the module name, up to a dot.
     skip_modules: list[str] = field(default_factory=lambda: ["model.vision_model", "model.connector", "lm_head"])
@@ -103,9 +103,14 @@ class OptimConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp
-    find_unused_parameters: bool = False
+    name: str = "auto"  # auto | ddp | fsdp | deepspeed (conf/strategy/*.yaml name the variants)
     process_group_backend: str | None = None  # None: nccl on CUDA, gloo on the CPU
+    find_unused_parameters: bool = False  # ddp
+    reshard_after_forward: bool = True  # fsdp: free gathered layers after forward (ZeRO-3-like); false: ZeRO-2-like
+    zero_stage: int = 2  # deepspeed: 2 (optimizer state + gradients sharded) | 3 (+ weights)
+    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
+    offload_params: bool = False  # deepspeed ZeRO-3: weights in CPU memory
+    bucket_size: int = 200_000_000  # deepspeed: elements per communication bucket
 
 
 @dataclass
@@ -116,6 +121,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
     max_steps: int = 1000
     accumulate_grad_batches: int = 1
+    # Set it to keep the global batch fixed whatever the devices and nodes: accumulation becomes
+    # global_batch_size / (data.batch_size x devices x num_nodes), which must be a whole number.
+    global_batch_size: int | None = None
     gradient_clip_val: float | None = 1.0
     val_check_interval: Any = None  # steps between validations; None: once at the end
     limit_val_batches: Any = None
@@ -163,6 +171,9 @@ class ExportConfig:
 @dataclass
 class DebugConfig:
     show_labels: bool = False  # print the first batch with learned tokens marked, then exit
+    # Stop with an error when this optimizer step starts: rehearse a crash (last.ckpt is written
+    # on the way out) and `resume=true` on your cluster before a long run depends on it.
+    crash_at_step: int | None = None
 
 
 @dataclass

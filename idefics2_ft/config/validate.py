@@ -18,6 +18,8 @@ SOURCES = ("easyvqa", "docvqa", "jsonl", "hub")
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+STORAGE = (None, "uint8", "bfloat16", "float16", "float32")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,63 @@ def _choice(problems: list[str], key: str, value, allowed) -> None:
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def num_devices(cfg: DictConfig) -> int | None:
+    """Devices per node as the trainer will use them (None if it cannot be known before it starts)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) or str(devices).lstrip("-").isdigit():
+        n = int(devices)
+        if n > 0:
+            return n
+    elif not isinstance(devices, str):  # a list of device ids
+        return len(devices)
+    # "auto" or -1: every GPU, or one process on the CPU
+    on_gpu = cuda_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    return torch.cuda.device_count() if on_gpu else 1
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """Micro-batches per optimizer step: ``trainer.accumulate_grad_batches``, or what keeps
+    ``trainer.global_batch_size`` fixed across devices and nodes (``validate`` checks it divides)."""
+    t = cfg.trainer
+    if t.global_batch_size is None:
+        return t.accumulate_grad_batches
+    per_step = cfg.data.batch_size * (num_devices(cfg) or 1) * t.num_nodes
+    return max(1, t.global_batch_size // per_step)
+
+
+def _strategy_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
+    problems: list[str] = []
+    s, p, o = cfg.strategy, cfg.peft, cfg.optim
+    _choice(problems, "strategy.name", s.name, STRATEGIES)
+    _choice(problems, "strategy.process_group_backend", s.process_group_backend, (None, "nccl", "gloo"))
+    _choice(problems, "peft.quant_storage", p.quant_storage, STORAGE)
+    if s.name in ("fsdp", "deepspeed") and o.optimizer == "paged_adamw_8bit":
+        problems.append(
+            f"optim.optimizer=paged_adamw_8bit with strategy={s.name}: the strategy shards the optimizer "
+            "state itself; use optim.optimizer=adamw (or auto)."
+        )
+    if s.name != "deepspeed":
+        return problems
+    variant = f"deepspeed_zero{s.zero_stage}"
+    _choice(problems, "strategy.zero_stage", s.zero_stage, (2, 3))
+    if s.offload_params and s.zero_stage != 3:
+        problems.append("strategy.offload_params=true needs ZeRO-3: use strategy=deepspeed_zero3_offload.")
+    if s.zero_stage == 3 and p.quantize is not None:
+        problems.append(
+            f"strategy={variant} with peft.quantize={p.quantize}: ZeRO-3 partitions weights in flat fp16/bf16 "
+            "buffers and cannot partition bitsandbytes 4-bit weights. For sharded QLoRA use strategy=fsdp; "
+            "or keep 4-bit with strategy=deepspeed_zero2; or use ZeRO-3 with peft=lora (bf16 base)."
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"strategy={variant} needs DeepSpeed: pip install 'idefics2-ft[deepspeed]'.")
+    if not on_gpu:
+        problems.append(
+            f"strategy={variant} needs CUDA GPUs (DeepSpeed does not train on the CPU): "
+            "use strategy=ddp or strategy=fsdp here."
+        )
+    return problems
 
 
 def slurm_problems(cfg: DictConfig, env: dict[str, str] | None = None) -> list[str]:
@@ -144,8 +203,15 @@ def validate(cfg: DictConfig) -> None:
     if o.warmup_steps >= t.max_steps:
         problems.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up.")
 
-    _choice(problems, "strategy.name", cfg.strategy.name, ("auto", "ddp"))
-    _choice(problems, "strategy.process_group_backend", cfg.strategy.process_group_backend, (None, "nccl", "gloo"))
+    if t.global_batch_size is not None:
+        per_step = d.batch_size * (num_devices(cfg) or 1) * t.num_nodes
+        if t.global_batch_size <= 0 or t.global_batch_size % per_step:
+            problems.append(
+                f"trainer.global_batch_size={t.global_batch_size} is not a multiple of data.batch_size x devices x "
+                f"nodes = {d.batch_size} x {num_devices(cfg)} x {t.num_nodes} = {per_step}: use a multiple of "
+                f"{per_step}, or change data.batch_size."
+            )
+    problems += _strategy_problems(cfg, on_gpu)
 
     _choice(problems, "logger.type", cfg.logger.type, LOGGERS)
     if cfg.logger.type == "wandb":
