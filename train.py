@@ -4,6 +4,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from idefics2_ft.config import ConfigError, register_configs
@@ -13,13 +15,18 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from idefics2_ft.train import train
+    from idefics2_ft.train import Preempted, train
 
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>
     try:
         train(cfg)
     except ConfigError as err:
         logging.getLogger("idefics2_ft").error("%s", err)
         sys.exit(2)
+    except Preempted as stop:  # checkpointed and requeued: not a failure
+        logging.getLogger("idefics2_ft").warning("%s", stop)
+        sys.exit(0)
 
 
 if __name__ == "__main__":

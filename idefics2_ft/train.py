@@ -239,6 +239,67 @@ def _crash_callback(step: int):
     return CrashAt()
 
 
+class Preempted(RuntimeError):
+    """SLURM signalled the job before a preemption or its time limit; the run stopped at a step
+    boundary with ``checkpoints/last.ckpt`` written, and the job is requeued."""
+
+
+def _preemption_callback():
+    """Stop every rank at the same optimizer-step boundary when SLURM signals (SIGUSR1 from
+    ``#SBATCH --signal``, SIGUSR2 from submitit).
+
+    Lightning's own handler saves a checkpoint inside the signal handler, wherever each rank
+    happens to be: a rank inside an all-reduce meets the other's barrier and the job hangs (seen
+    on the test cluster). Here the handler only raises a flag; the ranks agree on it at the next
+    step boundary, and stop together (``save_on_exception`` writes last.ckpt on the way out).
+    """
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    class StopOnSlurmSignal(Callback):
+        def __init__(self) -> None:
+            self.signalled = False
+            self._step = -1
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if stage == "fit":
+                for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                    signal.signal(signum, self._flag)
+
+        def _flag(self, signum, frame) -> None:
+            self.signalled = True
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._step = trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == self._step:
+                return  # mid-accumulation: not a step boundary
+            if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+                raise Preempted(f"SLURM signalled the job: stopped after step {trainer.global_step}.")
+
+    return StopOnSlurmSignal()
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this job (rank 0 only): SLURM restarts it and ``train`` resumes."""
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job or not _is_rank_zero():
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.warning("Requeued SLURM job %s: it continues from the run folder's last checkpoint.", job)
+    else:
+        log.error(
+            "scontrol requeue %s failed (%s): resubmit with run_dir=SAME resume=true.", job, result.stderr.strip()
+        )
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -255,6 +316,16 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         save_on_train_epoch_end=True,
         save_on_exception=True,  # nothing lost on a crash or Ctrl-C: resume=true continues from it
     )
+    callbacks = [checkpoint]
+    if cfg.debug.crash_at_step:
+        callbacks.append(_crash_callback(cfg.debug.crash_at_step))
+    plugins = []
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # our step-boundary handling replaces Lightning's in-handler checkpoint and requeue
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(_preemption_callback())
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -270,7 +341,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         logger=make_logger(cfg, run_dir),
-        callbacks=[checkpoint] + ([_crash_callback(cfg.debug.crash_at_step)] if cfg.debug.crash_at_step else []),
+        callbacks=callbacks,
+        plugins=plugins,
         enable_progress_bar=t.enable_progress_bar,
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
@@ -334,6 +406,17 @@ def _validate_now(trainer, module, datamodule, limit) -> dict[str, float]:
     trainer.limit_val_batches = limit if limit is not None else 1.0
     trainer.validate(module, datamodule=datamodule, verbose=False)
     return dict(module.val_metrics)
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``checkpoints/last.ckpt`` with ``resume=true``, or when SLURM restarted a requeued job
+    (``SLURM_RESTART_COUNT`` > 0, after a preemption signal: see ``Preempted``); else None."""
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (cfg.resume or restarted) or not last.is_file():
+        return None
+    log.info("Resuming from %s%s", last, " (SLURM restarted the job)" if restarted and not cfg.resume else "")
+    return str(last)
 
 
 # ---------------------------------------------------------------------------- train
@@ -428,13 +511,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stage1 = Path(model_path) / "stage1.json"
     if stage1.is_file():
         metrics.update(json.loads(stage1.read_text()))
-    resume_from = str(run_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
+    resume_from = resume_checkpoint(cfg, run_dir)
     if cfg.eval.before_training and resume_from is None:
         before = _validate_now(trainer, module, datamodule, cfg.trainer.limit_val_batches)
         metrics.update({k.replace("val/", "before/val/", 1): v for k, v in before.items()})
         trainer.limit_val_batches = cfg.trainer.limit_val_batches if cfg.trainer.val_check_interval else 0
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except Preempted:
+        requeue_slurm_job()
+        raise
     metrics["train/wall_s"] = time.perf_counter() - fit_start
     metrics["train/steps"] = trainer.global_step
     metrics["train/world_size"] = trainer.world_size

@@ -20,7 +20,13 @@ def adapter(run_dir):
 def runs(tmp_path_factory):
     """One process over batches of 4, and FSDP over 2 ranks x 2, from the same tiny base."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    common = [*TINY_RUN, f"model.tiny.cache_dir={tmp / 'tiny'}", "peft.dropout=0", "name=fsdp"]
+    common = [
+        *TINY_RUN,
+        f"model.tiny.cache_dir={tmp / 'tiny'}",
+        "peft.dropout=0",
+        "model.gradient_checkpointing=true",  # recomputed inside the FSDP units
+        "name=fsdp",
+    ]
     run_train(*common, "data.batch_size=4", f"run_dir={tmp / 'one'}")  # also builds the tiny base
     run_train(*common, *TWO_RANKS, f"run_dir={tmp / 'two'}")
     return tmp, common
@@ -28,8 +34,13 @@ def runs(tmp_path_factory):
 
 def test_fsdp_two_ranks_equal_one_process_over_the_global_batch(runs):
     tmp, _ = runs
+    one = json.loads((tmp / "one" / "metrics.json").read_text())
     two = json.loads((tmp / "two" / "metrics.json").read_text())
     assert two["train/world_size"] == 2 and two["train/effective_batch"] == 4
+    # only the adapters train under sharding: the same counts as one process, nothing in the vision tower
+    trainable = {k: v for k, v in two.items() if k.startswith("params/trainable/")}
+    assert trainable == {k: v for k, v in one.items() if k.startswith("params/trainable/")}
+    assert trainable["params/trainable/vision"] == 0 and trainable["params/trainable/total"] > 0
     assert two["train/ranks_in_sync"] is True  # the gathered weights, compared across ranks
     assert two["val/n_questions"] == 12
     config = (tmp / "two" / "config.yaml").read_text()

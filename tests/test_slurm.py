@@ -1,16 +1,22 @@
 """A real single-node SLURM cluster (tier `slurm`: `make test-slurm`, root and Debian's packages).
 
 Brings slurmctld + slurmd up with scripts/slurm/cluster.sh, submits the tiny recipe with
-scripts/slurm/train.sbatch as 2 tasks of DDP on the CPU, and takes the cluster down by PID.
+scripts/slurm/train.sbatch as 2 tasks of DDP on the CPU, preempts and requeues a job, runs a sweep
+through the Hydra submitit launcher, and takes the cluster down by PID.
 """
 
 import json
 import os
+import re
 import subprocess
+import sys
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN
+from tests.conftest import ROOT, TINY_RUN, run_train
 
 CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"
 
@@ -21,6 +27,7 @@ def slurm(tmp_path_factory):
     env = {**os.environ, "SLURM_TEST_DIR": str(state)}
     subprocess.run(["bash", str(CLUSTER), "up"], env=env, check=True, timeout=300)
     env["SLURM_CONF"] = str(state / "slurm.conf")
+    env["PATH"] = f"{state / 'bin'}:{env['PATH']}"  # the sacct stand-in (no accounting here)
     yield env
     subprocess.run(["bash", str(CLUSTER), "down"], env=env, timeout=60)
 
@@ -89,3 +96,95 @@ def test_a_mismatched_allocation_fails_before_loading(slurm, tmp_path):
     assert out.returncode != 0
     assert "--ntasks-per-node=2 but trainer.devices=1" in out.stdout + out.stderr
     assert not (tmp_path / "tiny").exists()  # failed before building or loading anything
+
+
+def scontrol_job(job_id: str, env: dict) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True)
+    return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_checkpoints_requeues_and_finishes_as_if_uninterrupted(slurm, tmp_path):
+    """SIGUSR1 (what `--signal=SIGUSR1@90` sends before a preemption or the time limit): both ranks
+    stop at a step boundary, last.ckpt is written, the job requeues itself, and the restarted job
+    resumes and ends with the adapter of an uninterrupted run."""
+    overrides = [*tiny(tmp_path), "trainer.log_every_n_steps=1", "trainer.max_steps=150"]
+    run_train(*overrides, "trainer.devices=2", f"run_dir={tmp_path / 'straight'}")  # not under SLURM
+    run_dir = tmp_path / "run"
+    job_id = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/job-%j.out",
+            str(ROOT / "scripts" / "slurm" / "train.sbatch"),
+            *overrides,
+        ],
+        env={**slurm, "RUN_DIR": str(run_dir), "PY": str(ROOT / ".venv" / "bin" / "python")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    log = tmp_path / f"job-{job_id}.out"
+    metrics_csv = run_dir / "logs" / "metrics.csv"
+    deadline = time.monotonic() + 600
+
+    def wait(condition, what):
+        while not condition():
+            assert time.monotonic() < deadline, f"waiting for {what}: " + (
+                log.read_text()[-3000:] if log.is_file() else ""
+            )
+            time.sleep(1)
+
+    wait(lambda: metrics_csv.is_file() and len(metrics_csv.read_text().splitlines()) > 10, "a few steps")
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True)
+    wait(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue")
+    # SLURM holds a requeued job for about two minutes before it may start again: start it now
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+    wait(lambda: scontrol_job(job_id, slurm)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the end")
+    text = log.read_text()
+    assert scontrol_job(job_id, slurm)["JobState"] == "COMPLETED", text[-3000:]
+    stopped = [int(x) for x in re.findall(r"SLURM signalled the job: stopped after step (\d+)", text)]
+    assert stopped and 0 < stopped[0] < 150
+    assert f"Requeued SLURM job {job_id}" in text and "(SLURM restarted the job)" in text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 150 and metrics["train/ranks_in_sync"] is True
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slurm
+def test_a_hydra_sweep_runs_one_slurm_job_per_combination(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "hydra/launcher=slurm",
+            *tiny(tmp_path),
+            "trainer.devices=2",
+            "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1",
+            f"hydra.sweep.dir={sweep}",
+            "peft.r=4,8",
+        ],
+        env=slurm,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    submission = next((sweep / ".submitit").glob(".submission_file_*.sh")).read_text()
+    assert "#SBATCH --ntasks-per-node=2" in submission and "#SBATCH --job-name=idefics2-ft" in submission
+    for job, rank in (("0", 4), ("1", 8)):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["train/world_size"] == 2 and metrics["train/ranks_in_sync"] is True
+        config = (sweep / job / "adapter" / "adapter_config.json").read_text()
+        assert json.loads(config)["r"] == rank

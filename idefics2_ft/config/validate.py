@@ -77,7 +77,7 @@ def _strategy_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
         )
     if s.name != "deepspeed":
         return problems
-    variant = f"deepspeed_zero{s.zero_stage}"
+    variant = f"deepspeed_zero{s.zero_stage}" + ("_offload" if s.offload_optimizer or s.offload_params else "")
     _choice(problems, "strategy.zero_stage", s.zero_stage, (2, 3))
     if s.offload_params and s.zero_stage != 3:
         problems.append("strategy.offload_params=true needs ZeRO-3: use strategy=deepspeed_zero3_offload.")

@@ -2,9 +2,10 @@
 # A real single-node SLURM cluster on this machine, for tests (and for trying the sbatch script).
 #   scripts/slurm/cluster.sh up      # installs slurmctld/slurmd if needed (Debian), starts them
 #   scripts/slurm/cluster.sh down    # stops them by the PIDs in their pid files
-#   eval "$(scripts/slurm/cluster.sh env)"   # SLURM_CONF for sbatch/srun/sinfo
+#   eval "$(scripts/slurm/cluster.sh env)"   # SLURM_CONF for sbatch/srun/sinfo, sacct on PATH
 # Needs root. State lives in $SLURM_TEST_DIR (default /tmp/idefics2-ft-slurm). No munge:
-# auth/none, as for a throw-away test cluster.
+# auth/none, as for a throw-away test cluster. No accounting either: $SLURM_TEST_DIR/bin/sacct
+# answers submitit's job-state queries from scontrol (scripts/slurm/sacct-standin).
 set -euo pipefail
 DIR=${SLURM_TEST_DIR:-/tmp/idefics2-ft-slurm}
 CONF=$DIR/slurm.conf
@@ -16,7 +17,8 @@ install() {
 }
 
 write_conf() {
-    mkdir -p "$DIR"/{state,spool,log}
+    mkdir -p "$DIR"/{state,spool,log,bin}
+    ln -sf "$(cd "$(dirname "$0")" && pwd)/sacct-standin" "$DIR/bin/sacct"
     local host node
     host=$(hostname -s)
     node=$(slurmd -C | head -n 1)
@@ -57,7 +59,7 @@ up() {
     SLURM_CONF=$CONF slurmd -f "$CONF"
     for _ in $(seq 1 30); do
         if SLURM_CONF=$CONF sinfo -h -o %T 2>/dev/null | grep -qE '^idle'; then
-            echo "SLURM is up: export SLURM_CONF=$CONF"
+            echo "SLURM is up: export SLURM_CONF=$CONF PATH=$DIR/bin:\$PATH"
             return 0
         fi
         sleep 1
@@ -67,6 +69,10 @@ up() {
 }
 
 down() {
+    if [ -f "$DIR/slurmctld.pid" ]; then  # cancel what still runs, so no job outlives the cluster
+        SLURM_CONF=$CONF scancel --quiet --full --user="$(id -un)" 2>/dev/null || true
+        sleep 2
+    fi
     for pid_file in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
         [ -f "$pid_file" ] && kill "$(cat "$pid_file")" 2>/dev/null || true
         rm -f "$pid_file"
@@ -76,6 +82,6 @@ down() {
 case "${1:-}" in
     up) up ;;
     down) down ;;
-    env) echo "export SLURM_CONF=$CONF" ;;
+    env) echo "export SLURM_CONF=$CONF PATH=$DIR/bin:\$PATH" ;;
     *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
 esac
