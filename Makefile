@@ -34,7 +34,7 @@ test-slow: $(VENV)/.installed ## the slow tier (longer CPU runs, the full demo)
 test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
 	$(PY) -m pytest -q -m gpu
 
-test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster: sbatch 2 DDP ranks on the CPU (root)
+test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster (root): sbatch, preemption + requeue, a submitit sweep
 	$(PY) -m pytest -q -m slurm
 
 lint: $(VENV)/.installed ## ruff check + format check
