@@ -62,7 +62,7 @@ def shard_idefics2(model: torch.nn.Module, mesh: Any, reshard_after_forward: boo
 
     if isinstance(model, FSDPModule):
         return 0
-    _keep_cpu_4bit_layout(model)
+    keep_cpu_4bit_layout(model)
     units = 0
     for module in model.modules():
         if type(module).__name__ in WRAP_CLASSES:
@@ -73,7 +73,7 @@ def shard_idefics2(model: torch.nn.Module, mesh: Any, reshard_after_forward: boo
     return units + 1
 
 
-def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
+def keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
     In eval mode on a CPU with AVX512-BF16, ``Linear4bit.forward`` rewrites ``weight.data`` into

@@ -57,7 +57,7 @@ def test_the_gathered_adapter_reproduces_the_sharded_model(runs, tmp_path):
     gathered adapter give the same loss over every supervised token and the same greedy answers."""
     from omegaconf import OmegaConf
 
-    from idefics2_ft.distributed import _keep_cpu_4bit_layout
+    from idefics2_ft.distributed import keep_cpu_4bit_layout
     from idefics2_ft.inference import evaluate, load_run
 
     tmp, _ = runs
@@ -65,8 +65,8 @@ def test_the_gathered_adapter_reproduces_the_sharded_model(runs, tmp_path):
     cfg = OmegaConf.load(run / "config.yaml")
     model, processor = load_run(cfg)  # the recorded base + the adapter folder, as evaluate.py loads them
     # Same 4-bit kernel as under FSDP: unsharded, bitsandbytes would switch to a repacked bf16 CPU
-    # inference kernel (logits differ by ~0.03 on this model, and one greedy token in 48).
-    _keep_cpu_4bit_layout(model)
+    # inference kernel, which rounds differently (enough to flip a greedy token now and then).
+    keep_cpu_4bit_layout(model)
     fresh = evaluate(cfg, model, processor, cfg.data.val_split, tmp_path)
     sharded = json.loads((run / "metrics.json").read_text())
     assert fresh["eval/loss"] == pytest.approx(sharded["val/loss"], rel=1e-5)
