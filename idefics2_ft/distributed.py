@@ -7,8 +7,9 @@ FSDP here is FSDP2 (``torch.distributed.fsdp.fully_shard``) under Lightning's
   bf16 norms and fp32 LoRA weights can share one wrapped layer. FSDP1 flattens a layer into one
   buffer and needs one dtype, which is why the 4-bit weights are *stored* in the compute dtype
   (``bnb_4bit_quant_storage``) whenever a sharded strategy meets a 4-bit base.
-- bitsandbytes' CPU kernel repacks a 4-bit weight on its first use, after which it can no longer
-  be sharded: ``fully_shard`` runs in ``configure_model``, before any forward.
+- bitsandbytes repacks a 4-bit weight on its first inference forward on the CPU, after which it
+  can no longer be sharded: ``fully_shard`` runs in ``configure_model``, before any forward, and
+  turns that repacking off (``keep_cpu_4bit_layout``).
 - FSDP1 and Lightning's ``FSDPStrategy`` refuse the CPU; FSDP2 runs on gloo, so the code path
   that trains on 8 GPUs is the one the tests run on 2 CPU processes.
 """
@@ -24,9 +25,9 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-# The repeated blocks of Idefics2: one FSDP unit (and one activation-checkpointing unit) each.
+# The repeated blocks of Idefics2: one FSDP unit each (gradient checkpointing, when on, also
+# recomputes the decoder and encoder layers one at a time; the perceiver's are not checkpointable).
 WRAP_CLASSES = ("MistralDecoderLayer", "Idefics2EncoderLayer", "Idefics2PerceiverLayer")
-SHARDED = ("fsdp", "deepspeed")
 
 
 def is_sharded(cfg: DictConfig) -> bool:

@@ -40,8 +40,8 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def num_devices(cfg: DictConfig) -> int | None:
-    """Devices per node as the trainer will use them (None if it cannot be known before it starts)."""
+def num_devices(cfg: DictConfig) -> int:
+    """Devices per node as the trainer will use them."""
     devices = cfg.trainer.devices
     if isinstance(devices, int) or str(devices).lstrip("-").isdigit():
         n = int(devices)
@@ -60,7 +60,7 @@ def accumulation(cfg: DictConfig) -> int:
     t = cfg.trainer
     if t.global_batch_size is None:
         return t.accumulate_grad_batches
-    per_step = cfg.data.batch_size * (num_devices(cfg) or 1) * t.num_nodes
+    per_step = cfg.data.batch_size * num_devices(cfg) * t.num_nodes
     return max(1, t.global_batch_size // per_step)
 
 
@@ -204,7 +204,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up.")
 
     if t.global_batch_size is not None:
-        per_step = d.batch_size * (num_devices(cfg) or 1) * t.num_nodes
+        per_step = d.batch_size * num_devices(cfg) * t.num_nodes
         if t.global_batch_size <= 0 or t.global_batch_size % per_step:
             problems.append(
                 f"trainer.global_batch_size={t.global_batch_size} is not a multiple of data.batch_size x devices x "
