@@ -103,6 +103,19 @@ def scontrol_job(job_id: str, env: dict) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
 
+def wait_until(condition, what: str, timeout_s: float = 600, log=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        context = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {context}"
+        time.sleep(1)
+
+
+def steps_logged(run_dir) -> int:
+    metrics = run_dir / "logs" / "metrics.csv"
+    return len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
+
+
 @pytest.mark.slurm
 def test_a_preempted_job_checkpoints_requeues_and_finishes_as_if_uninterrupted(slurm, tmp_path):
     """SIGUSR1 (what `--signal=SIGUSR1@90` sends before a preemption or the time limit): both ranks
@@ -129,22 +142,13 @@ def test_a_preempted_job_checkpoints_requeues_and_finishes_as_if_uninterrupted(s
         check=True,
     ).stdout.strip()
     log = tmp_path / f"job-{job_id}.out"
-    metrics_csv = run_dir / "logs" / "metrics.csv"
-    deadline = time.monotonic() + 600
-
-    def wait(condition, what):
-        while not condition():
-            assert time.monotonic() < deadline, f"waiting for {what}: " + (
-                log.read_text()[-3000:] if log.is_file() else ""
-            )
-            time.sleep(1)
-
-    wait(lambda: metrics_csv.is_file() and len(metrics_csv.read_text().splitlines()) > 10, "a few steps")
+    wait_until(lambda: steps_logged(run_dir) > 10, "a few steps", log=log)
     subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True)
-    wait(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue")
+    wait_until(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue", log=log)
     # SLURM holds a requeued job for about two minutes before it may start again: start it now
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
-    wait(lambda: scontrol_job(job_id, slurm)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the end")
+    done = ("COMPLETED", "FAILED", "CANCELLED")
+    wait_until(lambda: scontrol_job(job_id, slurm)["JobState"] in done, "the end", log=log)
     text = log.read_text()
     assert scontrol_job(job_id, slurm)["JobState"] == "COMPLETED", text[-3000:]
     stopped = [int(x) for x in re.findall(r"SLURM signalled the job: stopped after step (\d+)", text)]
@@ -188,3 +192,46 @@ def test_a_hydra_sweep_runs_one_slurm_job_per_combination(slurm, tmp_path):
         assert metrics["train/world_size"] == 2 and metrics["train/ranks_in_sync"] is True
         config = (sweep / job / "adapter" / "adapter_config.json").read_text()
         assert json.loads(config)["r"] == rank
+
+
+@pytest.mark.slurm
+def test_a_sweep_job_signalled_as_submitit_signals_requeues_and_finishes(slurm, tmp_path):
+    """submitit asks for SIGUSR2 before the time limit: the job stops at a step boundary,
+    requeues itself, resumes, and the sweep still returns with the finished run."""
+    import threading
+
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        *tiny(tmp_path),
+        "trainer.devices=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.max_steps=300",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            out=subprocess.run(command, env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        )
+    )
+    thread.start()
+    wait_until(lambda: steps_logged(sweep / "0") > 10, "a few steps")
+    (job_id,) = subprocess.run(
+        ["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True, check=True
+    ).stdout.split()
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
+    wait_until(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+    thread.join(timeout=900)
+    out = result["out"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.*"))
+    assert "SLURM signalled the job: stopped after step" in logs and "(SLURM restarted the job)" in logs
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["train/steps"] == 300 and metrics["train/ranks_in_sync"] is True
