@@ -56,7 +56,7 @@ def inventory(model: torch.nn.Module, skip_modules: list[str], target: str, r: i
 def per_gpu_gb(inv: Inventory, strategy: str, gpus: int, four_bit: bool) -> float | None:
     """Estimated GB per GPU for weights, gradients and optimizer state (None: refused).
 
-    ``strategy``: single (or ddp), fsdp, deepspeed_zero2(_offload), deepspeed_zero3(_offload).
+    ``strategy``: ddp (``gpus=1``: one GPU), fsdp, deepspeed_zero2(_offload), deepspeed_zero3(_offload).
     LoRA weights and gradients are fp32; AdamW keeps two fp32 states (paged 8-bit AdamW, two
     bytes, on one GPU or DDP); the frozen base is bf16, or NF4 for the quantizable weights.
     """
@@ -67,8 +67,8 @@ def per_gpu_gb(inv: Inventory, strategy: str, gpus: int, four_bit: bool) -> floa
     lora_w, lora_g = inv.lora * 4, inv.lora * 4
     adam_fp32, adam_8bit = inv.lora * 8, inv.lora * 2
     layer = inv.largest_layer * (NF4_PACKED if four_bit else 2)
-    if strategy in ("single", "ddp"):
-        buckets = lora_g if strategy == "ddp" and n > 1 else 0  # DDP's gradient buckets
+    if strategy == "ddp":
+        buckets = lora_g if n > 1 else 0  # DDP's gradient buckets
         total = base_packed + base_state + frozen + lora_w + lora_g + adam_8bit + buckets
     elif strategy == "fsdp":
         gathered = inv.root * 2 + 2 * layer  # root unit + the layer in use + the one prefetched

@@ -459,12 +459,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         crops,
         processor.image_seq_len,
     )
+    accumulate = accumulation(cfg)
     datamodule = Idefics2DataModule(
         cfg.data,
         processor,
         seed=cfg.seed,
         max_steps=cfg.trainer.max_steps,
-        accumulate=accumulation(cfg),
+        accumulate=accumulate,
     )
     datamodule.setup("fit")
     # Fail early: read and collate a first batch before any weight loads.
@@ -499,13 +500,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         shard=make_shard_fn(cfg),
     )
     trainer = make_trainer(cfg, run_dir)
+    effective_batch = cfg.data.batch_size * trainer.world_size * accumulate
     log.info(
         "Effective batch: %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
         cfg.data.batch_size,
         trainer.num_devices,
         trainer.num_nodes,
-        accumulation(cfg),
-        cfg.data.batch_size * trainer.world_size * accumulation(cfg),
+        accumulate,
+        effective_batch,
     )
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     stage1 = Path(model_path) / "stage1.json"
@@ -525,8 +527,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["train/wall_s"] = time.perf_counter() - fit_start
     metrics["train/steps"] = trainer.global_step
     metrics["train/world_size"] = trainer.world_size
-    metrics["train/effective_batch"] = cfg.data.batch_size * trainer.world_size * accumulation(cfg)
-    metrics["train/accumulate_grad_batches"] = accumulation(cfg)
+    metrics["train/effective_batch"] = effective_batch
+    metrics["train/accumulate_grad_batches"] = accumulate
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
     metrics["train/ranks_in_sync"] = _ranks_in_sync(trained)
     if cfg.eval.at_end:

@@ -43,26 +43,47 @@ def tiny(tmp_path):
     ]
 
 
-@pytest.mark.slurm
-def test_sbatch_trains_two_ranks_in_sync_into_one_run_folder(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    out = subprocess.run(
+def sbatch(slurm: dict, tmp_path, run_dir, how: str, *overrides: str, **run) -> subprocess.CompletedProcess:
+    """scripts/slurm/train.sbatch as 2 tasks on the CPU; ``how`` is --wait or --parsable."""
+    return subprocess.run(
         [
             "sbatch",
-            "--wait",
+            how,
             "--gpus-per-node=0",
             "--ntasks-per-node=2",
             "--cpus-per-task=1",
             f"--output={tmp_path}/job-%j.out",
             str(ROOT / "scripts" / "slurm" / "train.sbatch"),
-            *tiny(tmp_path),
+            *overrides,
         ],
         env={**slurm, "RUN_DIR": str(run_dir), "PY": str(ROOT / ".venv" / "bin" / "python")},
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        **run,
     )
+
+
+def sweep_command(tmp_path, sweep, *overrides: str) -> list[str]:
+    """``train.py -m`` through the submitit launcher, 2 CPU tasks per job."""
+    return [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        *tiny(tmp_path),
+        "trainer.devices=2",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        f"hydra.sweep.dir={sweep}",
+        *overrides,
+    ]
+
+
+@pytest.mark.slurm
+def test_sbatch_trains_two_ranks_in_sync_into_one_run_folder(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    out = sbatch(slurm, tmp_path, run_dir, "--wait", *tiny(tmp_path), timeout=900)
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert out.returncode == 0, out.stderr + logs[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -111,6 +132,14 @@ def wait_until(condition, what: str, timeout_s: float = 600, log=None) -> None:
         time.sleep(1)
 
 
+def signal_and_restart(job_id: str, signal: str, slurm: dict, log=None) -> None:
+    """Send ``signal`` to the job's tasks, wait until it has requeued itself, and let it start
+    again at once (SLURM holds a requeued job for about two minutes)."""
+    subprocess.run(["scancel", f"--signal={signal}", job_id], env=slurm, check=True)
+    wait_until(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue", log=log)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+
+
 def steps_logged(run_dir) -> int:
     metrics = run_dir / "logs" / "metrics.csv"
     return len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
@@ -124,29 +153,10 @@ def test_a_preempted_job_checkpoints_requeues_and_finishes_as_if_uninterrupted(s
     overrides = [*tiny(tmp_path), "trainer.log_every_n_steps=1", "trainer.max_steps=150"]
     run_train(*overrides, "trainer.devices=2", f"run_dir={tmp_path / 'straight'}")  # not under SLURM
     run_dir = tmp_path / "run"
-    job_id = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--gpus-per-node=0",
-            "--ntasks-per-node=2",
-            "--cpus-per-task=1",
-            f"--output={tmp_path}/job-%j.out",
-            str(ROOT / "scripts" / "slurm" / "train.sbatch"),
-            *overrides,
-        ],
-        env={**slurm, "RUN_DIR": str(run_dir), "PY": str(ROOT / ".venv" / "bin" / "python")},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    job_id = sbatch(slurm, tmp_path, run_dir, "--parsable", *overrides, check=True).stdout.strip()
     log = tmp_path / f"job-{job_id}.out"
     wait_until(lambda: steps_logged(run_dir) > 10, "a few steps", log=log)
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True)
-    wait_until(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue", log=log)
-    # SLURM holds a requeued job for about two minutes before it may start again: start it now
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+    signal_and_restart(job_id, "USR1", slurm, log=log)
     done = ("COMPLETED", "FAILED", "CANCELLED")
     wait_until(lambda: scontrol_job(job_id, slurm)["JobState"] in done, "the end", log=log)
     text = log.read_text()
@@ -166,23 +176,7 @@ def test_a_preempted_job_checkpoints_requeues_and_finishes_as_if_uninterrupted(s
 def test_a_hydra_sweep_runs_one_slurm_job_per_combination(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "hydra/launcher=slurm",
-            *tiny(tmp_path),
-            "trainer.devices=2",
-            "hydra.launcher.gpus_per_node=0",
-            "hydra.launcher.cpus_per_task=1",
-            f"hydra.sweep.dir={sweep}",
-            "peft.r=4,8",
-        ],
-        env=slurm,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        sweep_command(tmp_path, sweep, "peft.r=4,8"), env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr[-3000:]
     submission = next((sweep / ".submitit").glob(".submission_file_*.sh")).read_text()
@@ -198,39 +192,17 @@ def test_a_hydra_sweep_runs_one_slurm_job_per_combination(slurm, tmp_path):
 def test_a_sweep_job_signalled_as_submitit_signals_requeues_and_finishes(slurm, tmp_path):
     """submitit asks for SIGUSR2 before the time limit: the job stops at a step boundary,
     requeues itself, resumes, and the sweep still returns with the finished run."""
-    import threading
-
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "hydra/launcher=slurm",
-        *tiny(tmp_path),
-        "trainer.devices=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.max_steps=300",
-        "hydra.launcher.gpus_per_node=0",
-        "hydra.launcher.cpus_per_task=1",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    result: dict = {}
-    thread = threading.Thread(
-        target=lambda: result.update(
-            out=subprocess.run(command, env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        )
-    )
-    thread.start()
-    wait_until(lambda: steps_logged(sweep / "0") > 10, "a few steps")
-    (job_id,) = subprocess.run(
-        ["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True, check=True
-    ).stdout.split()
-    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
-    wait_until(lambda: scontrol_job(job_id, slurm).get("Restarts", "0") != "0", "the requeue")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
-    thread.join(timeout=900)
-    out = result["out"]
-    assert out.returncode == 0, out.stderr[-3000:]
+    command = sweep_command(tmp_path, sweep, "trainer.log_every_n_steps=1", "trainer.max_steps=300")
+    with open(tmp_path / "sweep.log", "w") as output:
+        launcher = subprocess.Popen(command, env=slurm, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        wait_until(lambda: steps_logged(sweep / "0") > 10, "a few steps")
+        (job_id,) = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True, check=True
+        ).stdout.split()
+        signal_and_restart(job_id, "USR2", slurm)
+        returncode = launcher.wait(timeout=900)
+    assert returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.*"))
     assert "SLURM signalled the job: stopped after step" in logs and "(SLURM restarted the job)" in logs
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
