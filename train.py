@@ -15,7 +15,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from idefics2_ft.train import Preempted, train
+    from idefics2_ft.train import train
+    from idefics2_ft.trainer import Preempted
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>

@@ -114,6 +114,57 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+# ---------------------------------------------------------------------------- ranks
+def is_rank_zero() -> bool:
+    """True on the global rank 0, read from the launcher's environment (works before any process group)."""
+    import os
+
+    return (
+        int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+        and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    )
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_across_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Counts of every rank added up (each rank saw its own shard of the data)."""
+    import torch.distributed as dist
+
+    if _world_size() == 1:
+        return counts
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, counts)
+    total: dict[str, int] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def check_ranks_in_sync(state: dict[str, torch.Tensor]) -> bool:
+    """True if every rank holds the same trainable weights (``full_trainable_state``; always true on
+    one process).
+
+    Raises:
+        RuntimeError: if the ranks diverged (data-parallel training has a bug).
+    """
+    import torch.distributed as dist
+
+    if _world_size() == 1:
+        return True
+    checksum = sum(float(t.double().sum()) + float(t.double().abs().sum()) for t in state.values())
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, checksum)
+    if max(gathered) - min(gathered) > 1e-6 * max(1.0, abs(gathered[0])):
+        raise RuntimeError(f"The ranks' trainable weights differ after training: checksums {gathered}.")
+    return True
+
+
 def _fsdp2_strategy_class():
     from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -18,9 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.data.collator import Idefics2Collator
-from idefics2_ft.data.datamodule import RecordDataset
-from idefics2_ft.data.sources import build_rows
+from idefics2_ft.data.sources import RecordDataset, build_rows
+from idefics2_ft.inference import base_model_path
 from idefics2_ft.models import load_idefics2, load_processor, resolve_dtype
+from idefics2_ft.runs import read_metrics, redacted, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ def _logits(model, batch) -> torch.Tensor:
 def merge_and_check(cfg: DictConfig, adapter_dir: Path, dtype: torch.dtype, n: int, atol: float | None):
     """Returns ``(merged_model, processor, report)``; raises ParityError if the check fails."""
     from peft import PeftModel
-
-    from idefics2_ft.inference import base_model_path
 
     base_path = base_model_path(cfg)
     processor = load_processor(str(adapter_dir), cfg.data)
@@ -94,8 +93,6 @@ def merge_and_check(cfg: DictConfig, adapter_dir: Path, dtype: torch.dtype, n: i
 
 def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any], adapter_only: bool) -> str:
     """A Hub model card: base, data, recipe and resolved config, image settings, metrics, usage."""
-    from idefics2_ft.train import redacted
-
     base = cfg.model.name_or_path
     base_id = "a tiny random-init Idefics2 (idefics2-ft's CPU demo)" if base == "tiny" else base
     data = cfg.data.path or cfg.data.source
@@ -203,9 +200,8 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     run_dir = Path(cfg.run_dir)
     out = Path(e.out_dir) if e.out_dir else run_dir / "export"
     if metrics is None:
-        path = run_dir / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-    adapter_dir = run_dir / "adapter"
+        metrics = read_metrics(run_dir)
+    adapter_dir = weights_dir(run_dir, "lora")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     report: dict[str, Any] = {}

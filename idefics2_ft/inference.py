@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import TrainConfig
 from idefics2_ft.models import load_idefics2, load_processor, resolve_dtype
+from idefics2_ft.runs import CONFIG_FILE, recorded_base, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +37,34 @@ def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictC
     if "run_dir" not in pairs:
         raise SystemExit("run_dir=PATH is required: the folder of a finished training run.")
     run_dir = Path(pairs.pop("run_dir"))
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"{run_dir}/config.yaml not found: run_dir must be a folder that train.py wrote.")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise SystemExit(f"{run_dir}/{CONFIG_FILE} not found: run_dir must be a folder that train.py wrote.")
     own = dict(script_keys)
     for key in list(pairs):
         if key in script_keys:
             own[key] = pairs.pop(key)
     schema = OmegaConf.structured(TrainConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(run_dir / "config.yaml"))
+    cfg = OmegaConf.merge(schema, OmegaConf.load(run_dir / CONFIG_FILE))
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]))
     cfg.run_dir = str(run_dir)
     return cfg, own
 
 
 def base_model_path(cfg: DictConfig) -> str:
-    """The base the run trained on (``run_dir/base_model.json``), so its adapter fits."""
-    from idefics2_ft.train import resolve_model_path
+    """The base the run trained on (``run_dir/base_model.json``), so its adapter fits; without a
+    record, ``model.name_or_path`` (the demo's tiny base is built and cached if needed).
 
-    return resolve_model_path(cfg)
+    Raises:
+        FileNotFoundError / RuntimeError: the recorded tiny base is gone or was replaced.
+    """
+    recorded = recorded_base(cfg)
+    if recorded is not None:
+        return recorded
+    if cfg.model.name_or_path == "tiny":
+        from idefics2_ft.demo import ensure_tiny_base
+
+        return str(ensure_tiny_base(cfg))
+    return cfg.model.name_or_path
 
 
 def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | None = None):
@@ -66,8 +77,8 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     from peft import PeftModel
 
     run_dir = Path(cfg.run_dir)
-    if model_dir is None and (run_dir / "model").is_dir():
-        model_dir = str(run_dir / "model")
+    if model_dir is None and weights_dir(run_dir, "full").is_dir():
+        model_dir = str(weights_dir(run_dir, "full"))
     if model_dir is not None:
         from transformers import Idefics2ForConditionalGeneration
 
@@ -76,7 +87,7 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
         )
         processor = load_processor(model_dir, cfg.data)
     else:
-        adapter = run_dir / "adapter"
+        adapter = weights_dir(run_dir, "lora")
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}/adapter_config.json not found: did the run finish?")
         peft_cfg = OmegaConf.merge(cfg.peft, {"quantize": None}) if full_precision else cfg.peft

@@ -1,11 +1,11 @@
 """The LightningModule: it receives a built Idefics2 (with adapters) and an optimizer factory.
 
-It does not load models, processors or datasets; ``idefics2_ft.train`` builds those and injects them.
+It does not load models, processors or datasets, nor read the config: ``idefics2_ft.train`` builds
+those and injects them (the optimizer factory and schedule come from ``idefics2_ft.optim``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -18,20 +18,6 @@ import torch.distributed as dist
 from idefics2_ft.metrics import anls, exact_match
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, cosine: bool = True) -> Callable:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if not cosine:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class Idefics2Module(L.LightningModule):

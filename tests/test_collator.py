@@ -172,3 +172,62 @@ def test_text_only_rows_in_a_batch_get_zero_images(processor, red):
     batch = Idefics2Collator(processor)([text_only, _records(red)[0]])
     assert batch["pixel_values"].shape[:2] == (2, 1)
     assert (batch["pixel_values"][0] == 0).all() and batch["pixel_values"][1].abs().sum() > 0
+
+
+# Conversations the hand-rendered template must render exactly as the processor's own
+# `apply_chat_template` does: image first or later, text-only turns, a system turn, several turns,
+# several images, string content, and a generation prompt.
+CONVERSATIONS = {
+    "image first": [
+        {"role": "user", "content": [IMG, text("What color?")]},
+        {"role": "assistant", "content": [text("red")]},
+    ],
+    "text then image": [
+        {"role": "user", "content": [text("Look: "), IMG, text(" which shape?")]},
+        {"role": "assistant", "content": [text("a circle")]},
+    ],
+    "system and two turns": [
+        {"role": "system", "content": [text("Answer in one word.")]},
+        {"role": "user", "content": [IMG, text("Color?")]},
+        {"role": "assistant", "content": [text("blue")]},
+        {"role": "user", "content": [text("And the shape?")]},
+        {"role": "assistant", "content": [text("triangle")]},
+    ],
+    "two images": [
+        {"role": "user", "content": [IMG, IMG, text("Same color?")]},
+        {"role": "assistant", "content": [text("no")]},
+    ],
+    "text only": [
+        {"role": "user", "content": [text("Say hi.")]},
+        {"role": "assistant", "content": [text("hi")]},
+    ],
+}
+
+
+@pytest.mark.parametrize("generation", [False, True], ids=["training", "generation"])
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_rendering_equals_the_processors_chat_template(processor, red, blue, name, generation):
+    messages = CONVERSATIONS[name]
+    if generation:
+        messages = messages[:-1]
+    collator = Idefics2Collator(processor)
+    template = processor.apply_chat_template(messages, add_generation_prompt=generation)
+    rendered, spans = collator.render(messages, add_generation_prompt=generation)
+    n_images = sum(1 for m in messages for c in m["content"] if c.get("type") == "image")
+    if n_images == 0:
+        assert rendered == template  # no image to expand: the very same text
+    images = [[red, blue][:n_images]] if n_images else None
+    reference = processor(text=[template], images=images, return_tensors="pt")
+    ours = processor.tokenizer(rendered, add_special_tokens=True)["input_ids"]
+    assert ours == reference["input_ids"][0].tolist()
+    # the learned spans are exactly the assistant answers, each with its closing <end_of_utterance>
+    answers = [m for m in messages if m["role"] == "assistant"]
+    assert [rendered[s:e] for s, e in spans] == [" " + a["content"][0]["text"] + "<end_of_utterance>" for a in answers]
+
+
+def test_string_content_renders_as_a_text_part(processor):
+    as_parts = [{"role": "user", "content": [text("Hi?")]}, {"role": "assistant", "content": [text("yes")]}]
+    as_strings = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "yes"}]
+    collator = Idefics2Collator(processor)
+    assert collator.render(as_strings) == collator.render(as_parts)
+    assert collator.render(as_strings)[0] == processor.apply_chat_template(as_parts)

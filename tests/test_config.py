@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from idefics2_ft.config import ConfigError, validate
+from idefics2_ft.demo import build_tiny_model, tiny_config
 from idefics2_ft.models import apply_peft, trainable_parameters
 from idefics2_ft.models.reference import idefics2_8b_on_meta
-from idefics2_ft.tiny import build_tiny_model, tiny_config
 from tests.conftest import ROOT, compose_config
 
 RECIPES = sorted(p.relative_to(ROOT / "recipes").with_suffix("").as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -119,7 +119,7 @@ def test_train_refuses_a_bad_config_before_loading_any_weight(tmp_path, monkeypa
 def test_config_yaml_redacts_secret_keys_only():
     from omegaconf import OmegaConf
 
-    from idefics2_ft.train import redacted
+    from idefics2_ft.runs import redacted
 
     cfg = OmegaConf.create(
         {"eval": {"max_new_tokens": 16}, "hub": {"token": "hf_x", "repo_id": "me/m"}, "api_key": "k"}

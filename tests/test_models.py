@@ -6,9 +6,9 @@ import torch
 from omegaconf import OmegaConf
 
 from idefics2_ft.config import PeftConfig
+from idefics2_ft.demo import ensure_tiny_base
 from idefics2_ft.models import apply_peft, load_idefics2, trainable_parameters
 from idefics2_ft.models.reference import idefics2_8b_on_meta
-from idefics2_ft.train import ensure_tiny_base
 
 
 def peft_cfg(**kw):

@@ -9,7 +9,7 @@ import torch
 
 from idefics2_ft.config import ConfigError, accumulation, validate
 from idefics2_ft.distributed import deepspeed_config, make_strategy, quant_storage_for
-from idefics2_ft.train import make_optimizer_factory
+from idefics2_ft.optim import make_optimizer_factory
 from tests.conftest import ROOT, compose_config
 
 # the module, not the `validate` function the package exports under the same name

@@ -1,6 +1,7 @@
 """The offline processor is the real Idefics2 processor: tokenizer ids, BOS, pad, chat template."""
 
-from idefics2_ft.tiny import IDEFICS2_CHAT_TEMPLATE, build_tiny_model, tiny_config
+from idefics2_ft.demo import build_tiny_model, tiny_config
+from idefics2_ft.models import IDEFICS2_CHAT_TEMPLATE
 
 
 def test_tokenizer_is_mistral_with_idefics2_special_tokens(processor):
@@ -54,7 +55,7 @@ def test_stage1_builds_once_and_trains_the_random_base(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from idefics2_ft.train import ensure_tiny_base, tiny_base_key
+    from idefics2_ft.demo import ensure_tiny_base, tiny_base_key
     from tests.conftest import TINY_RUN, compose_config
 
     overrides = [

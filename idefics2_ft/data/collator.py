@@ -8,6 +8,13 @@ A record is the transformers chat format::
 
 Labels: only what the assistant says (its words and its closing ``<end_of_utterance>``) is learned.
 The ``Assistant:`` prefix, every system and user turn, image tokens and padding are -100.
+
+Why the template is rendered here by hand: the labels need the character span of every assistant
+turn, and the template published with idefics2-8b has no ``{% generation %}`` markers, so
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` cannot give them for the processor a
+user loads from the Hub. Adding markers would mean training with a template that differs from the
+one shipped in every export. ``render`` is tested to give the processor's own ``apply_chat_template``
+text and token ids, conversation by conversation (``tests/test_collator.py``).
 """
 
 from __future__ import annotations
@@ -250,3 +257,22 @@ def count_images(messages: list[dict]) -> int:
     return sum(
         1 for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image"
     )
+
+
+def format_labels(batch: dict, tokenizer: Any, limit: int = 2) -> str:
+    """The first samples of a collated batch, one token per item, learned tokens in [brackets]
+    (``debug.show_labels=true``)."""
+    lines = []
+    for row in range(min(limit, batch["input_ids"].shape[0])):
+        ids = batch["input_ids"][row].tolist()
+        labels = batch["labels"][row].tolist()
+        mask = batch["attention_mask"][row].tolist()
+        pieces = []
+        for tok, lab, m in zip(ids, labels, mask, strict=True):
+            if not m:
+                continue
+            text = tokenizer.convert_ids_to_tokens(tok)
+            pieces.append(f"[{text}]" if lab != IGNORE_INDEX else text)
+        learned = sum(1 for x in labels if x != IGNORE_INDEX)
+        lines.append(f"sample {row}: {learned} learned tokens of {sum(mask)}\n  " + " ".join(pieces))
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForConditionalGeneration
 
-from idefics2_ft.tiny import IDEFICS2_CHAT_TEMPLATE
+from idefics2_ft.models.chat_template import IDEFICS2_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 

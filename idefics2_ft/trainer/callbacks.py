@@ -1,0 +1,82 @@
+"""Our Lightning callbacks: a rehearsed crash, and a clean stop when SLURM signals the job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+
+from lightning.pytorch.callbacks import Callback
+
+from idefics2_ft.distributed import is_rank_zero
+
+log = logging.getLogger(__name__)
+
+
+class RehearsedCrash(RuntimeError):
+    """Raised by ``debug.crash_at_step``."""
+
+
+class CrashAt(Callback):
+    """Raise ``RehearsedCrash`` when the loop reaches optimizer step ``step`` (``debug.crash_at_step``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RehearsedCrash(f"debug.crash_at_step={self.step}: stopping on purpose (resume with resume=true).")
+
+
+class Preempted(RuntimeError):
+    """SLURM signalled the job before a preemption or its time limit; the run stopped at a step
+    boundary with ``checkpoints/last.ckpt`` written, and the job is requeued."""
+
+
+class StopOnSlurmSignal(Callback):
+    """Stop every rank at the same optimizer-step boundary when SLURM signals (SIGUSR1 from
+    ``#SBATCH --signal``, SIGUSR2 from submitit).
+
+    Lightning's own handler saves a checkpoint inside the signal handler, wherever each rank
+    happens to be: a rank inside an all-reduce meets the other's barrier and the job hangs (seen
+    on the test cluster). Here the handler only raises a flag; the ranks agree on it at the next
+    step boundary, and stop together (``save_on_exception`` writes last.ckpt on the way out).
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(signum, self._flag)
+
+    def _flag(self, signum, frame) -> None:
+        self.signalled = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:
+            return  # mid-accumulation: not a step boundary
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            raise Preempted(f"SLURM signalled the job: stopped after step {trainer.global_step}.")
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this job (rank 0 only): SLURM restarts it and ``train`` resumes."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job or not is_rank_zero():
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.warning("Requeued SLURM job %s: it continues from the run folder's last checkpoint.", job)
+    else:
+        log.error(
+            "scontrol requeue %s failed (%s): resubmit with run_dir=SAME resume=true.", job, result.stderr.strip()
+        )
