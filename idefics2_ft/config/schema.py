@@ -15,16 +15,24 @@ class TinyConfig:
     """The tiny random-init Idefics2 (``model.name_or_path=tiny``), built from a seed and cached."""
 
     seed: int = 0
+    # the vision tower: images of image_size px cut into patch_size px patches
     image_size: int = 64
     patch_size: int = 8
     vision_hidden: int = 128
     vision_layers: int = 2
+
+    # the text model (every width a multiple of 64, for the 4-bit CPU kernels)
     text_hidden: int = 128
     text_layers: int = 2
+
+    # the perceiver connector: n_latents image tokens per image
     n_latents: int = 8
     resampler_depth: int = 1
+
+    # the random init: weights drawn at initializer_range, perceiver latents at latent_std
     initializer_range: float = 0.1
     latent_std: float = 1.0
+
     # Stage 1, a stand-in for a pretrained checkpoint (0 steps skips each part):
     # (a) the vision tower learns to tell the training images' answers apart (as SigLIP is
     #     pretrained before Idefics2 sees it), then (b) the whole base trains on the training data.

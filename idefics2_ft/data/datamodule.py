@@ -84,11 +84,9 @@ class Idefics2DataModule(L.LightningDataModule):
 
     def __init__(self, data_cfg: DictConfig, processor: Any, seed: int = 0, max_steps: int = 1000, accumulate: int = 1):
         super().__init__()
-        self.cfg = data_cfg
-        self.processor = processor
-        self.seed = seed
-        self.max_steps = max_steps
-        self.accumulate = accumulate
+        self.cfg, self.processor = data_cfg, processor
+        # what the resumable sampler needs to lay out (and skip into) the whole run's batches
+        self.seed, self.max_steps, self.accumulate = seed, max_steps, accumulate
         self.train_set: RecordDataset | None = None
         self.val_set: RecordDataset | None = None
 
