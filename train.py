@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,7 +17,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from idefics2_ft.train import train
-    from idefics2_ft.trainer import Preempted
+    from idefics2_ft.trainer import Diverged, Preempted
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>
@@ -24,10 +25,21 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except ConfigError as err:
         logging.getLogger("idefics2_ft").error("%s", err)
+        _remove_if_empty(Path(cfg.run_dir))  # Hydra made the folder; a refused run leaves none behind
         sys.exit(2)
+    except Diverged as err:
+        logging.getLogger("idefics2_ft").error("%s", err)
+        sys.exit(3)
     except Preempted as stop:  # checkpointed and requeued: not a failure
         logging.getLogger("idefics2_ft").warning("%s", stop)
         sys.exit(0)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds on an empty folder
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

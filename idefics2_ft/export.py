@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.sources import RecordDataset, build_rows
 from idefics2_ft.inference import base_model_path
-from idefics2_ft.models import load_idefics2, load_processor, resolve_dtype
+from idefics2_ft.models import load_idefics2, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.runs import read_metrics, redacted, weights_dir
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,31 @@ log = logging.getLogger(__name__)
 
 class ParityError(RuntimeError):
     """The merged model does not reproduce the adapter model: nothing was exported."""
+
+
+class NonFiniteWeights(ValueError):
+    """The adapter holds NaN or infinite weights: nothing is exported or pushed."""
+
+
+def check_adapter_is_finite(adapter_dir: Path) -> None:
+    """Refuse an adapter with a NaN or an infinity in any weight (a diverged run's, say).
+
+    Raises:
+        NonFiniteWeights: naming the first offending tensors.
+        FileNotFoundError: the folder holds no adapter weights.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(adapter_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{adapter_dir} holds no *.safetensors adapter weights: did the run finish?")
+    bad = [name for f in files for name in non_finite_parameters(load_file(f))]
+    if bad:
+        raise NonFiniteWeights(
+            f"The adapter in {adapter_dir} holds NaN or infinite weights ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): refusing to export or push it. The run diverged; "
+            "train again with a lower optim.lr."
+        )
 
 
 def parity_batch(cfg: DictConfig, processor, n: int) -> dict[str, torch.Tensor]:
@@ -193,8 +218,9 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
 def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Merge (or copy the adapter), check parity, save with a card; push if ``export.push_to_hub``.
 
-    Returns the export folder and the report. Raises ParityError before writing anything if the
-    merged model does not match; HubError (folder kept) if the push fails.
+    Returns the export folder and the report. Raises NonFiniteWeights (a NaN or infinite adapter) or
+    ParityError (the merged model does not match) before writing anything; HubError (folder kept)
+    if the push fails.
     """
     e = cfg.export
     run_dir = Path(cfg.run_dir)
@@ -202,6 +228,7 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     if metrics is None:
         metrics = read_metrics(run_dir)
     adapter_dir = weights_dir(run_dir, "lora")
+    check_adapter_is_finite(adapter_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     report: dict[str, Any] = {}

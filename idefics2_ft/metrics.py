@@ -36,14 +36,17 @@ def levenshtein(a: str, b: str) -> int:
 def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> float:
     """Average Normalized Levenshtein Similarity for one question (DocVQA).
 
-    Both sides are lower-cased and stripped of surrounding and repeated whitespace; the score is
-    the best ``1 - distance / max(len)`` over the references, and 0 where that is below ``threshold``.
+    Both sides are lower-cased and stripped of surrounding and repeated whitespace. Per reference,
+    the normalized distance is ``NL = distance / max(len)``; the score is ``1 - NL`` where
+    ``NL < threshold`` and 0 otherwise (so a distance of exactly half scores 0, as in the published
+    definition, Biten et al. 2019); the question's score is the best over its references.
     """
     pred = " ".join(prediction.lower().split())
     best = 0.0
     for ref in references:
         ref = " ".join(ref.lower().split())
         longest = max(len(pred), len(ref))
-        similarity = 1.0 if longest == 0 else 1.0 - levenshtein(pred, ref) / longest
-        best = max(best, similarity)
-    return best if best >= threshold else 0.0
+        distance = 0.0 if longest == 0 else levenshtein(pred, ref) / longest
+        if distance < threshold:
+            best = max(best, 1.0 - distance)
+    return best

@@ -6,6 +6,7 @@ those and injects them (the optimizer factory and schedule come from ``idefics2_
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from idefics2_ft.metrics import anls, exact_match
+
+log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
 
@@ -73,6 +76,33 @@ class Idefics2Module(L.LightningModule):
         # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's
         # mode: without this, LoRA dropout would silently be off.
         self.model.train()
+        self._follow_the_schedule()
+
+    def _follow_the_schedule(self) -> None:
+        """After a resume, set the lr to what this run's schedule gives at the restored step.
+
+        The optimizer's state holds the lr the *old* schedule left; if the run is extended
+        (a larger ``trainer.max_steps``) or ``optim.*`` changed, that is not this schedule's lr (for
+        a finished cosine schedule it is 0, and the extension would train nothing). A plain resume
+        gives the same value, and nothing changes.
+        """
+        if self.lr_lambda is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            wanted = [base * self.lr_lambda(scheduler.last_epoch) for base in scheduler.base_lrs]
+            current = [group["lr"] for group in scheduler.optimizer.param_groups]
+            if wanted != current:
+                log.warning(
+                    "Resumed at step %d with a different schedule (trainer.max_steps or optim.* changed): "
+                    "lr %.3g -> %.3g, and on this run's schedule from here on.",
+                    self.global_step,
+                    current[0],
+                    wanted[0],
+                )
+                for group, lr in zip(scheduler.optimizer.param_groups, wanted, strict=True):
+                    group["lr"] = lr
+                scheduler._last_lr = wanted
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not in on_load_checkpoint: creating the dataloader iterator draws from
@@ -109,6 +139,7 @@ class Idefics2Module(L.LightningModule):
         out = self.model(**inputs)
         n = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         tokens = int(batch["attention_mask"].sum())
         if self._step_start is not None:
             elapsed = now - self._step_start

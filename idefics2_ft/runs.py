@@ -19,16 +19,21 @@ import json
 import logging
 import os
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from idefics2_ft.config import ConfigError
 from idefics2_ft.distributed import is_rank_zero
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+LOG_FILE = "train.log"
 BASE_RECORD = "base_model.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -43,6 +48,60 @@ SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|key)$")
 def weights_dir(run_dir: Path, peft_method: str) -> Path:
     """Where a run's trained weights are saved: ``adapter/``, or ``model/`` for ``peft=full``."""
     return Path(run_dir) / ("model" if peft_method == "full" else "adapter")
+
+
+# What a run leaves in its folder, beyond config.yaml and base_model.json: the marks of a run that
+# trained (a folder holding any of them is not reused silently) and what overwrite=true removes.
+RUN_OUTPUTS = (CHECKPOINT_DIR, "adapter", "model", METRICS_FILE, PREDICTIONS_FILE)
+REPLACED_BY_OVERWRITE = (*RUN_OUTPUTS, LOG_DIR, "export", "eval", LOG_FILE, CONFIG_FILE, BASE_RECORD)
+
+
+def slurm_restarted() -> bool:
+    """True when SLURM restarted this job after a requeue (it then resumes by itself)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The marks of an earlier run in ``run_dir`` (``checkpoints/``, ``adapter/``, ``metrics.json``, ...)."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name + ("/" if path.is_dir() else ""))
+    return found
+
+
+def claim_run_dir(cfg: DictConfig) -> None:
+    """Make ``run_dir`` this run's: refuse a folder that holds another run, unless told.
+
+    ``resume=true`` (or a SLURM restart) continues the run in it; ``overwrite=true`` removes that
+    run's outputs first (rank 0). Nothing is written to the folder before this passes.
+
+    Raises:
+        ConfigError: the folder holds a run and neither ``resume=true`` nor ``overwrite=true`` was given.
+    """
+    run_dir = Path(cfg.run_dir)
+    found = run_outputs(run_dir)
+    if not found or cfg.resume or slurm_restarted():
+        return
+    if not cfg.overwrite:
+        raise ConfigError(
+            [
+                f"run_dir={run_dir} already holds a run ({', '.join(found)}): add resume=true to continue it, "
+                "overwrite=true to replace it, or choose another run_dir."
+            ]
+        )
+    if is_rank_zero():
+        for name in REPLACED_BY_OVERWRITE:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for path in run_dir.glob("export*"):  # export.out_dir=RUN/export-adapter and the like
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir, ", ".join(found))
 
 
 def redacted(cfg: DictConfig) -> dict:
@@ -118,7 +177,7 @@ def recorded_base(cfg: DictConfig) -> str | None:
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """``checkpoints/last.ckpt`` with ``resume=true``, or when SLURM restarted a requeued job
     (``SLURM_RESTART_COUNT`` > 0, after a preemption signal); else None."""
-    restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    restarted = slurm_restarted()
     last = Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
     if not (cfg.resume or restarted) or not last.is_file():
         return None
@@ -140,3 +199,23 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     """``metrics.json`` of a run, or an empty dict if it has none."""
     path = Path(run_dir) / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextmanager
+def log_to_file(run_dir: Path) -> Iterator[None]:
+    """Copy the package's log lines into ``run_dir/train.log`` (rank 0) while the block runs."""
+    path = (Path(run_dir) / LOG_FILE).resolve()
+    root = logging.getLogger()
+    taken = any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers)
+    if taken or not is_rank_zero():
+        yield
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -28,11 +28,20 @@ from idefics2_ft.distributed import (
     quant_storage_for,
     sum_across_ranks,
 )
-from idefics2_ft.models import apply_peft, load_idefics2, load_processor, trainable_parameters
+from idefics2_ft.models import apply_peft, load_idefics2, load_processor, non_finite_parameters, trainable_parameters
 from idefics2_ft.module import Idefics2Module
 from idefics2_ft.optim import make_optimizer_factory, make_schedule
-from idefics2_ft.runs import record_base, recorded_base, resume_checkpoint, save_config, weights_dir, write_results
-from idefics2_ft.trainer import Preempted, make_trainer, requeue_slurm_job
+from idefics2_ft.runs import (
+    claim_run_dir,
+    log_to_file,
+    record_base,
+    recorded_base,
+    resume_checkpoint,
+    save_config,
+    weights_dir,
+    write_results,
+)
+from idefics2_ft.trainer import Diverged, Preempted, make_trainer, requeue_slurm_job
 from idefics2_ft.versions import check_versions
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ConfigError: before any weight loads, listing every problem in the config.
         HubError: ``export.push_to_hub`` without a token or write access, before any weight loads.
         Preempted: SLURM signalled the job; ``last.ckpt`` is written and the job requeued.
+        Diverged: a non-finite loss or gradient norm; nothing is saved after the last good checkpoint.
     """
     # 1. validate: everything that can be checked before a weight loads
     check_versions()
@@ -57,9 +67,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from idefics2_ft.hub import check_write_access
 
         check_write_access(cfg.export.hub.repo_id)  # a missing token fails now, not after training
+    claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
+    with log_to_file(run_dir):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.perf_counter()
 
@@ -130,6 +146,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["train/effective_batch"] = effective_batch
     metrics["train/accumulate_grad_batches"] = accumulate
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
+    if non_finite_parameters(trained):  # the divergence guard stops before this; never save such weights
+        raise Diverged(f"Trainable weights are not finite after training ({non_finite_parameters(trained)[:3]}).")
     metrics["train/ranks_in_sync"] = check_ranks_in_sync(trained)
     if cfg.eval.at_end:
         metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))

@@ -11,7 +11,7 @@ import json
 import sys
 
 from idefics2_ft.config import ConfigError, validate
-from idefics2_ft.export import ParityError, export_run
+from idefics2_ft.export import NonFiniteWeights, ParityError, export_run
 from idefics2_ft.hub import HubError, check_write_access
 from idefics2_ft.inference import parse_overrides, setup_logging
 
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         if cfg.export.push_to_hub:
             check_write_access(cfg.export.hub.repo_id)
         out, report = export_run(cfg)
-    except (ConfigError, ParityError, HubError) as err:
+    except (ConfigError, NonFiniteWeights, ParityError, HubError) as err:
         sys.stderr.write(f"export failed: {err}\n")
         return 1
     sys.stdout.write(json.dumps(report, indent=2) + f"\nexported to {out}\n")

@@ -19,8 +19,11 @@ def test_exact_match_normalises_case_punctuation_and_spaces():
 
 
 def test_anls_hand_computed():
-    # "1234" vs "1243": distance 2 over length 4 -> 0.5, kept (threshold is "below 0.5 -> 0")
-    assert anls("1234", ["1243"]) == pytest.approx(0.5)
+    # the published edge: a normalized distance of exactly 0.5 is not < 0.5, so it scores 0
+    assert anls("1234", ["1243"]) == 0.0
+    assert anls("43", ["4332"]) == 0.0
+    # just under the edge: distance 3 over 7 -> NL 0.43 -> 1 - 3/7
+    assert anls("abcdefg", ["abcdxyz"]) == pytest.approx(1 - 3 / 7)
     # distance 3 over 5 -> 0.4 < 0.5 -> 0
     assert anls("abcde", ["abxyz"]) == 0.0
     # best over the references; case and surrounding whitespace ignored

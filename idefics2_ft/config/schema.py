@@ -189,7 +189,8 @@ class TrainConfig:
     name: str = "run"
     run_dir: str = MISSING
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue the run in run_dir from checkpoints/last.ckpt
+    overwrite: bool = False  # replace the run in run_dir (its checkpoints, adapter, metrics, logs, exports)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -237,6 +237,10 @@ def validate(cfg: DictConfig) -> None:
             f"resume=true but {cfg.run_dir}/checkpoints/last.ckpt does not exist: point run_dir at the "
             "folder of the run to continue, or drop resume=true."
         )
+    if cfg.resume and cfg.overwrite:
+        problems.append(
+            "resume=true and overwrite=true: continue the run (resume) or replace it (overwrite), not both."
+        )
     problems += slurm_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -9,6 +9,7 @@ from idefics2_ft.models.loading import (
     load_idefics2,
     load_processor,
     lora_target_regex,
+    non_finite_parameters,
     resolve_dtype,
     trainable_parameters,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "load_idefics2",
     "load_processor",
     "lora_target_regex",
+    "non_finite_parameters",
     "resolve_dtype",
     "trainable_parameters",
 ]

@@ -154,3 +154,20 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:
         out["other"] = counts["other"]
     out["total"] = sum(counts.values())
     return out
+
+
+def non_finite_parameters(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> list[str]:
+    """Names of the trainable parameters (or state-dict tensors) holding a NaN or an infinity.
+
+    Under FSDP a parameter is a DTensor and only this rank's shard is checked.
+    """
+    if isinstance(model_or_state, torch.nn.Module):
+        items = [(n, p) for n, p in model_or_state.named_parameters() if p.requires_grad]
+    else:
+        items = list(model_or_state.items())
+    bad = []
+    for name, tensor in items:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
+            bad.append(name)
+    return bad

@@ -7,13 +7,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from idefics2_ft.config import accumulation
 from idefics2_ft.distributed import make_strategy
-from idefics2_ft.runs import CHECKPOINT_DIR, LOG_DIR
-from idefics2_ft.trainer.callbacks import CrashAt, StopOnSlurmSignal
+from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, LOG_DIR
+from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, GuardedCheckpoint, StopOnSlurmSignal
 
 
 def make_logger(cfg: DictConfig, run_dir: Path):
@@ -45,19 +44,21 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """A ``Trainer`` writing checkpoints and logs into ``run_dir``.
 
     Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.checkpoint_every_n_steps``, at the end,
-    and on any exception (nothing lost on a crash, Ctrl-C or preemption). Under SLURM, our
+    and on any exception (nothing lost on a crash, Ctrl-C or preemption), but never with non-finite
+    weights: a non-finite loss or gradient norm stops the run at once (``Diverged``). Under SLURM, our
     step-boundary stop (``StopOnSlurmSignal``) replaces Lightning's in-handler checkpoint and requeue.
     """
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(
+    checkpoint = GuardedCheckpoint(
         dirpath=str(Path(run_dir) / CHECKPOINT_DIR),
         save_last=True,
         save_top_k=0,
         every_n_train_steps=t.checkpoint_every_n_steps,
         save_on_train_epoch_end=True,
         save_on_exception=True,  # nothing lost on a crash or Ctrl-C: resume=true continues from it
+        enable_version_counter=False,  # one last.ckpt, never last-v1.ckpt beside an older one
     )
-    callbacks: list = [checkpoint]
+    callbacks: list = [checkpoint, DivergenceGuard(Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)]
     if cfg.debug.crash_at_step:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))
     plugins = []

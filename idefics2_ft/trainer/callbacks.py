@@ -1,15 +1,20 @@
-"""Our Lightning callbacks: a rehearsed crash, and a clean stop when SLURM signals the job."""
+"""Our Lightning callbacks: the divergence guard and the checkpoint that never saves non-finite
+weights, a rehearsed crash, and a clean stop when SLURM signals the job."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from idefics2_ft.distributed import is_rank_zero
+from idefics2_ft.models import non_finite_parameters
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +28,83 @@ class CrashAt(Callback):
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self.resumed_at: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.resumed_at = trainer.global_step if trainer.ckpt_path else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RehearsedCrash(f"debug.crash_at_step={self.step}: stopping on purpose (resume with resume=true).")
+        if trainer.global_step != self.step:
+            return
+        if self.resumed_at == self.step:
+            raise RehearsedCrash(
+                f"debug.crash_at_step={self.step} is still set, and the run resumed at that very step: it would "
+                "crash here on every resume. Drop debug.crash_at_step (or set debug.crash_at_step=null) to continue."
+            )
+        raise RehearsedCrash(f"debug.crash_at_step={self.step}: stopping on purpose (resume with resume=true).")
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite: the run stopped, nothing was saved after it."""
+
+
+class DivergenceGuard(Callback):
+    """Stop the run at the first non-finite loss or gradient norm, before the optimizer step applies it.
+
+    The message names the step, the lr and the last good checkpoint. ``GuardedCheckpoint`` saves
+    nothing on the way out, so the last good checkpoint stays the last one.
+    """
+
+    def __init__(self, last_checkpoint: Path) -> None:
+        self.last_checkpoint = Path(last_checkpoint)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if str(trainer.precision) == "16-mixed":
+            return  # fp16's grad scaler skips steps with infinite gradients by design
+        norms = [p.grad.detach().float().norm() for p in pl_module.parameters() if p.grad is not None]
+        total = float(torch.stack(norms).norm()) if norms else 0.0  # on FSDP: this rank's shards
+        if trainer.strategy.reduce_boolean_decision(not math.isfinite(total), all=False):
+            self._stop(trainer, optimizer, f"gradient norm ({total})")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            self._stop(trainer, trainer.optimizers[0], f"loss ({float(loss.detach())})")
+
+    def _stop(self, trainer, optimizer, what: str) -> None:
+        lr = optimizer.param_groups[0]["lr"]
+        last = (
+            f"the last good checkpoint is {self.last_checkpoint}, kept as it was"
+            if self.last_checkpoint.is_file()
+            else "no checkpoint was written before it"
+        )
+        raise Diverged(
+            f"Training diverged: non-finite {what} at step {trainer.global_step} (lr {lr:.3g}). Stopped at once; "
+            f"{last}, and no adapter was saved. Lower optim.lr, raise optim.warmup_steps or set "
+            "trainer.gradient_clip_val, then start again (or resume=true from the last good checkpoint)."
+        )
+
+
+class GuardedCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never writes non-finite trainable weights, and writes nothing when
+    the run stops for divergence: the last good checkpoint is never replaced by a broken one."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, Diverged):
+            return
+        super().on_exception(trainer, pl_module, exception)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        bad = non_finite_parameters(trainer.lightning_module)
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            log.error(
+                "Not writing %s: trainable weights are not finite (%s). The previous checkpoint is kept.",
+                filepath,
+                ", ".join(bad[:3]) or "on another rank",
+            )
+            return
+        super()._save_checkpoint(trainer, filepath)
 
 
 class Preempted(RuntimeError):
