@@ -114,3 +114,71 @@ def test_export_refuses_a_nan_adapter(tiny_run_cfg, tmp_path):
     with pytest.raises(NonFiniteWeights, match=first.replace(".", r"\.")):
         export_run(cfg)
     assert not (run / "export").exists()
+
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch
+from idefics2_ft.trainer import AtomicCheckpointIO
+
+real_save = torch.save
+def dying_save(obj, f, *a, **k):  # write half a checkpoint, then die as `kill -9` does
+    real_save({"weights": torch.zeros(1000)}, f)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(1000), "step": 2}, sys.argv[1])
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    import subprocess
+    import sys
+
+    from idefics2_ft.trainer import AtomicCheckpointIO, remove_stale_temp_files
+
+    folder, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "other_tmp"
+    elsewhere.mkdir()
+    last = folder / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.full((1000,), 7.0), "step": 1}, last)
+    env = {"TMPDIR": str(elsewhere), "PATH": "/usr/bin:/bin"}  # $TMPDIR on another folder (cluster case)
+    out = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(last)], env=env, capture_output=True)
+    assert out.returncode == -9
+    kept = torch.load(last, weights_only=False)
+    assert kept["step"] == 1 and torch.equal(kept["weights"], torch.full((1000,), 7.0))
+    partial = [p for p in folder.iterdir() if p.name != "last.ckpt"]
+    assert partial and all(".tmp-" in p.name for p in partial)  # the killed save's own file, beside it
+    assert remove_stale_temp_files(folder) == partial and sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def _saved_steps(monkeypatch):
+    from idefics2_ft.trainer import AtomicCheckpointIO
+
+    steps: list[int] = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):
+        steps.append(checkpoint["global_step"])
+        return real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    return steps
+
+
+def test_checkpoints_also_come_by_the_clock(tiny_run_cfg, tmp_path, monkeypatch):
+    steps = _saved_steps(monkeypatch)
+    train(tiny_run_cfg("trainer.checkpoint_every_n_steps=1000", "trainer.checkpoint_every_n_minutes=null"))
+    assert steps == [4]  # only at the end
+    steps.clear()
+    every_step = ("trainer.checkpoint_every_n_steps=1000", "trainer.checkpoint_every_n_minutes=0.000001")
+    train(tiny_run_cfg(*every_step, run_dir=tmp_path / "clock"))
+    assert steps[:4] == [1, 2, 3, 4]  # the interval elapses within every step
+
+
+def test_metrics_csv_keeps_the_steps_before_a_resume(tiny_run_cfg, tmp_path):
+    common = ("trainer.checkpoint_every_n_steps=2", "eval.at_end=false")
+    with pytest.raises(RehearsedCrash):
+        train(tiny_run_cfg(*common, "debug.crash_at_step=3"))
+    train(tiny_run_cfg(*common, "resume=true"))
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3]  # each step once: the rows from before the crash, then the resumed one

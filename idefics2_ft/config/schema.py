@@ -137,6 +137,7 @@ class TrainerConfig:
     limit_val_batches: Any = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200  # last.ckpt is also written when training ends
+    checkpoint_every_n_minutes: float | None = 30.0  # and this often by the clock: a kill loses at most this
     enable_progress_bar: bool = True
     deterministic: bool = False
 

@@ -1,27 +1,32 @@
-"""The Lightning Trainer's assembly and our callbacks (crash rehearsal, SLURM preemption and requeue)."""
+"""The Lightning Trainer's assembly: loggers, checkpointing, and our callbacks (divergence guard, crash
+rehearsal, SLURM preemption and requeue)."""
 
-from idefics2_ft.trainer.assemble import make_logger, make_trainer, resolve_precision
+from idefics2_ft.trainer.assemble import make_trainer, resolve_precision
 from idefics2_ft.trainer.callbacks import (
     CrashAt,
     Diverged,
     DivergenceGuard,
-    GuardedCheckpoint,
     Preempted,
     RehearsedCrash,
     StopOnSlurmSignal,
     requeue_slurm_job,
 )
+from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
+from idefics2_ft.trainer.loggers import KeepingCSVLogger, make_logger
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CrashAt",
     "Diverged",
     "DivergenceGuard",
     "GuardedCheckpoint",
+    "KeepingCSVLogger",
     "Preempted",
     "RehearsedCrash",
     "StopOnSlurmSignal",
     "make_logger",
     "make_trainer",
+    "remove_stale_temp_files",
     "requeue_slurm_job",
     "resolve_precision",
 ]

@@ -10,27 +10,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from idefics2_ft.config import accumulation
-from idefics2_ft.distributed import make_strategy
-from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, LOG_DIR
-from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, GuardedCheckpoint, StopOnSlurmSignal
-
-
-def make_logger(cfg: DictConfig, run_dir: Path):
-    """The logger ``logger.type`` names (CSV / TensorBoard under ``run_dir/logs``, W&B), or False."""
-    kind = cfg.logger.type
-    if kind == "none":
-        return False
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name=LOG_DIR, version="")
-    if kind == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(save_dir=str(run_dir), name=LOG_DIR, version="")
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, save_dir=str(run_dir))
+from idefics2_ft.distributed import is_rank_zero, make_strategy
+from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
+from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
+from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
+from idefics2_ft.trainer.loggers import TrimReplayedRows, make_logger
 
 
 def resolve_precision(name: str) -> str:
@@ -43,25 +27,31 @@ def resolve_precision(name: str) -> str:
 def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """A ``Trainer`` writing checkpoints and logs into ``run_dir``.
 
-    Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.checkpoint_every_n_steps``, at the end,
+    Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.checkpoint_every_n_steps`` and every
+    ``trainer.checkpoint_every_n_minutes``, written atomically, at the end,
     and on any exception (nothing lost on a crash, Ctrl-C or preemption), but never with non-finite
     weights: a non-finite loss or gradient norm stops the run at once (``Diverged``). Under SLURM, our
     step-boundary stop (``StopOnSlurmSignal``) replaces Lightning's in-handler checkpoint and requeue.
     """
     t = cfg.trainer
+    checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
+    if is_rank_zero():
+        remove_stale_temp_files(checkpoint_dir)
     checkpoint = GuardedCheckpoint(
-        dirpath=str(Path(run_dir) / CHECKPOINT_DIR),
+        dirpath=str(checkpoint_dir),
         save_last=True,
         save_top_k=0,
         every_n_train_steps=t.checkpoint_every_n_steps,
+        every_n_minutes=t.checkpoint_every_n_minutes,
         save_on_train_epoch_end=True,
         save_on_exception=True,  # nothing lost on a crash or Ctrl-C: resume=true continues from it
         enable_version_counter=False,  # one last.ckpt, never last-v1.ckpt beside an older one
     )
-    callbacks: list = [checkpoint, DivergenceGuard(Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)]
+    callbacks: list = [checkpoint, DivergenceGuard(checkpoint_dir / LAST_CHECKPOINT), TrimReplayedRows()]
     if cfg.debug.crash_at_step:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))
-    plugins = []
+    # DeepSpeed writes its checkpoints through its own engine; every other strategy through this
+    plugins: list = [] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(StopOnSlurmSignal())

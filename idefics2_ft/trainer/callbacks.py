@@ -1,5 +1,5 @@
-"""Our Lightning callbacks: the divergence guard and the checkpoint that never saves non-finite
-weights, a rehearsed crash, and a clean stop when SLURM signals the job."""
+"""Our Lightning callbacks: the divergence guard, a rehearsed crash, and a clean stop when SLURM
+signals the job."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import subprocess
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from idefics2_ft.distributed import is_rank_zero
-from idefics2_ft.models import non_finite_parameters
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,8 @@ class Diverged(RuntimeError):
 class DivergenceGuard(Callback):
     """Stop the run at the first non-finite loss or gradient norm, before the optimizer step applies it.
 
-    The message names the step, the lr and the last good checkpoint. ``GuardedCheckpoint`` saves
-    nothing on the way out, so the last good checkpoint stays the last one.
+    The message names the step, the lr and the last good checkpoint. ``GuardedCheckpoint``
+    (``trainer/checkpoints.py``) saves nothing on the way out, so the last good checkpoint stays the last one.
     """
 
     def __init__(self, last_checkpoint: Path) -> None:
@@ -84,27 +83,6 @@ class DivergenceGuard(Callback):
             f"{last}, and no adapter was saved. Lower optim.lr, raise optim.warmup_steps or set "
             "trainer.gradient_clip_val, then start again (or resume=true from the last good checkpoint)."
         )
-
-
-class GuardedCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that never writes non-finite trainable weights, and writes nothing when
-    the run stops for divergence: the last good checkpoint is never replaced by a broken one."""
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, Diverged):
-            return
-        super().on_exception(trainer, pl_module, exception)
-
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        bad = non_finite_parameters(trainer.lightning_module)
-        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            log.error(
-                "Not writing %s: trainable weights are not finite (%s). The previous checkpoint is kept.",
-                filepath,
-                ", ".join(bad[:3]) or "on another rank",
-            )
-            return
-        super()._save_checkpoint(trainer, filepath)
 
 
 class Preempted(RuntimeError):

@@ -1,0 +1,100 @@
+"""How checkpoints are written: never with non-finite weights, atomically wherever ``$TMPDIR`` is,
+every N steps and every M minutes, always as ``last.ckpt`` (never ``last-v1.ckpt``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from idefics2_ft.models import non_finite_parameters
+from idefics2_ft.trainer.callbacks import Diverged
+
+log = logging.getLogger(__name__)
+
+TEMP_MARK = ".tmp-"  # checkpoints/.last.ckpt.tmp-<pid>: a save in progress, or one a kill cut short
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint to a temporary file *in its own folder*, fsync it, then rename it over
+    the old one, so a kill at any moment leaves the previous checkpoint or the new one, whole.
+
+    Lightning's own save stages the file through fsspec's transaction, which is atomic only when
+    ``$TMPDIR`` is on the run folder's filesystem (not so for a local /tmp and an NFS or Lustre run
+    folder: a ``kill -9`` mid-save was seen to leave a corrupt ``last.ckpt`` and no older one).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX within one filesystem
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def remove_stale_temp_files(checkpoint_dir: Path) -> list[Path]:
+    """Delete the partial temporary files that killed saves left behind; returns them."""
+    stale = sorted(Path(checkpoint_dir).glob(f".*{TEMP_MARK}*")) if Path(checkpoint_dir).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning("Removed %d partial checkpoint file(s) a killed save left behind: %s", len(stale), stale)
+    return stale
+
+
+class GuardedCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never writes non-finite trainable weights, writes nothing when the
+    run stops for divergence, saves only at optimizer-step boundaries, and also saves every
+    ``every_n_minutes`` (the ranks agree on the time through rank 0)."""
+
+    def __init__(self, *args: Any, every_n_minutes: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lightning accepts a step interval or a time interval, not both; its batch-end logic
+        # handles both at once, so the time interval is set after the constructor's check.
+        if every_n_minutes:
+            self._train_time_interval = timedelta(minutes=every_n_minutes)  # counted from on_train_start
+        self._step_at_batch_start = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # mid-accumulation: a checkpoint here would lose the gradients accumulated so far
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, Diverged):
+            return
+        super().on_exception(trainer, pl_module, exception)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        bad = non_finite_parameters(trainer.lightning_module)
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            log.error(
+                "Not writing %s: trainable weights are not finite (%s). The previous checkpoint is kept.",
+                filepath,
+                ", ".join(bad[:3]) or "on another rank",
+            )
+            return
+        super()._save_checkpoint(trainer, filepath)
