@@ -76,12 +76,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.perf_counter()
 
     # 2. the base and the data: read and collate a first batch before any weight loads
     model_path = base_path(cfg)
     base_s = time.perf_counter() - started  # the tiny base's stage 1 when it was built just now
+    # Seeded after the base: the run then starts from the same random state whether the tiny base
+    # was just built in this process or read from its cache (same seed, same adapter).
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if is_rank_zero():
         record_base(cfg, model_path)
     processor = load_processor(model_path, cfg.data, cfg.model.revision)

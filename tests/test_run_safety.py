@@ -182,3 +182,20 @@ def test_metrics_csv_keeps_the_steps_before_a_resume(tiny_run_cfg, tmp_path):
     with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert steps == [0, 1, 2, 3]  # each step once: the rows from before the crash, then the resumed one
+
+
+def test_the_same_seed_gives_the_same_adapter_whether_the_base_was_just_built_or_cached(tiny_run_cfg, tmp_path):
+    stage1 = (
+        f"model.tiny.cache_dir={tmp_path / 'fresh_cache'}",  # empty: the first run builds the base
+        "model.tiny.vision_pretrain_steps=2",
+        "model.tiny.pretrain_steps=2",
+        "data.max_train_samples=40",
+        "peft.dropout=0.1",  # draws from the global stream, as the LoRA init does
+        "eval.at_end=false",
+    )
+    built = train(tiny_run_cfg(*stage1, run_dir=tmp_path / "built"))
+    cached = train(tiny_run_cfg(*stage1, run_dir=tmp_path / "cached"))
+    assert built["base/wall_s"] > cached["base/wall_s"]  # the first run did build it, the second read it
+    a = load_file(tmp_path / "built" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cached" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.data.sources import build_rows
@@ -25,7 +26,7 @@ from idefics2_ft.distributed import is_rank_zero
 log = logging.getLogger(__name__)
 
 # Bump when the tiny base's construction or stage 1 changes: cached bases are keyed by it.
-STAGE1_VERSION = 2
+STAGE1_VERSION = 3
 
 
 def tiny_base_key(cfg: DictConfig) -> str:
@@ -79,7 +80,9 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
         rows = build_rows(cfg.data, "train")
         if cfg.data.max_train_samples is not None:
             rows = rows[: cfg.data.max_train_samples]
-        report = pretrain_tiny_base(model, processor, rows, t, progress=cfg.trainer.enable_progress_bar)
+        with torch.random.fork_rng(devices=[]):  # stage 1 draws from its own seed, and leaves the caller's stream alone
+            torch.manual_seed(t.seed)
+            report = pretrain_tiny_base(model, processor, rows, t, progress=cfg.trainer.enable_progress_bar)
     report["stage1/wall_s"] = time.perf_counter() - start
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
