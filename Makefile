@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-gpu test-slurm lint format clean
+.PHONY: help install demo test test-slow test-gpu test-slurm test-faults lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
 
 test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster (root): sbatch, preemption + requeue, a submitit sweep
 	$(PY) -m pytest -q -m slurm
+
+test-faults: $(VENV)/.installed ## fault injection through train.py: bad inputs in both modes, kill -9 and resume, divergence, reused folders
+	$(PY) -m pytest -q -m faults
+	@cat outputs/fault_table.md
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

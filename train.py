@@ -16,6 +16,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from idefics2_ft.data import DataError
     from idefics2_ft.train import train
     from idefics2_ft.trainer import Diverged, Preempted
 
@@ -23,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>
     try:
         train(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         logging.getLogger("idefics2_ft").error("%s", err)
         _remove_if_empty(Path(cfg.run_dir))  # Hydra made the folder; a refused run leaves none behind
         sys.exit(2)

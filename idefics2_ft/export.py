@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.sources import RecordDataset, build_rows
 from idefics2_ft.inference import base_model_path
-from idefics2_ft.models import load_idefics2, load_processor, non_finite_parameters, resolve_dtype
+from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.runs import read_metrics, redacted, weights_dir
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,27 @@ def _logits(model, batch) -> torch.Tensor:
     return logits[batch["attention_mask"].bool()]  # [valid tokens, vocab]
 
 
-def merge_and_check(cfg: DictConfig, adapter_dir: Path, dtype: torch.dtype, n: int, atol: float | None):
-    """Returns ``(merged_model, processor, report)``; raises ParityError if the check fails."""
+def merge_and_check(
+    cfg: DictConfig,
+    adapter_dir: Path,
+    dtype: torch.dtype,
+    n: int,
+    atol: float | None,
+    merge_into: str = "dequantized",
+):
+    """Returns ``(merged_model, processor, report)``; raises ParityError if the check fails.
+
+    The report holds two comparisons: the merged model against the adapter on the same
+    full-precision base (``parity/*``: must agree within ``atol``, or nothing is exported), and, for
+    QLoRA, against the model as trained, the adapter on its 4-bit base (``parity/trained_4bit_vs_merged_*``).
+    """
     from peft import PeftModel
 
     base_path = base_model_path(cfg)
     processor = load_processor(str(adapter_dir), cfg.data)
     batch = parity_batch(cfg, processor, n)
-    full_cfg = OmegaConf.merge(cfg.model, {"dtype": str(dtype).removeprefix("torch.")})
-    no_quant = OmegaConf.merge(cfg.peft, {"quantize": None})
-    model = PeftModel.from_pretrained(load_idefics2(base_path, full_cfg, no_quant), str(adapter_dir)).eval()
+    base = load_full_precision(base_path, cfg.model, cfg.peft, dtype, dequantized=merge_into == "dequantized")
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     reference = _logits(model, batch)
     merged = model.merge_and_unload().eval()
     merged_logits = _logits(merged, batch)
@@ -91,6 +102,7 @@ def merge_and_check(cfg: DictConfig, adapter_dir: Path, dtype: torch.dtype, n: i
         "parity/records": int(batch["input_ids"].shape[0]),
         "parity/tokens": int(reference.shape[0]),
         "parity/dtype": str(dtype).removeprefix("torch."),
+        "parity/merged_into": merge_into if cfg.peft.quantize is not None else "original",
         "parity/atol": tol,
         "parity/max_abs_diff": float(diff.max()) if torch.isfinite(diff).all() else float("inf"),
         "parity/mean_abs_diff": float(diff.mean()) if torch.isfinite(diff).all() else float("inf"),
@@ -178,8 +190,14 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
         "",
     ]
     if report:
+        into = report.get("parity/merged_into", "original")
         lines += [
             "## Merge check",
+            "",
+            f"The adapter was merged into the {'dequantized 4-bit weights it was trained against' if into == 'dequantized' else 'original full-precision base weights'}.",
+            "`parity/*` compares the merged model with the unmerged adapter on that same base (it must agree, or",
+            "nothing is exported); `parity/trained_4bit_vs_merged_*` compares it with the model as trained,",
+            "the adapter on its 4-bit base: how far this export answers from what was evaluated in training.",
             "",
             "| check | value |",
             "|---|---|",
@@ -236,7 +254,7 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
         shutil.copytree(adapter_dir, tmp)
     else:
         merged, processor, report = merge_and_check(
-            cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol
+            cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
         )
         merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
         merged.generation_config.save_pretrained(tmp)

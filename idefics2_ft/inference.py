@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import TrainConfig
-from idefics2_ft.models import load_idefics2, load_processor, resolve_dtype
+from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_dtype
 from idefics2_ft.runs import CONFIG_FILE, recorded_base, weights_dir
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     """The model and processor of a run, ready for generation.
 
     ``model_dir`` (a merged export or ``run_dir/model``) loads as a plain checkpoint. Otherwise the
-    base is loaded as it was trained (4-bit for QLoRA), or in full precision with
-    ``full_precision=True``, and the run's ``adapter/`` goes on top.
+    base is loaded as it was trained (4-bit for QLoRA), or in full precision as an export holds it
+    with ``full_precision=True`` (``export.merge_into``), and the run's ``adapter/`` goes on top.
     """
     from peft import PeftModel
 
@@ -90,8 +90,12 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
         adapter = weights_dir(run_dir, "lora")
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}/adapter_config.json not found: did the run finish?")
-        peft_cfg = OmegaConf.merge(cfg.peft, {"quantize": None}) if full_precision else cfg.peft
-        model = load_idefics2(base_model_path(cfg), cfg.model, peft_cfg)
+        if full_precision:  # the base as an export holds it (export.merge_into), with the adapter on top
+            dtype = resolve_dtype(cfg.model.dtype)
+            dequantized = cfg.export.merge_into == "dequantized"
+            model = load_full_precision(base_model_path(cfg), cfg.model, cfg.peft, dtype, dequantized)
+        else:
+            model = load_idefics2(base_model_path(cfg), cfg.model, cfg.peft)
         model = PeftModel.from_pretrained(model, str(adapter))
         processor = load_processor(str(adapter), cfg.data)
     model.eval()

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from idefics2_ft.distributed import sum_across_ranks
 from idefics2_ft.metrics import anls, exact_match
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class Idefics2Module(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only: checked in on_load_checkpoint
         eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
         self.stop_ids = [i for i in (eou, tokenizer.eos_token_id) if i is not None]
-        self.skipped: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # bad records per "<stage>/<kind>", each record once
+        self._bad_seen: set[tuple[str, int]] = set()
         self.val_metrics: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self._val_loss: list[tuple[float, int]] = []
@@ -117,8 +119,22 @@ class Idefics2Module(L.LightningModule):
         return self.model(**inputs)
 
     def _count_bad(self, batch: dict, stage: str) -> None:
+        # per record, not per read: a record read again in a later epoch is still one record
         for bad in batch.get("bad_samples", ()):
-            self.skipped[f"{stage}/{bad.kind}"] += 1
+            key = f"{stage}/{bad.kind}"
+            if (key, bad.index) not in self._bad_seen:
+                self._bad_seen.add((key, bad.index))
+                self.skipped[key] += 1
+
+    def skipped_metrics(self) -> dict[str, int]:
+        """``data/skipped`` and ``data/skipped/<stage>/<kind>``, summed over ranks (each saw its own
+        shard of the data); logs a warning naming them."""
+        skipped = sum_across_ranks(dict(self.skipped))
+        metrics = {"data/skipped": sum(skipped.values())}
+        metrics.update({f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
+        if skipped:
+            log.warning("Skipped %d bad records: %s", metrics["data/skipped"], skipped)
+        return metrics
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_bad(batch, "train")
@@ -153,6 +169,7 @@ class Idefics2Module(L.LightningModule):
         self._val_rows, self._val_loss = [], []
         for key in [k for k in self.skipped if k.startswith("val/")]:
             del self.skipped[key]  # each validation pass counts its own
+        self._bad_seen = {seen for seen in self._bad_seen if not seen[0].startswith("val/")}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_bad(batch, "val")
@@ -239,6 +256,7 @@ class Idefics2Module(L.LightningModule):
         mid_step = state is not None and checkpoint.get("global_step", self.global_step) == step
         checkpoint["rng_torch"] = state if mid_step else torch.get_rng_state()
         checkpoint["skipped_samples"] = dict(self.skipped)
+        checkpoint["skipped_seen"] = sorted(self._bad_seen)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -254,3 +272,4 @@ class Idefics2Module(L.LightningModule):
             )
         self._pending_rng = checkpoint.get("rng_torch")
         self.skipped = Counter(checkpoint.get("skipped_samples", {}))
+        self._bad_seen = {tuple(seen) for seen in checkpoint.get("skipped_seen", [])}

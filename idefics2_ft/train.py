@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from idefics2_ft.config import accumulation, validate
-from idefics2_ft.data import Idefics2DataModule, format_labels
+from idefics2_ft.data import Idefics2DataModule, check_sources, format_labels
 from idefics2_ft.demo import ensure_tiny_base
 from idefics2_ft.distributed import (
     check_ranks_in_sync,
@@ -26,7 +25,6 @@ from idefics2_ft.distributed import (
     is_rank_zero,
     make_shard_fn,
     quant_storage_for,
-    sum_across_ranks,
 )
 from idefics2_ft.models import apply_peft, load_idefics2, load_processor, non_finite_parameters, trainable_parameters
 from idefics2_ft.module import Idefics2Module
@@ -41,7 +39,7 @@ from idefics2_ft.runs import (
     weights_dir,
     write_results,
 )
-from idefics2_ft.trainer import Diverged, Preempted, make_trainer, requeue_slurm_job
+from idefics2_ft.trainer import Diverged, Preempted, describe_run, make_trainer, requeue_slurm_job
 from idefics2_ft.versions import check_versions
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ConfigError: before any weight loads, listing every problem in the config.
+        DataError: a source cannot be read, or (``data.on_bad_sample=raise``) a record is bad, naming
+            the file and line; before any weight loads.
         HubError: ``export.push_to_hub`` without a token or write access, before any weight loads.
         Preempted: SLURM signalled the job; ``last.ckpt`` is written and the job requeued.
         Diverged: a non-finite loss or gradient norm; nothing is saved after the last good checkpoint.
@@ -67,6 +67,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from idefics2_ft.hub import check_write_access
 
         check_write_access(cfg.export.hub.repo_id)  # a missing token fails now, not after training
+    # every record of both splits read and checked (before the demo's stage 1 trains for minutes)
+    check_sources(cfg.data)
     claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
 
-    # 2. the base and the data: read and collate a first batch before any weight loads
+    # 2. the base and the data: a first batch collated before any weight loads
     model_path = base_path(cfg)
     base_s = time.perf_counter() - started  # the tiny base's stage 1 when it was built just now
     # Seeded after the base: the run then starts from the same random state whether the tiny base
@@ -87,19 +89,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if is_rank_zero():
         record_base(cfg, model_path)
     processor = load_processor(model_path, cfg.data, cfg.model.revision)
-    _log_image_cost(cfg, processor)
-    accumulate = accumulation(cfg)
     datamodule = Idefics2DataModule(
-        cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps, accumulate=accumulate
+        cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps, accumulate=accumulation(cfg)
     )
     datamodule.setup("fit")
-    first_records = range(min(cfg.data.batch_size, len(datamodule.train_set)))
-    first = datamodule.train_collator()([datamodule.train_set[i] for i in first_records])
-    if "input_ids" not in first:
-        raise ValueError(
-            f"The first {cfg.data.batch_size} training records are all bad ({first['bad_samples'][:2]}...): "
-            "check data.* paths and column names."
-        )
+    first = datamodule.first_batch()  # raises DataError if every record of it is bad
     if cfg.debug.show_labels:
         text = format_labels(first, processor.tokenizer)
         log.info("Learned tokens are in [brackets]:\n%s", text)
@@ -120,11 +114,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         shard=make_shard_fn(cfg),
     )
     trainer = make_trainer(cfg, run_dir)
-    effective_batch = cfg.data.batch_size * trainer.world_size * accumulate
-    log.info(
-        "Effective batch: %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
-        *(cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, accumulate, effective_batch),
-    )
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     stage1 = Path(model_path) / "stage1.json"
     if stage1.is_file():
@@ -143,26 +132,18 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         requeue_slurm_job()
         raise
     metrics["train/wall_s"] = time.perf_counter() - fit_start
-    metrics["train/steps"] = trainer.global_step
-    metrics["train/world_size"] = trainer.world_size
-    metrics["train/effective_batch"] = effective_batch
-    metrics["train/accumulate_grad_batches"] = accumulate
+    metrics.update(describe_run(cfg, trainer))
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
     if non_finite_parameters(trained):  # the divergence guard stops before this; never save such weights
         raise Diverged(f"Trainable weights are not finite after training ({non_finite_parameters(trained)[:3]}).")
     metrics["train/ranks_in_sync"] = check_ranks_in_sync(trained)
     if cfg.eval.at_end:
         metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
-    skipped = sum_across_ranks(dict(module.skipped))
-    metrics["data/skipped"] = sum(skipped.values())
-    metrics.update({f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
-    if skipped:
-        log.warning("Skipped %d bad records: %s", metrics["data/skipped"], skipped)
+    if datamodule.val_is_train:
+        metrics["data/val_is_train"] = 1
+    metrics.update(module.skipped_metrics())  # bad records of every rank, each counted once
     metrics["wall_s"] = time.perf_counter() - started
     metrics["base/wall_s"] = base_s
-    on_gpu = torch.cuda.is_available() and trainer.on_gpu
-    threads = f"CPU, {torch.get_num_threads()} threads"
-    metrics["hardware"] = f"{trainer.world_size} x {torch.cuda.get_device_name(0)}" if on_gpu else threads
 
     # 5. save: one ordinary adapter whatever the strategy, the metrics, the predictions; export
     if trainer.is_global_zero:
@@ -188,15 +169,6 @@ def base_path(cfg: DictConfig) -> str:
     if recorded is not None:
         return recorded
     return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
-
-
-def _log_image_cost(cfg: DictConfig, processor: Any) -> None:
-    crops = 5 if cfg.data.do_image_splitting else 1
-    log.info(
-        "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",
-        *(cfg.data.longest_edge, "on" if crops > 1 else "off", crops * processor.image_seq_len, crops),
-        processor.image_seq_len,
-    )
 
 
 def _validate(trainer: L.Trainer, module: Idefics2Module, datamodule, limit) -> dict[str, float]:

@@ -208,3 +208,21 @@ def test_evaluate_a_merged_folder(run_dir, tmp_path):
     metrics = evaluate(cfg, model, processor, "test", tmp_path / "eval")
     assert metrics["eval/n_questions"] == cfg.data.max_val_samples
     assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == cfg.data.max_val_samples
+
+
+def test_merging_into_the_dequantized_weights_answers_as_the_trained_model(run_dir, tmp_path):
+    reports = {}
+    for into in ("original", "dequantized"):
+        cfg = run_cfg(run_dir, f"export.merge_into={into}", f"export.out_dir={tmp_path / into}")
+        _, reports[into] = export_run(cfg)
+        saved = json.loads((tmp_path / into / "export_report.json").read_text())
+        assert saved["parity/merged_into"] == into and saved["parity/max_abs_diff"] <= saved["parity/atol"]
+        card = (tmp_path / into / "README.md").read_text()
+        assert "parity/trained_4bit_vs_merged_max_abs_diff" in card and "model as trained" in card
+    original = reports["original"]["parity/trained_4bit_vs_merged_max_abs_diff"]
+    dequantized = reports["dequantized"]["parity/trained_4bit_vs_merged_max_abs_diff"]
+    # Merged into the original weights, the export differs from the 4-bit model as trained by the NF4
+    # rounding; merged into the dequantized ones, only by the 4-bit kernel's arithmetic (bf16 on the CPU).
+    assert dequantized < 0.1 * original
+    agreement = {k: r["parity/trained_4bit_vs_merged_argmax_agreement"] for k, r in reports.items()}
+    assert agreement["dequantized"] >= agreement["original"]

@@ -149,7 +149,7 @@ def test_bad_records_are_skipped_and_counted(tiny_run_cfg, bad_jsonl, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data/skipped"] == 10
 
 
-def test_bad_record_stops_the_run_with_its_index_when_asked(tiny_run_cfg, bad_jsonl):
+def test_bad_record_stops_the_run_naming_its_file_and_line_when_asked(tiny_run_cfg, bad_jsonl):
     cfg = tiny_run_cfg(
         "data=jsonl",
         f"data.train_file={bad_jsonl}",
@@ -157,5 +157,6 @@ def test_bad_record_stops_the_run_with_its_index_when_asked(tiny_run_cfg, bad_js
         "data.batch_size=8",
         "data.on_bad_sample=raise",
     )
-    with pytest.raises(BadSampleError, match=r"record 2: image not found: .*missing.png"):
+    # record 2 is line 3 of the file; found by the check of every source, before any weight loads
+    with pytest.raises(BadSampleError, match=r"data\.jsonl:3: image not found: .*missing\.png"):
         train(cfg)

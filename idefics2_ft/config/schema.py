@@ -92,6 +92,8 @@ class DataConfig:
     max_val_samples: int | None = None
     max_length: int | None = 2048
     on_bad_sample: str = "skip"  # skip | raise
+    # an answer that max_length cuts before its <end_of_utterance>: skipped and counted, or trained on
+    train_on_truncated: bool = False
     batch_size: int = 4
     eval_batch_size: int = 8
     num_workers: int = 0
@@ -171,6 +173,9 @@ class ExportConfig:
     adapter_only: bool = False  # export just the PEFT adapter (with its own card), no merge
     out_dir: str | None = None  # default: <run_dir>/export
     dtype: str = "auto"  # the full-precision base to merge into: auto = bf16 on CUDA, fp32 on the CPU
+    # QLoRA: merge into the dequantized NF4 weights the adapter was trained against (the export then
+    # answers as the trained model did), or into the original full-precision base weights
+    merge_into: str = "dequantized"  # dequantized | original
     parity_samples: int = 4  # validation records the merged and unmerged models must agree on
     parity_atol: float | None = None  # max |logit difference|; None: 1e-3 in fp32, 0.1 in bf16/fp16
     max_shard_size: str = "2GB"

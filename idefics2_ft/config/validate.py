@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
+        if len(problems) == 1:  # one line, as logs are read (grep, SLURM files)
+            super().__init__(f"1 problem in the config: {problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
 
@@ -127,13 +130,45 @@ def slurm_problems(cfg: DictConfig, env: dict[str, str] | None = None) -> list[s
     return problems
 
 
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys the schema does not know (Hydra's ``+key=value`` adds them, and nothing would read them),
+    each with the nearest valid key."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from idefics2_ft.config.schema import TrainConfig
+
+    problems: list[str] = []
+
+    def walk(node: DictConfig, schema: DictConfig, prefix: str) -> None:
+        known = list(schema.keys())
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            if key not in known:
+                near = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+                hint = (
+                    f"did you mean {prefix}{near[0]}?"
+                    if near
+                    else f"the keys of {prefix.rstrip('.') or 'the root'} are {known}."
+                )
+                problems.append(f"{full} is not a config key, so nothing would read it: {hint}")
+                continue
+            child = schema._get_node(key)  # the node itself: reading a MISSING value would raise
+            if isinstance(child, DictConfig) and isinstance(node._get_node(key), DictConfig):
+                walk(node._get_node(key), child, f"{full}.")
+
+    walk(cfg, OmegaConf.structured(TrainConfig), "")
+    return [p for p in problems if not p.startswith("hydra")]
+
+
 def validate(cfg: DictConfig) -> None:
     """Check everything that can be checked before any weight loads.
 
     Raises:
         ConfigError: listing every problem found, each with what to do.
     """
-    problems: list[str] = []
+    problems: list[str] = unknown_keys(cfg)
     m, p, d, o, t = cfg.model, cfg.peft, cfg.data, cfg.optim, cfg.trainer
     on_gpu = cuda_available() and t.accelerator in ("auto", "gpu", "cuda")
 
@@ -231,6 +266,7 @@ def validate(cfg: DictConfig) -> None:
     if e.adapter_only and p.method == "full":
         problems.append("export.adapter_only=true with peft.method=full: there is no adapter; drop adapter_only.")
     _choice(problems, "export.dtype", e.dtype, DTYPES)
+    _choice(problems, "export.merge_into", e.merge_into, ("dequantized", "original"))
 
     if cfg.resume and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file():
         problems.append(

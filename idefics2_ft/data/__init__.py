@@ -10,26 +10,30 @@ from idefics2_ft.data.collator import (
     IGNORE_INDEX,
     BadSample,
     BadSampleError,
+    DataError,
     Idefics2Collator,
     count_images,
     format_labels,
     message_text,
 )
 from idefics2_ft.data.datamodule import Idefics2DataModule, ResumableSampler
-from idefics2_ft.data.sources import RecordDataset, Row, build_rows, load_image
+from idefics2_ft.data.sources import RecordDataset, Row, build_rows, check_sources, load_image, to_rgb
 
 __all__ = [
     "IGNORE_INDEX",
     "BadSample",
     "BadSampleError",
+    "DataError",
     "Idefics2Collator",
     "Idefics2DataModule",
     "RecordDataset",
     "ResumableSampler",
     "Row",
     "build_rows",
+    "check_sources",
     "count_images",
     "format_labels",
     "load_image",
     "message_text",
+    "to_rgb",
 ]

@@ -34,9 +34,17 @@ class BadSample:
     index: int
     reason: str
     kind: str = "other"  # a short key for counting: missing_image, empty_answer, too_long, ...
+    origin: str | None = None  # where the record came from: "train.jsonl:12", "easy-vqa[test] question 7"
+
+    def where(self) -> str:
+        return self.origin or f"record {self.index}"
 
 
-class BadSampleError(ValueError):
+class DataError(ValueError):
+    """The data cannot be read as configured: the message names the file (and line) and the fix."""
+
+
+class BadSampleError(DataError):
     """Raised for a bad record when ``data.on_bad_sample=raise``."""
 
 
@@ -68,6 +76,9 @@ class Idefics2Collator:
         add_generation_prompt: drop the last assistant turn and end with ``Assistant:`` (for
             generation); its text is returned as ``targets``.
         on_bad_sample: "skip" (count it) or "raise".
+        train_on_truncated: keep a training sample whose answer ``max_length`` cuts short (it then
+            has no closing ``<end_of_utterance>`` to learn, which teaches the model not to stop);
+            by default such a sample is skipped and counted as ``answer_truncated``.
     """
 
     def __init__(
@@ -77,6 +88,7 @@ class Idefics2Collator:
         padding_side: str = "right",
         add_generation_prompt: bool = False,
         on_bad_sample: str = "skip",
+        train_on_truncated: bool = False,
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'.")
@@ -88,11 +100,13 @@ class Idefics2Collator:
         self.padding_side = padding_side
         self.add_generation_prompt = add_generation_prompt
         self.on_bad_sample = on_bad_sample
+        self.train_on_truncated = train_on_truncated
         self.fake_token = processor.fake_image_token
         self.image_token = processor.image_token
         self.fake_id = self.tokenizer.convert_tokens_to_ids(self.fake_token)
         self.image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eou = str(processor.end_of_utterance_token)
+        self.eou_id = self.tokenizer.convert_tokens_to_ids(self.eou)
         splits = 5 if getattr(processor.image_processor, "do_image_splitting", False) else 1
         self.tokens_per_image = processor.image_seq_len * splits
         self.image_str = (self.fake_token + self.image_token * processor.image_seq_len + self.fake_token) * splits
@@ -143,19 +157,20 @@ class Idefics2Collator:
     def encode(self, record: dict) -> dict | BadSample:
         """Tokenize one record; returns a dict of lists, or ``BadSample`` if nothing learnable fits."""
         index = record.get("index", -1)
+        origin = record.get("origin")
         messages = record["messages"]
         images = list(record.get("images") or [])
         target = None
         if self.add_generation_prompt:
             if not messages or messages[-1]["role"] != "assistant":
-                return BadSample(index, "no assistant turn to generate", "no_assistant_turn")
+                return BadSample(index, "no assistant turn to generate", "no_assistant_turn", origin)
             target = message_text(messages[-1])
             messages = messages[:-1]
         text, spans = self.render(messages, add_generation_prompt=self.add_generation_prompt)
         n_placeholders = count_images(messages)
         if n_placeholders > len(images):
             return BadSample(
-                index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders"
+                index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders", origin
             )
         images = images[:n_placeholders]
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
@@ -172,7 +187,15 @@ class Idefics2Collator:
             kept_images = sum(1 for t in ids[:cut] if t == self.image_id) // self.tokens_per_image
             ids, labels, images = ids[:cut], labels[:cut], images[:kept_images]
             if not self.add_generation_prompt and all(x == IGNORE_INDEX for x in labels):
-                return BadSample(index, f"too long: no answer token fits in max_length={self.max_length}", "too_long")
+                reason = f"too long: no answer token fits in max_length={self.max_length}"
+                return BadSample(index, reason, "too_long", origin)
+            cut_answer = labels[-1] != IGNORE_INDEX and ids[-1] != self.eou_id  # stopped inside an answer
+            if not self.add_generation_prompt and cut_answer and not self.train_on_truncated:
+                reason = (
+                    f"an answer is cut by max_length={self.max_length} before its <end_of_utterance> "
+                    "(raise data.max_length, or set data.train_on_truncated=true to train on it anyway)"
+                )
+                return BadSample(index, reason, "answer_truncated", origin)
         out = {"input_ids": ids, "labels": labels, "images": images}
         if target is not None:
             out["target"] = target
@@ -199,7 +222,7 @@ class Idefics2Collator:
             if isinstance(item, BadSample):
                 if self.on_bad_sample == "raise":
                     raise BadSampleError(
-                        f"record {item.index}: {item.reason} (set data.on_bad_sample=skip to skip such records)"
+                        f"{item.where()}: {item.reason} (set data.on_bad_sample=skip to skip such records)"
                     )
                 bad.append(item)
             else:

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
-from idefics2_ft.data.collator import BadSample, Idefics2Collator
+from idefics2_ft.data.collator import BadSample, DataError, Idefics2Collator
 from idefics2_ft.data.sources import RecordDataset, build_rows
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ class ValCollator:
     """Validation batches: right-padded inputs for ``val/loss`` and left-padded prompts to generate from."""
 
     def __init__(self, processor: Any, max_length: int | None, on_bad_sample: str) -> None:
-        self.loss = Idefics2Collator(processor, max_length, "right", on_bad_sample=on_bad_sample)
+        # the loss of a truncated answer is still a loss: measured, not skipped
+        self.loss = Idefics2Collator(
+            processor, max_length, "right", on_bad_sample=on_bad_sample, train_on_truncated=True
+        )
         self.gen = Idefics2Collator(
             processor, max_length, "left", add_generation_prompt=True, on_bad_sample=on_bad_sample
         )
@@ -87,17 +90,62 @@ class Idefics2DataModule(L.LightningDataModule):
         self.cfg, self.processor = data_cfg, processor
         # what the resumable sampler needs to lay out (and skip into) the whole run's batches
         self.seed, self.max_steps, self.accumulate = seed, max_steps, accumulate
+        self.val_is_train = False
         self.train_set: RecordDataset | None = None
         self.val_set: RecordDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = RecordDataset(build_rows(self.cfg, "train"), self.cfg.max_train_samples)
+            crops = 5 if self.cfg.do_image_splitting else 1
+            per_crop = self.processor.image_seq_len
+            log.info(
+                "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",
+                *(self.cfg.longest_edge, "on" if crops > 1 else "off", crops * per_crop, crops, per_crop),
+            )
         if self.val_set is None:
             self.val_set = RecordDataset(build_rows(self.cfg, "val"), self.cfg.max_val_samples)
+            self._check_val_is_not_train()
+
+    def _check_val_is_not_train(self) -> None:
+        """A saved dataset with one split serves both sets: validation would score the training data."""
+        rows = self.val_set.rows
+        self.val_is_train = bool(getattr(rows, "single_split", False)) and self.cfg.source == "hub"
+        if not self.val_is_train:
+            return
+        message = (
+            f"data.path={self.cfg.path} holds one split, so validation reads the training records: its metrics "
+            "measure memorisation. Save a DatasetDict with a validation split (or use data=jsonl with "
+            "data.val_file)."
+        )
+        if self.cfg.on_bad_sample == "raise":
+            raise DataError(message)
+        log.warning("%s It is recorded as data/val_is_train=1 in metrics.json.", message)
+
+    def first_batch(self) -> dict[str, Any]:
+        """The first ``batch_size`` training records collated, to fail before any weight loads.
+
+        Raises:
+            DataError: every one of them is bad (or the first bad one, with ``on_bad_sample=raise``).
+        """
+        records = [self.train_set[i] for i in range(min(self.cfg.batch_size, len(self.train_set)))]
+        batch = self.train_collator()(records)
+        if "input_ids" not in batch:
+            raise DataError(
+                f"The first {self.cfg.batch_size} training records are all bad ({batch['bad_samples'][:2]}...): "
+                "check data.* paths and column names."
+            )
+        return batch
 
     def train_collator(self) -> Idefics2Collator:
-        return Idefics2Collator(self.processor, self.cfg.max_length, "right", on_bad_sample=self.cfg.on_bad_sample)
+        c = self.cfg
+        return Idefics2Collator(
+            self.processor,
+            c.max_length,
+            "right",
+            on_bad_sample=c.on_bad_sample,
+            train_on_truncated=c.train_on_truncated,
+        )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

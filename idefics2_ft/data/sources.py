@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
 
-from idefics2_ft.data.collator import BadSample, count_images, message_text
+from idefics2_ft.data.collator import BadSample, BadSampleError, DataError, count_images, message_text
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Row:
     answers: list[str] = field(default_factory=list)  # all references, for validation metrics
     id: Any = None
     question_type: str | None = None
+    origin: str | None = None  # where it came from, for messages: "file.jsonl:12", "dataset[split] row 7"
 
 
 def qa_messages(question: str, answer: str, system_prompt: str | None = None, n_images: int = 1) -> list[dict]:
@@ -59,7 +60,7 @@ def easyvqa_rows(split: str, system_prompt: str | None = None) -> list[Row]:
     import easy_vqa
 
     if split not in ("train", "test"):
-        raise ValueError(f"data.train_split / data.val_split={split!r}: easy-VQA ships 'train' and 'test'.")
+        raise DataError(f"data.train_split / data.val_split={split!r}: easy-VQA ships 'train' and 'test'.")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     return [
@@ -69,6 +70,7 @@ def easyvqa_rows(split: str, system_prompt: str | None = None) -> list[Row]:
             answers=[a],
             id=f"{split}-{n}",
             question_type=easyvqa_question_type(a),
+            origin=f"easy-vqa[{split}] question {n}",
         )
         for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
@@ -78,14 +80,21 @@ def jsonl_rows(path: str) -> list[Row]:
     """One record per line; ``images`` are paths relative to the file's folder (or absolute)."""
     folder = Path(path).resolve().parent
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "save the file as UTF-8."
+                ) from err
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from err
+                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from err
             images = [str(folder / p) if isinstance(p, str) else p for p in obj.get("images", [])]
             messages = obj.get("messages", [])
             answers = obj.get("answers")
@@ -99,6 +108,7 @@ def jsonl_rows(path: str) -> list[Row]:
                     answers=list(answers),
                     id=obj.get("id", line_no),
                     question_type=obj.get("question_type"),
+                    origin=f"{path}:{line_no}",
                 )
             )
     return rows
@@ -114,23 +124,31 @@ class HubRows(Sequence):
         import datasets
 
         path = data_cfg.path
+        self.single_split = False  # a folder holding one split serves whichever split is asked for
         if Path(path).is_dir() and (Path(path) / "dataset_info.json").is_file():
             dataset = datasets.load_from_disk(path)
+            self.single_split = True
         elif Path(path).is_dir() and (Path(path) / "dataset_dict.json").is_file():
-            dataset = datasets.load_from_disk(path)[split]
+            dataset = datasets.load_from_disk(path)
         else:
             dataset = datasets.load_dataset(path, data_cfg.name, split=split)
         if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(
+                    f"dataset {path!r} has no split {split!r}; its splits are {sorted(dataset)}. "
+                    "Set data.train_split / data.val_split to one of them."
+                )
             dataset = dataset[split]
         needed = [data_cfg.question_column, data_cfg.answer_column, data_cfg.image_column]
         missing = [c for c in needed if c not in dataset.column_names]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"dataset {path!r} split {split!r} has no column(s) {missing}; it has {dataset.column_names}. "
                 "Map them with data.question_column / data.answer_column / data.image_column."
             )
         self.dataset = dataset.cast_column(data_cfg.image_column, datasets.Image(decode=False))
         self.cfg = data_cfg
+        self.origin = f"{path}[{split}]"
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -152,6 +170,7 @@ class HubRows(Sequence):
             answers=answers,
             id=item.get(c.id_column) if c.id_column else index,
             question_type=qtype,
+            origin=f"{self.origin} row {index}",
         )
 
 
@@ -170,11 +189,43 @@ def load_image(ref: Any) -> Image.Image:
         ref = io.BytesIO(ref)
     image = Image.open(ref)
     image.load()
-    return image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A faithful 8-bit RGB image from any mode Pillow opens.
+
+    ``convert("RGB")`` clips 16- and 32-bit grayscale (``I;16``, ``I``) to 0..255, which turns a
+    16-bit scan almost white, and drops transparency onto whatever colour hides under it. Here
+    integer images are scaled from their bit depth, float images from [0, 1], and transparent
+    pixels are laid on white (the paper a document is printed on).
+    """
+    import numpy as np
+
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(2**31 - 1)
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+ROLES = ("system", "user", "assistant")
 
 
 def check_row(row: Row) -> tuple[str, str] | None:
     """What makes a row untrainable, as ``(kind, reason)``, or None if it is fine (images not opened)."""
+    unknown = sorted({str(m.get("role")) for m in row.messages if m.get("role") not in ROLES})
+    if unknown:
+        return "unknown_role", f"unknown role(s) {unknown}: use one of {', '.join(ROLES)}"
     assistant = [m for m in row.messages if m.get("role") == "assistant"]
     if not assistant:
         return "no_assistant_turn", "no assistant turn"
@@ -183,6 +234,11 @@ def check_row(row: Row) -> tuple[str, str] | None:
     placeholders = count_images(row.messages)
     if placeholders > len(row.images):
         return "too_many_placeholders", f"{placeholders} image placeholders but {len(row.images)} images"
+    if placeholders < len(row.images):  # the extra images would be dropped without a word
+        return (
+            "too_many_images",
+            f"{len(row.images)} images but {placeholders} image placeholders: add one {{'type': 'image'}} per image",
+        )
     return None
 
 
@@ -206,17 +262,19 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict | BadSample:
         row = self.rows[index]
+        origin = row.origin or f"record {index}"
         problem = check_row(row)
         if problem:
-            return BadSample(index, problem[1], problem[0])
+            return BadSample(index, problem[1], problem[0], origin)
         try:
             images = [load_image(ref) for ref in row.images]
         except FileNotFoundError as err:
-            return BadSample(index, f"image not found: {err.filename}", "missing_image")
+            return BadSample(index, f"image not found: {err.filename}", "missing_image", origin)
         except Exception as err:  # PIL raises many types for a corrupt file
-            return BadSample(index, f"unreadable image: {type(err).__name__}: {err}", "unreadable_image")
+            return BadSample(index, f"unreadable image: {type(err).__name__}: {err}", "unreadable_image", origin)
         return {
             "index": index,
+            "origin": origin,
             "images": images,
             "messages": row.messages,
             "answers": row.answers,
@@ -234,4 +292,35 @@ def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
         return jsonl_rows(data_cfg.train_file if split_key == "train" else data_cfg.val_file)
     if data_cfg.source in ("docvqa", "hub"):
         return HubRows(data_cfg, split)
-    raise ValueError(f"data.source={data_cfg.source!r} is not one of easyvqa, docvqa, jsonl, hub.")
+    raise DataError(f"data.source={data_cfg.source!r} is not one of easyvqa, docvqa, jsonl, hub.")
+
+
+def check_sources(data_cfg: DictConfig) -> dict[str, int]:
+    """Read both splits and check every record before anything trains (stage 1 included).
+
+    Reading parses the files (a bad JSON or non-UTF-8 line, a missing split fail here, with the file
+    and line); checking applies ``check_row`` and looks for image files on disk, without opening
+    them. Returns the bad records per ``<split>/<kind>``.
+
+    Raises:
+        BadSampleError: with ``data.on_bad_sample=raise``, at the first bad record, naming where it is.
+    """
+    counts: dict[str, int] = {}
+    for split_key, limit in (("train", data_cfg.max_train_samples), ("val", data_cfg.max_val_samples)):
+        rows = build_rows(data_cfg, split_key)
+        for index in range(len(rows) if limit is None else min(limit, len(rows))):
+            row = rows[index]
+            problem = check_row(row)
+            missing = [ref for ref in row.images if isinstance(ref, str) and not Path(ref).is_file()]
+            if problem is None and missing:
+                problem = ("missing_image", f"image not found: {missing[0]}")
+            if problem is None:
+                continue
+            if data_cfg.on_bad_sample == "raise":
+                where = row.origin or f"{split_key} record {index}"
+                raise BadSampleError(f"{where}: {problem[1]} (set data.on_bad_sample=skip to skip such records)")
+            key = f"{split_key}/{problem[0]}"
+            counts[key] = counts.get(key, 0) + 1
+    if counts:
+        log.warning("Data check: %d bad record(s) will be skipped: %s", sum(counts.values()), counts)
+    return counts

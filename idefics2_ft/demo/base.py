@@ -82,7 +82,9 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
             rows = rows[: cfg.data.max_train_samples]
         with torch.random.fork_rng(devices=[]):  # stage 1 draws from its own seed, and leaves the caller's stream alone
             torch.manual_seed(t.seed)
-            report = pretrain_tiny_base(model, processor, rows, t, progress=cfg.trainer.enable_progress_bar)
+            report = pretrain_tiny_base(
+                model, processor, rows, t, cfg.trainer.enable_progress_bar, cfg.data.on_bad_sample
+            )
     report["stage1/wall_s"] = time.perf_counter() - start
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from idefics2_ft.data.collator import Idefics2Collator
+from idefics2_ft.data.collator import BadSampleError, DataError, Idefics2Collator
 from idefics2_ft.data.sources import RecordDataset, load_image
 
 
@@ -18,7 +18,21 @@ def _image_features(model, pixel_values, pixel_attention_mask) -> torch.Tensor:
     return torch.stack([f.mean(0) for f in features])  # each f: [n_latents, D]
 
 
-def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> dict[str, float]:
+def _load_or_skip(path: str, on_bad_sample: str):
+    """The image at ``path``, or None (skipped) when it cannot be read and ``on_bad_sample=skip``."""
+    try:
+        return load_image(path)
+    except Exception as err:  # PIL raises many types for a corrupt file
+        if on_bad_sample == "raise":
+            raise BadSampleError(
+                f"stage 1: image {path}: {type(err).__name__}: {err} (set data.on_bad_sample=skip to skip it)"
+            ) from err
+        return None
+
+
+def pretrain_tiny_base(
+    model, processor, rows, tiny, progress: bool = True, on_bad_sample: str = "skip"
+) -> dict[str, float]:
     """Stage 1: make a random tiny base behave like a (very small) pretrained one.
 
     (a) ``tiny.vision_pretrain_steps``: the vision tower and the connector learn, through a
@@ -61,7 +75,10 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
             batch = rng.sample(images, min(32, len(images)))
             for path in batch:
                 if path not in cache:
-                    cache[path] = load_image(path)
+                    cache[path] = _load_or_skip(path, on_bad_sample)
+            batch = [p for p in batch if cache[p] is not None]
+            if not batch:
+                continue
             pics = [[cache[p]] for p in batch]
             px = processor.image_processor(pics, return_tensors="pt")
             target = torch.zeros(len(batch), len(vocab))
@@ -74,10 +91,13 @@ def pretrain_tiny_base(model, processor, rows, tiny, progress: bool = True) -> d
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not any(v is not None for v in cache.values()):
+            raise DataError("stage 1: no training image could be read: check the image paths of data.train_file.")
         report["stage1/vision_loss"] = loss.item()
+        report["stage1/skipped_images"] = sum(1 for v in cache.values() if v is None)
     if tiny.pretrain_steps:
         dataset = RecordDataset(rows)
-        collator = Idefics2Collator(processor, on_bad_sample="skip")
+        collator = Idefics2Collator(processor, on_bad_sample=on_bad_sample)
         optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=tiny.pretrain_lr, total_steps=tiny.pretrain_steps, pct_start=0.1

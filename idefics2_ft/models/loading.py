@@ -10,7 +10,7 @@ import os
 from collections import defaultdict
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForConditionalGeneration
 
 from idefics2_ft.models.chat_template import IDEFICS2_CHAT_TEMPLATE
@@ -171,3 +171,41 @@ def non_finite_parameters(model_or_state: torch.nn.Module | dict[str, torch.Tens
         if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
             bad.append(name)
     return bad
+
+
+@torch.no_grad()
+def dequantized_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weight of every 4-bit linear layer, dequantized as its training forward does: ``{module name: W}``."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            out[name] = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to("cpu", dtype)
+    return out
+
+
+def load_full_precision(
+    path: str, model_cfg: DictConfig, peft_cfg: DictConfig, dtype: torch.dtype, dequantized: bool = True
+) -> Idefics2ForConditionalGeneration:
+    """The base in ``dtype`` with no quantization, to merge an adapter into or evaluate it on.
+
+    With ``dequantized`` and a 4-bit ``peft.quantize``, the layers that training held in 4 bits get
+    the dequantized NF4 weights the adapter was trained against, instead of the original weights
+    (which differ from them by the quantization error).
+    """
+    full_cfg = OmegaConf.merge(model_cfg, {"dtype": str(dtype).removeprefix("torch.")})
+    no_quant = OmegaConf.merge(peft_cfg, {"quantize": None})
+    if not dequantized or peft_cfg.quantize is None:
+        return load_idefics2(path, full_cfg, no_quant)
+    quantized = load_idefics2(path, full_cfg, peft_cfg)  # as trained
+    weights = dequantized_weights(quantized, dtype)
+    del quantized
+    model = load_idefics2(path, full_cfg, no_quant)
+    for name, weight in weights.items():
+        model.get_submodule(name).weight.data.copy_(weight)
+    log.info(
+        "Full-precision base with the dequantized %s weights of %d layers.", peft_cfg.quantize.upper(), len(weights)
+    )
+    return model

@@ -1,7 +1,7 @@
 """The Lightning Trainer's assembly: loggers, checkpointing, and our callbacks (divergence guard, crash
 rehearsal, SLURM preemption and requeue)."""
 
-from idefics2_ft.trainer.assemble import make_trainer, resolve_precision
+from idefics2_ft.trainer.assemble import describe_run, make_trainer, resolve_precision
 from idefics2_ft.trainer.callbacks import (
     CrashAt,
     Diverged,
@@ -24,6 +24,7 @@ __all__ = [
     "Preempted",
     "RehearsedCrash",
     "StopOnSlurmSignal",
+    "describe_run",
     "make_logger",
     "make_trainer",
     "remove_stale_temp_files",

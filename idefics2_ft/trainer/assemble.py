@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,6 +17,8 @@ from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
 from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
 from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
 from idefics2_ft.trainer.loggers import TrimReplayedRows, make_logger
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(name: str) -> str:
@@ -55,7 +59,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(StopOnSlurmSignal())
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -77,3 +81,24 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         deterministic=t.deterministic,
         use_distributed_sampler=False,  # the DataModule shards the data itself (resumable)
     )
+    log.info(
+        "Effective batch: %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
+        *(cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, accumulation(cfg)),
+        cfg.data.batch_size * trainer.world_size * accumulation(cfg),
+    )
+    return trainer
+
+
+def describe_run(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
+    """What a finished fit ran on: steps, world size, the effective batch, the hardware."""
+    accumulate = accumulation(cfg)
+    on_gpu = torch.cuda.is_available() and trainer.on_gpu
+    return {
+        "train/steps": trainer.global_step,
+        "train/world_size": trainer.world_size,
+        "train/effective_batch": cfg.data.batch_size * trainer.world_size * accumulate,
+        "train/accumulate_grad_batches": accumulate,
+        "hardware": f"{trainer.world_size} x {torch.cuda.get_device_name(0)}"
+        if on_gpu
+        else f"CPU, {torch.get_num_threads()} threads",
+    }
