@@ -205,3 +205,33 @@ def test_bad_records_are_counted_once_however_often_they_are_read(pictures, tiny
         )
     )
     assert metrics["data/skipped/train/missing_image"] == 1
+
+
+def _modes():
+    base = Image.new("RGB", (8, 8), (200, 100, 50))
+    gray16 = np.full((8, 8), 51400, dtype=np.uint16)  # 51400 / 65535 * 255 = 200
+    cases = {m: (base.convert(m), None) for m in ["1", "L", "P", "CMYK", "YCbCr", "HSV", "RGBX", "LA", "RGBA"]}
+    cases.update(
+        {
+            "I;16": (Image.fromarray(gray16), (200, 200, 200)),
+            "I;16B": (Image.frombytes("I;16B", (8, 8), gray16.astype(">u2").tobytes()), (200, 200, 200)),
+            "I (32-bit)": (Image.fromarray(np.full((8, 8), 2**30, dtype=np.int32), "I"), (128, 128, 128)),
+            "F": (Image.fromarray(np.full((8, 8), 200 / 255, dtype=np.float32), "F"), (200, 200, 200)),
+            "LAB (white)": (Image.new("LAB", (8, 8), (255, 128, 128)), None),
+            "La (transparent)": (Image.new("La", (8, 8)), (255, 255, 255)),
+            "RGBa (transparent)": (Image.new("RGBa", (8, 8)), (255, 255, 255)),
+            "PA (transparent)": (Image.new("PA", (8, 8)), (255, 255, 255)),
+        }
+    )
+    return cases
+
+
+@pytest.mark.parametrize("mode", sorted(_modes()))
+def test_every_image_mode_becomes_8_bit_rgb(mode):
+    image, expected = _modes()[mode]
+    out = to_rgb(image)
+    assert out.mode == "RGB" and np.asarray(out).dtype == np.uint8
+    if expected is not None:
+        assert out.getpixel((0, 0)) == expected
+    if mode.startswith("LAB"):
+        assert min(out.getpixel((0, 0))) >= 250  # L=100 is white, not the colour convert("RGB") makes of it

@@ -205,8 +205,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(2**31 - 1)
+        peak = values.max(initial=0)
+        # I;16 is 16-bit; "I" holds 32-bit integers: scaled from the smallest depth that fits them
+        # (8-bit values stored as "I" stay as they are)
+        top = (
+            65535.0 if mode.startswith("I;16") else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**31 - 1
+        )
         return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "LAB":  # Pillow's convert("RGB") misreads LAB; a colour transform does it right
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    if mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
+        image, mode = image.convert("LA" if mode == "La" else "RGBA"), "LA" if mode == "La" else "RGBA"
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
