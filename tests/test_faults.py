@@ -310,7 +310,12 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(cache,
         state = torch.load(last, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values())
     TABLE.append(
-        ("divergence (lr 1e6)", line[:160], f"{seconds:.0f} s", "yes (last good checkpoint kept, no NaN adapter)")
+        (
+            "divergence (lr 1e6)",
+            short(line, tmp_path),
+            f"{seconds:.0f} s",
+            "yes (last good checkpoint kept, no NaN adapter)",
+        )
     )
 
 
