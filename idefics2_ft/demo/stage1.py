@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from idefics2_ft.data.collator import BadSampleError, DataError, Idefics2Collator
 from idefics2_ft.data.sources import RecordDataset, load_image
+from idefics2_ft.trainer.progress import LineTicker, on_a_terminal
 
 
 def _image_features(model, pixel_values, pixel_attention_mask) -> torch.Tensor:
@@ -68,10 +69,11 @@ def pretrain_tiny_base(
         bar = tqdm(
             range(tiny.vision_pretrain_steps),
             desc="stage 1a: vision tower + connector",
-            disable=not progress,
+            disable=not (progress and on_a_terminal()),
             mininterval=2.0,
         )
-        for _ in bar:
+        lines = LineTicker("stage 1a: vision tower + connector", tiny.vision_pretrain_steps)
+        for step in bar:
             batch = rng.sample(images, min(32, len(images)))
             for path in batch:
                 if path not in cache:
@@ -91,6 +93,8 @@ def pretrain_tiny_base(
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if progress and bar.disable:
+                lines.tick(step + 1, loss.item())
         if not any(v is not None for v in cache.values()):
             raise DataError("stage 1: no training image could be read: check the image paths of data.train_file.")
         report["stage1/vision_loss"] = loss.item()
@@ -104,7 +108,13 @@ def pretrain_tiny_base(
         )
         order = list(range(len(dataset)))
         rng.shuffle(order)
-        bar = tqdm(range(tiny.pretrain_steps), desc="stage 1b: full training", disable=not progress, mininterval=2.0)
+        bar = tqdm(
+            range(tiny.pretrain_steps),
+            desc="stage 1b: full training",
+            disable=not (progress and on_a_terminal()),
+            mininterval=2.0,
+        )
+        lines = LineTicker("stage 1b: full training", tiny.pretrain_steps)
         for step in bar:
             start = (step * tiny.pretrain_batch_size) % len(order)
             batch = collator([dataset[i] for i in order[start : start + tiny.pretrain_batch_size]])
@@ -118,6 +128,8 @@ def pretrain_tiny_base(
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if progress and bar.disable:
+                lines.tick(step + 1, loss.item())
         report["stage1/lm_loss"] = loss.item()
     model.eval()
     return report

@@ -17,6 +17,7 @@ from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
 from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
 from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
 from idefics2_ft.trainer.loggers import TrimReplayedRows, make_logger
+from idefics2_ft.trainer.progress import LineProgress, on_a_terminal
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))
     # DeepSpeed writes its checkpoints through its own engine; every other strategy through this
     plugins: list = [] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()]
+    # a bar on a terminal; one line every trainer.progress_every_s seconds in a file (SLURM, CI)
+    show_bar = t.enable_progress_bar and on_a_terminal()
+    if t.enable_progress_bar and not show_bar:
+        callbacks.append(LineProgress(t.progress_every_s, cfg.data.batch_size))
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(StopOnSlurmSignal())
@@ -76,7 +81,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         logger=make_logger(cfg, run_dir),
         callbacks=callbacks,
         plugins=plugins,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=show_bar,
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
         use_distributed_sampler=False,  # the DataModule shards the data itself (resumable)

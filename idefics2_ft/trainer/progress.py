@@ -1,0 +1,86 @@
+"""Progress that reads well where training really runs: a bar on a terminal, lines in a file.
+
+Under SLURM and in CI stdout is a file, and a progress bar writes its ``\\r`` redraws into it (the
+demo's log was 115 KB of them). There, ``LineProgress`` logs one line every ``every_s`` seconds,
+and at the first and the last step, instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+def on_a_terminal() -> bool:
+    """True when stdout is a terminal (a progress bar can redraw in place)."""
+    return sys.stdout.isatty()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class LineProgress(Callback):
+    """One log line per ``every_s`` seconds of training (rank 0): step/total, loss, lr, samples/s,
+    the ETA and, on CUDA, the peak memory."""
+
+    def __init__(self, every_s: float = 30.0, batch_size: int = 1) -> None:
+        self.every_s = every_s
+        self.batch_size = batch_size
+        self.samples_per_step = batch_size
+        self._start = self._last = 0.0
+        self._first_step = self._last_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.samples_per_step = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        self._start = self._last = time.perf_counter()
+        self._first_step = self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return  # mid-accumulation, or not rank 0
+        self._last_step = step
+        now = time.perf_counter()
+        first, last = step == self._first_step + 1, step >= trainer.max_steps
+        if not (first or last or now - self._last >= self.every_s):
+            return
+        self._last = now
+        done, elapsed = step - self._first_step, now - self._start
+        loss = trainer.callback_metrics.get("train/loss")
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        parts = [
+            f"step {step}/{trainer.max_steps}",
+            f"loss {float(loss):.4f}" if loss is not None else "loss -",
+            f"lr {lr:.3g}",
+            f"{done * self.samples_per_step / elapsed:.2f} samples/s" if elapsed > 0 else "",
+            f"ETA {_duration((trainer.max_steps - step) * elapsed / done)}" if done else "",
+        ]
+        if torch.cuda.is_available() and trainer.on_gpu:
+            parts.append(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+        log.info("  ".join(p for p in parts if p))
+
+
+class LineTicker:
+    """The same for a plain loop (the demo's stage 1): ``tick(step, loss)`` logs at most every ``every_s``."""
+
+    def __init__(self, name: str, total: int, every_s: float = 30.0) -> None:
+        self.name, self.total, self.every_s = name, total, every_s
+        self._start = self._last = time.perf_counter()
+
+    def tick(self, step: int, loss: float) -> None:
+        now = time.perf_counter()
+        if step not in (1, self.total) and now - self._last < self.every_s:
+            return
+        self._last = now
+        rate = step / (now - self._start) if now > self._start else 0.0
+        eta = _duration((self.total - step) / rate) if rate else "-"
+        log.info("%s: step %d/%d  loss %.4f  %.2f steps/s  ETA %s", self.name, step, self.total, loss, rate, eta)
