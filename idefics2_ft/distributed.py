@@ -131,21 +131,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def sum_across_ranks(counts: dict[str, int]) -> dict[str, int]:
-    """Counts of every rank added up (each rank saw its own shard of the data)."""
-    import torch.distributed as dist
-
-    if _world_size() == 1:
-        return counts
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, counts)
-    total: dict[str, int] = {}
-    for part in gathered:
-        for k, v in part.items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
 def check_ranks_in_sync(state: dict[str, torch.Tensor]) -> bool:
     """True if every rank holds the same trainable weights (``full_trainable_state``; always true on
     one process).

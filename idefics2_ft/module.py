@@ -16,7 +16,6 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from idefics2_ft.distributed import sum_across_ranks
 from idefics2_ft.metrics import anls, exact_match
 
 log = logging.getLogger(__name__)
@@ -127,9 +126,14 @@ class Idefics2Module(L.LightningModule):
                 self.skipped[key] += 1
 
     def skipped_metrics(self) -> dict[str, int]:
-        """``data/skipped`` and ``data/skipped/<stage>/<kind>``, summed over ranks (each saw its own
-        shard of the data); logs a warning naming them."""
-        skipped = sum_across_ranks(dict(self.skipped))
+        """``data/skipped`` and ``data/skipped/<stage>/<kind>`` over all ranks, each record once (a
+        record can fall to another rank in another epoch); logs a warning naming them."""
+        seen = set(self._bad_seen)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, seen)
+            seen = set().union(*gathered)
+        skipped = dict(Counter(key for key, _ in seen))
         metrics = {"data/skipped": sum(skipped.values())}
         metrics.update({f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
         if skipped:
