@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>
     try:
         train(cfg)
+        _close_process_group()
     except (ConfigError, DataError) as err:
         logging.getLogger("idefics2_ft").error("%s", err)
         _remove_if_empty(Path(cfg.run_dir))  # Hydra made the folder; a refused run leaves none behind
@@ -34,6 +35,19 @@ def main(cfg: DictConfig) -> None:
     except Preempted as stop:  # checkpointed and requeued: not a failure
         logging.getLogger("idefics2_ft").warning("%s", stop)
         sys.exit(0)
+
+
+def _close_process_group() -> None:
+    """Every rank waits for the others (rank 0 saves last), then the process group is closed.
+
+    Left to interpreter shutdown, gloo's threads can outlive it: a SLURM rank was seen to abort
+    ("terminate called without an active exception") after a finished run, failing the job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _remove_if_empty(folder: Path) -> None:
