@@ -19,6 +19,12 @@ def _image_features(model, pixel_values, pixel_attention_mask) -> torch.Tensor:
     return torch.stack([f.mean(0) for f in features])  # each f: [n_latents, D]
 
 
+def _progress(name: str, total: int, progress: bool) -> tuple[tqdm, LineTicker]:
+    """A bar over ``range(total)`` on a terminal (disabled elsewhere), and the lines that replace it."""
+    bar = tqdm(range(total), desc=name, disable=not (progress and on_a_terminal()), mininterval=2.0)
+    return bar, LineTicker(name, total)
+
+
 def _load_or_skip(path: str, on_bad_sample: str):
     """The image at ``path``, or None (skipped) when it cannot be read and ``on_bad_sample=skip``."""
     try:
@@ -66,13 +72,7 @@ def pretrain_tiny_base(
         params = [*model.model.vision_model.parameters(), *model.model.connector.parameters(), *probe.parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         cache: dict[str, object] = {}
-        bar = tqdm(
-            range(tiny.vision_pretrain_steps),
-            desc="stage 1a: vision tower + connector",
-            disable=not (progress and on_a_terminal()),
-            mininterval=2.0,
-        )
-        lines = LineTicker("stage 1a: vision tower + connector", tiny.vision_pretrain_steps)
+        bar, lines = _progress("stage 1a: vision tower + connector", tiny.vision_pretrain_steps, progress)
         for step in bar:
             batch = rng.sample(images, min(32, len(images)))
             for path in batch:
@@ -108,13 +108,7 @@ def pretrain_tiny_base(
         )
         order = list(range(len(dataset)))
         rng.shuffle(order)
-        bar = tqdm(
-            range(tiny.pretrain_steps),
-            desc="stage 1b: full training",
-            disable=not (progress and on_a_terminal()),
-            mininterval=2.0,
-        )
-        lines = LineTicker("stage 1b: full training", tiny.pretrain_steps)
+        bar, lines = _progress("stage 1b: full training", tiny.pretrain_steps, progress)
         for step in bar:
             start = (step * tiny.pretrain_batch_size) % len(order)
             batch = collator([dataset[i] for i in order[start : start + tiny.pretrain_batch_size]])
