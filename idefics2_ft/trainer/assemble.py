@@ -39,6 +39,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     step-boundary stop (``StopOnSlurmSignal``) replaces Lightning's in-handler checkpoint and requeue.
     """
     t = cfg.trainer
+    accumulate = accumulation(cfg)
     checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
     if is_rank_zero():
         remove_stale_temp_files(checkpoint_dir)
@@ -71,7 +72,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         strategy=make_strategy(cfg),
         precision=resolve_precision(t.precision),
         max_steps=t.max_steps,
-        accumulate_grad_batches=accumulation(cfg),
+        accumulate_grad_batches=accumulate,
         gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None if t.val_check_interval else 1,
@@ -88,15 +89,15 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
     log.info(
         "Effective batch: %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
-        *(cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, accumulation(cfg)),
-        cfg.data.batch_size * trainer.world_size * accumulation(cfg),
+        *(cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, accumulate),
+        cfg.data.batch_size * trainer.world_size * accumulate,
     )
     return trainer
 
 
 def describe_run(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
     """What a finished fit ran on: steps, world size, the effective batch, the hardware."""
-    accumulate = accumulation(cfg)
+    accumulate = trainer.accumulate_grad_batches  # as make_trainer set it from the config
     on_gpu = torch.cuda.is_available() and trainer.on_gpu
     return {
         "train/steps": trainer.global_step,
