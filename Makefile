@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-gpu test-slurm test-faults lint format clean
+.PHONY: help install demo test test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster (root): sbatc
 test-faults: $(VENV)/.installed ## fault injection through train.py: bad inputs in both modes, kill -9 and resume, divergence, reused folders
 	$(PY) -m pytest -q -m faults
 	@cat outputs/fault_table.md
+
+checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b checkpoint and DocVQA-like pages into the cache
+	$(PY) scripts/build_8b.py
+
+test-8b: $(VENV)/.installed ## the real-size 8B (random init) through recipe=docvqa_qlora on the CPU: 2 steps, resume, validation, export (~25 min, 16 GB disk)
+	$(PY) -m pytest -q -s -m big8b
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

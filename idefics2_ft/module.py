@@ -66,6 +66,7 @@ class Idefics2Module(L.LightningModule):
         self._step_start: float | None = None
         self._pending_rng: torch.Tensor | None = None
         self._step_rng: tuple[int, torch.Tensor | None] = (-1, None)
+        self.first_step = 0  # the optimizer step this fit started at (after a resume, the restored one)
 
     def configure_model(self) -> None:
         # Called for every fit/validate, before the first forward (4-bit weights shard only then).
@@ -77,6 +78,7 @@ class Idefics2Module(L.LightningModule):
         # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's
         # mode: without this, LoRA dropout would silently be off.
         self.model.train()
+        self.first_step = self.global_step
         self._follow_the_schedule()
 
     def _follow_the_schedule(self) -> None:

@@ -26,9 +26,17 @@ from idefics2_ft.distributed import (
     make_shard_fn,
     quant_storage_for,
 )
-from idefics2_ft.models import apply_peft, load_idefics2, load_processor, non_finite_parameters, trainable_parameters
+from idefics2_ft.models import (
+    apply_peft,
+    frozen_fingerprint,
+    load_idefics2,
+    load_processor,
+    non_finite_parameters,
+    trainable_parameters,
+)
 from idefics2_ft.module import Idefics2Module
 from idefics2_ft.optim import make_optimizer_factory, make_schedule
+from idefics2_ft.phases import Phases
 from idefics2_ft.runs import (
     claim_run_dir,
     log_to_file,
@@ -79,28 +87,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    phases = Phases(run_dir / "phases.json" if is_rank_zero() else None)  # wall time and peak memory of each
 
     # 2. the base and the data: a first batch collated before any weight loads
-    model_path = base_path(cfg)
-    base_s = time.perf_counter() - started  # the tiny base's stage 1 when it was built just now
+    with phases("base"):  # the tiny base's stage 1 when it is built just now; else nothing
+        model_path = base_path(cfg)
+    base_s = time.perf_counter() - started
     # Seeded after the base: the run then starts from the same random state whether the tiny base
     # was just built in this process or read from its cache (same seed, same adapter).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if is_rank_zero():
         record_base(cfg, model_path)
-    processor = load_processor(model_path, cfg.data, cfg.model.revision)
-    datamodule = Idefics2DataModule(
-        cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps, accumulate=accumulation(cfg)
-    )
-    datamodule.setup("fit")
-    first = datamodule.first_batch()  # raises DataError if every record of it is bad
+    with phases("data"):
+        processor = load_processor(model_path, cfg.data, cfg.model.revision)
+        datamodule = Idefics2DataModule(
+            cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps, accumulate=accumulation(cfg)
+        )
+        datamodule.setup("fit")
+        first = datamodule.first_batch()  # raises DataError if every record of it is bad
     if cfg.debug.show_labels:
         text = format_labels(first, processor.tokenizer)
         log.info("Learned tokens are in [brackets]:\n%s", text)
         return {"debug/show_labels": text}
 
     # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
-    model = apply_peft(load_idefics2(model_path, cfg.model, cfg.peft), cfg.peft, cfg.model.gradient_checkpointing)
+    with phases("load"):  # read the shards, quantize to NF4, attach the adapters
+        model = load_idefics2(model_path, cfg.model, cfg.peft)
+        model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
     model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
     counts = trainable_parameters(model)
     log.info("Trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -122,23 +135,29 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # 4. fit, with a validation pass before (fresh runs) and after
     resume_from = resume_checkpoint(cfg, run_dir)
     if cfg.eval.before_training and resume_from is None:
-        before = _validate(trainer, module, datamodule, cfg.trainer.limit_val_batches)
+        with phases("validate_before"):
+            before = _validate(trainer, module, datamodule, cfg.trainer.limit_val_batches)
         metrics.update({k.replace("val/", "before/val/", 1): v for k, v in before.items()})
         trainer.limit_val_batches = cfg.trainer.limit_val_batches if cfg.trainer.val_check_interval else 0
-    fit_start = time.perf_counter()
+    frozen_before = frozen_fingerprint(model)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        with phases("fit") as fit:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+            fit["steps"] = trainer.global_step - module.first_step
     except Preempted:
         requeue_slurm_job()
         raise
-    metrics["train/wall_s"] = time.perf_counter() - fit_start
+    fit["s_per_step"] = round(fit["wall_s"] / max(fit["steps"], 1), 3)
+    metrics["train/wall_s"] = fit["wall_s"]
+    metrics["train/frozen_base_unchanged"] = int(_unchanged(frozen_before, frozen_fingerprint(model)))
     metrics.update(describe_run(cfg, trainer))
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
     if non_finite_parameters(trained):  # the divergence guard stops before this; never save such weights
         raise Diverged(f"Trainable weights are not finite after training ({non_finite_parameters(trained)[:3]}).")
     metrics["train/ranks_in_sync"] = check_ranks_in_sync(trained)
     if cfg.eval.at_end:
-        metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
+        with phases("validate"):
+            metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
     if datamodule.val_is_train:
         metrics["data/val_is_train"] = 1
     metrics.update(module.skipped_metrics())  # bad records of every rank, each counted once
@@ -147,17 +166,20 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # 5. save: one ordinary adapter whatever the strategy, the metrics, the predictions; export
     if trainer.is_global_zero:
-        out = weights_dir(run_dir, cfg.peft.method)
-        module.model.save_pretrained(out, state_dict=trained)
-        processor.save_pretrained(out)
-        write_results(run_dir, metrics, getattr(module, "val_predictions", None))
+        with phases("save"):
+            out = weights_dir(run_dir, cfg.peft.method)
+            module.model.save_pretrained(out, state_dict=trained)
+            processor.save_pretrained(out)
+            write_results(run_dir, metrics, getattr(module, "val_predictions", None))
         if cfg.export.at_end or cfg.export.push_to_hub:
             from idefics2_ft.export import export_run
 
-            folder, report = export_run(cfg, metrics)
+            with phases("export"):
+                folder, report = export_run(cfg, metrics)
             metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
             write_results(run_dir, metrics)
             log.info("Export: %s", folder)
+        log.info("Phases: %s (phases.json)", phases.line())
         log.info("Run folder: %s", run_dir)
     return metrics
 
@@ -169,6 +191,14 @@ def base_path(cfg: DictConfig) -> str:
     if recorded is not None:
         return recorded
     return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+
+
+def _unchanged(before: dict, after: dict) -> bool:
+    """Every frozen parameter fingerprinted before the fit is unchanged after it (an error names those that moved)."""
+    moved = [name for name, value in before.items() if name in after and after[name] != value]
+    if moved:
+        log.error("Frozen weights changed during training (a bug, not a setting): %s", ", ".join(moved[:5]))
+    return not moved
 
 
 def _validate(trainer: L.Trainer, module: Idefics2Module, datamodule, limit) -> dict[str, float]:

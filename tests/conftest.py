@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from idefics2_ft.config import register_configs
-from idefics2_ft.demo import build_processor
+from idefics2_ft.models import build_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

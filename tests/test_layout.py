@@ -19,7 +19,7 @@ PACKAGE = ROOT / "idefics2_ft"
 # The layers, lowest first. A room may import its own layer and the ones below, never above.
 # The README's "Layers" section says the same, one line each (tested below).
 LAYERS = [
-    ("foundation", {"config", "versions", "metrics"}),
+    ("foundation", {"config", "versions", "metrics", "phases"}),
     ("data and models", {"data", "models"}),
     ("training pieces", {"module", "optim", "distributed", "memory"}),
     ("the run and the trainer", {"runs", "trainer", "hub"}),

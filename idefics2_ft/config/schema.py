@@ -140,6 +140,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200  # last.ckpt is also written when training ends
     checkpoint_every_n_minutes: float | None = 30.0  # and this often by the clock: a kill loses at most this
+    keep_step_checkpoints: bool = False  # also keep each as checkpoints/epoch=E-step=S.ckpt (last.ckpt is the newest)
     enable_progress_bar: bool = True  # a bar on a terminal; where stdout is a file, one line per progress_every_s
     progress_every_s: float = 30.0
     deterministic: bool = False

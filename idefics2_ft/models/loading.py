@@ -174,6 +174,26 @@ def non_finite_parameters(model_or_state: torch.nn.Module | dict[str, torch.Tens
 
 
 @torch.no_grad()
+def frozen_fingerprint(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """``{name: (sum, sum of squares)}`` in float64 of every frozen parameter: two fingerprints
+    differ if any frozen weight was updated (``train/frozen_base_unchanged``).
+
+    Packed 4-bit weights are read as their 4-bit codes, so the sums do not depend on the order the
+    codes are stored in: bitsandbytes' CPU kernel repacks them on its first forward in eval mode.
+    Sharded parameters (FSDP's DTensors) are skipped: their layout changes when the strategy shards them.
+    """
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad or hasattr(param, "to_local"):
+            continue
+        values = param.detach()
+        if values.dtype == torch.uint8:  # two 4-bit codes per byte
+            values = torch.stack([values & 15, values >> 4])
+        out[name] = (float(values.sum(dtype=torch.float64)), float(values.double().square().sum()))
+    return out
+
+
+@torch.no_grad()
 def dequantized_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weight of every 4-bit linear layer, dequantized as its training forward does: ``{module name: W}``."""
     import bitsandbytes as bnb

@@ -46,7 +46,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     checkpoint = GuardedCheckpoint(
         dirpath=str(checkpoint_dir),
         save_last=True,
-        save_top_k=0,
+        save_top_k=-1 if t.keep_step_checkpoints else 0,
         every_n_train_steps=t.checkpoint_every_n_steps,
         every_n_minutes=t.checkpoint_every_n_minutes,
         save_on_train_epoch_end=True,

@@ -1,4 +1,4 @@
-"""The real Idefics2 processor, built offline.
+"""The real Idefics2 processor, built offline (for the tiny demo model and the random-init 8B).
 
 The tokenizer is Mistral-7B-v0.1's sentencepiece model (shipped by the ``mistral-common`` package)
 plus Idefics2's three added special tokens, with the real ids 32000-32002. Nothing here touches
