@@ -83,7 +83,9 @@ class Phases:
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else None  # rewritten after each phase: a crash keeps the phases before it
+        self.path = (
+            Path(path) if path is not None else None
+        )  # rewritten after each phase: a crash keeps the phases before it
         status = memory_status()
         self.baseline_gb = status["RssAnon"] if status else None  # before any weight loads
         self.records: dict[str, dict[str, Any]] = {}

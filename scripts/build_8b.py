@@ -25,7 +25,9 @@ from idefics2_ft.models.reference import idefics2_8b_config
 DOC_SIZES = ((760, 980), (980, 700), (700, 980), (980, 560))
 
 
-def build(cache: Path, text_layers: int | None = None, n_train: int = 4, n_val: int = 2) -> tuple[Path, dict[str, Path]]:
+def build(
+    cache: Path, text_layers: int | None = None, n_train: int = 4, n_val: int = 2
+) -> tuple[Path, dict[str, Path]]:
     config = idefics2_8b_config()
     name = "idefics2-8b-random"
     if text_layers is not None:
@@ -34,7 +36,9 @@ def build(cache: Path, text_layers: int | None = None, n_train: int = 4, n_val: 
     checkpoint = write_random_checkpoint(cache / name, config)
     docs_dir = cache / "docvqa-like"
     docs = {"train": docs_dir / "train.jsonl", "val": docs_dir / "val.jsonl"}
-    if not all(p.is_file() and sum(1 for _ in p.open()) == n for p, n in zip(docs.values(), (n_train, n_val))):
+    if not all(
+        p.is_file() and sum(1 for _ in p.open()) == n for p, n in zip(docs.values(), (n_train, n_val), strict=True)
+    ):
         docs = write_docs(docs_dir, n_train, n_val, seed=0, sizes=DOC_SIZES)
     return checkpoint, docs
 

@@ -81,7 +81,9 @@ def run_a(built, tmp_path_factory):
     run_dir = root / "a"
     args = [sys.executable, "train.py", "recipe=docvqa_qlora", *built, *CPU_SIZES, f"run_dir={run_dir}"]
     out = command(args, root / "run_a.log")
-    command([sys.executable, "scripts/export.py", f"run_dir={run_dir}", "export.adapter_only=true"], root / "export.log")
+    command(
+        [sys.executable, "scripts/export.py", f"run_dir={run_dir}", "export.adapter_only=true"], root / "export.log"
+    )
     return run_dir, out
 
 

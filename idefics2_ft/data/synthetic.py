@@ -15,7 +15,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 # (width, height) of the rendered pages: portrait and landscape, as scanned documents come.
 PAGE_SIZES = ((760, 980), (620, 880), (980, 700), (900, 560), (490, 640), (980, 420))
-COMPANIES = ("Acme Tobacco Co.", "Brown & Williamson", "Lorillard Research", "R.J. Reynolds Industries", "Philip Morris")
+COMPANIES = (
+    "Acme Tobacco Co.",
+    "Brown & Williamson",
+    "Lorillard Research",
+    "R.J. Reynolds Industries",
+    "Philip Morris",
+)
 CITIES = ("Winston-Salem, NC", "Louisville, KY", "Greensboro, NC", "Richmond, VA", "New York, NY")
 TITLES = ("INVOICE", "PURCHASE ORDER", "EXPENSE REPORT", "SHIPPING NOTICE", "MEMORANDUM")
 LONG_QUESTION = "According to the {title} shown in this document, what is written in the field labelled '{key}'?"

@@ -90,7 +90,9 @@ def write_random_checkpoint(
     value_bytes = torch.finfo(dtype).bits // 8
     shards = plan_shards(shapes, value_bytes, shard_gb * 1e9)
     total = sum(s.numel() for s in shapes.values())
-    log.info("Writing a random-init checkpoint: %.2f B parameters, %d shards, into %s", total / 1e9, len(shards), folder)
+    log.info(
+        "Writing a random-init checkpoint: %.2f B parameters, %d shards, into %s", total / 1e9, len(shards), folder
+    )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
