@@ -31,13 +31,16 @@ class Inventory:
     root: int  # what the root FSDP unit holds (embeddings, head, patch embedding, projection)
 
 
-def inventory(model: torch.nn.Module, skip_modules: list[str], target: str, r: int) -> Inventory:
-    """Count parameters by role on a (meta-device) Idefics2, for LoRA rank ``r`` on ``target``."""
+def inventory(model: torch.nn.Module, skip_modules: list[str], target: str, r: int, prefix: str = "") -> Inventory:
+    """Count parameters by role on a (meta-device) Idefics2, for LoRA rank ``r`` on ``target``;
+    with ``prefix``, only those of the modules under it (``model.vision_model.``)."""
     from idefics2_ft.distributed import WRAP_CLASSES
 
     pattern = re.compile(lora_target_regex(target))
     quantizable = frozen_other = lora = 0
     for name, module in model.named_modules():
+        if not (name + ".").startswith(prefix):
+            continue
         for pname, param in module.named_parameters(recurse=False):
             skipped = any(name == s or name.startswith(s + ".") for s in skip_modules)
             if isinstance(module, torch.nn.Linear) and pname == "weight" and not skipped:
@@ -53,25 +56,29 @@ def inventory(model: torch.nn.Module, skip_modules: list[str], target: str, r: i
     return Inventory(quantizable, frozen_other, lora, largest, root)
 
 
-def per_gpu_gb(inv: Inventory, strategy: str, gpus: int, four_bit: bool) -> float | None:
+def per_gpu_gb(
+    inv: Inventory, strategy: str, gpus: int, four_bit: bool, frozen_bytes: int = 2, adam_bytes: int | None = None
+) -> float | None:
     """Estimated GB per GPU for weights, gradients and optimizer state (None: refused).
 
     ``strategy``: ddp (``gpus=1``: one GPU), fsdp, deepspeed_zero2(_offload), deepspeed_zero3(_offload).
     LoRA weights and gradients are fp32; AdamW keeps two fp32 states (paged 8-bit AdamW, two
-    bytes, on one GPU or DDP); the frozen base is bf16, or NF4 for the quantizable weights.
+    bytes, on one GPU or DDP; ``adam_bytes`` per weight says otherwise); the frozen base is in
+    ``frozen_bytes`` (bf16: 2; fp32 on the CPU: 4), or NF4 for the quantizable weights.
     """
     n = gpus
-    base_packed = inv.quantizable * (NF4_PACKED if four_bit else 2)
+    base_packed = inv.quantizable * (NF4_PACKED if four_bit else frozen_bytes)
     base_state = inv.quantizable * NF4_STATE if four_bit else 0
-    frozen = inv.frozen_other * 2
+    frozen = inv.frozen_other * frozen_bytes
     lora_w, lora_g = inv.lora * 4, inv.lora * 4
-    adam_fp32, adam_8bit = inv.lora * 8, inv.lora * 2
-    layer = inv.largest_layer * (NF4_PACKED if four_bit else 2)
+    adam_fp32 = inv.lora * (8 if adam_bytes is None else adam_bytes)
+    adam_8bit = inv.lora * (2 if adam_bytes is None else adam_bytes)
+    layer = inv.largest_layer * (NF4_PACKED if four_bit else frozen_bytes)
     if strategy == "ddp":
         buckets = lora_g if n > 1 else 0  # DDP's gradient buckets
         total = base_packed + base_state + frozen + lora_w + lora_g + adam_8bit + buckets
     elif strategy == "fsdp":
-        gathered = inv.root * 2 + 2 * layer  # root unit + the layer in use + the one prefetched
+        gathered = inv.root * frozen_bytes + 2 * layer  # root unit + the layer in use + the one prefetched
         total = (base_packed + frozen + lora_w + lora_g + adam_fp32) / n + base_state + gathered
     elif strategy.startswith("deepspeed_zero2"):
         optimizer = 0 if strategy.endswith("offload") else adam_fp32 / n

@@ -1,18 +1,25 @@
 """How long each phase of a run took and how much memory it held at its peak: ``phases.json``.
 
-Memory is the process's *anonymous* resident memory (tensors, the allocator's heaps), not
-``ru_maxrss``: that one also counts page cache of the mmap'd safetensors shards, which the kernel
-drops under pressure (13.5 GB of it while the 8B loads on a 24 GB machine). Linux gives no peak of
-anonymous memory, so a phase resets the kernel's peak RSS (``/proc/self/clear_refs``) as it starts
-and reads it as it ends, less the file-backed pages then resident; a sampler thread reading
-``RssAnon`` every 20 ms checks it. On CUDA the allocator's peaks (allocated and reserved) are
-recorded too. Off Linux, memory figures are absent (``null``).
+Memory is the process's resident set (RSS), read from the kernel: ``/proc/self/clear_refs`` resets
+its peak (``VmHWM``) as a phase starts, and the phase's peak is read as it ends, so a short spike
+inside a step is never missed (no sampling). RSS counts tensors in anonymous memory and weights
+that ``from_pretrained`` maps from the safetensors files without a copy (a checkpoint already in
+the compute dtype); ``ru_maxrss`` would do as well but cannot be reset per phase. A thread also
+samples ``RssAnon`` every 20 ms (``rss_anon_peak_gb``): while the 8B loads, most of the peak is
+mapped shard pages that the kernel may drop. On CUDA the allocator's peaks (allocated and
+reserved) are recorded too. Off Linux, the RSS figures are absent.
+
+glibc keeps freed memory of mid-sized allocations in its heap, so RSS runs above the live tensors
+(as CUDA's reserved runs above its allocated). ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment
+makes every tensor its own mapping, returned when freed: RSS then follows the live tensors, which
+is how the plan is checked (``tests/test_plan.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -51,27 +58,32 @@ def reset_peak_rss() -> bool:
 
 
 class _Sampler(threading.Thread):
-    """Tracks the largest ``RssAnon`` seen while running (a check on the kernel-peak method)."""
+    """Tracks the largest ``RssAnon`` seen while running."""
 
     def __init__(self, interval_s: float = 0.02) -> None:
         super().__init__(daemon=True, name="rss-sampler")
         self.interval_s = interval_s
         self.peak = 0.0
+        self.rss_peak = 0.0
         self._done = threading.Event()
 
-    def run(self) -> None:
-        while not self._done.is_set():
-            status = memory_status()
-            if status is None:
-                return
-            self.peak = max(self.peak, status["RssAnon"])
-            self._done.wait(self.interval_s)
+    def sample(self) -> bool:
+        status = memory_status()
+        if status is None:
+            return False
+        self.peak = max(self.peak, status["RssAnon"])
+        self.rss_peak = max(self.rss_peak, status["VmRSS"])
+        return True
 
-    def stop(self) -> float:
+    def run(self) -> None:
+        while self.sample():
+            if self._done.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
         self._done.set()
         self.join()
-        status = memory_status()
-        return max(self.peak, status["RssAnon"]) if status else self.peak
+        self.sample()
 
 
 class Phases:
@@ -86,8 +98,6 @@ class Phases:
         self.path = (
             Path(path) if path is not None else None
         )  # rewritten after each phase: a crash keeps the phases before it
-        status = memory_status()
-        self.baseline_gb = status["RssAnon"] if status else None  # before any weight loads
         self.records: dict[str, dict[str, Any]] = {}
 
     @contextmanager
@@ -101,22 +111,18 @@ class Phases:
             torch.cuda.reset_peak_memory_stats()
         status = memory_status()
         if status is not None:
-            record["rss_anon_start_gb"] = round(status["RssAnon"], 3)
+            record["rss_start_gb"] = round(status["VmRSS"], 3)
         start = time.perf_counter()
         try:
             yield record
         finally:
             record["wall_s"] = round(time.perf_counter() - start, 3)
-            sampled = sampler.stop()
+            sampler.stop()
             status = memory_status()
             if status is not None:
-                record["rss_anon_end_gb"] = round(status["RssAnon"], 3)
-                record["rss_anon_peak_sampled_gb"] = round(sampled, 3)
-                if kernel_peak:
-                    peak = status["VmHWM"] - status["RssFile"] - status["RssShmem"]
-                    record["rss_anon_peak_gb"] = round(max(peak, sampled), 3)
-                else:
-                    record["rss_anon_peak_gb"] = round(sampled, 3)
+                record["rss_end_gb"] = round(status["VmRSS"], 3)
+                record["rss_peak_gb"] = round(status["VmHWM"] if kernel_peak else sampler.rss_peak, 3)
+                record["rss_anon_peak_gb"] = round(sampler.peak, 3)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 record["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
                 record["cuda_max_reserved_gb"] = round(torch.cuda.max_memory_reserved() / GB, 3)
@@ -130,14 +136,14 @@ class Phases:
         record, start = self.records.get(name, {}), self.records.get(since, {})
         if "cuda_max_allocated_gb" in record:
             return record["cuda_max_allocated_gb"]
-        if "rss_anon_peak_gb" in record and "rss_anon_start_gb" in start:
-            return round(record["rss_anon_peak_gb"] - start["rss_anon_start_gb"], 3)
+        if "rss_peak_gb" in record and "rss_start_gb" in start:
+            return round(record["rss_peak_gb"] - start["rss_start_gb"], 3)
         return None
 
     def summary(self) -> dict[str, Any]:
         return {
-            "memory": "RSS of anonymous pages (kernel peak per phase less file-backed pages); CUDA: allocator peaks",
-            "baseline_rss_anon_gb": None if self.baseline_gb is None else round(self.baseline_gb, 3),
+            "memory": "RSS: the kernel's peak per phase (VmHWM, reset as each phase starts); CUDA: allocator peaks",
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "phases": self.records,
         }
 
@@ -148,6 +154,6 @@ class Phases:
         """One line for the log: ``load 212 s (9.80 GB), fit 395 s (15.3 GB), ...``."""
         parts = []
         for name, r in self.records.items():
-            peak = r.get("cuda_max_allocated_gb", r.get("rss_anon_peak_gb"))
+            peak = r.get("cuda_max_allocated_gb", r.get("rss_peak_gb"))
             parts.append(f"{name} {r['wall_s']:.0f} s" + (f" (peak {peak:.2f} GB)" if peak is not None else ""))
         return ", ".join(parts)

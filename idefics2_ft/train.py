@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
+from transformers import AutoConfig
 
 from idefics2_ft.config import accumulation, validate
 from idefics2_ft.data import Idefics2DataModule, check_sources, format_labels
@@ -37,6 +39,7 @@ from idefics2_ft.models import (
 from idefics2_ft.module import Idefics2Module
 from idefics2_ft.optim import make_optimizer_factory, make_schedule
 from idefics2_ft.phases import Phases
+from idefics2_ft.plan import Plan, available_gb, format_parts, plan_run, setup_from_cfg, workload_from_batch
 from idefics2_ft.runs import (
     claim_run_dir,
     log_to_file,
@@ -110,6 +113,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.info("Learned tokens are in [brackets]:\n%s", text)
         return {"debug/show_labels": text}
 
+    # the plan: memory and time per step from the real shapes and this first batch (plan.json)
+    plan = _plan(cfg, model_path, first, run_dir)
+
     # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
     with phases("load"):  # read the shards, quantize to NF4, attach the adapters
         model = load_idefics2(model_path, cfg.model, cfg.peft)
@@ -150,6 +156,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     fit["s_per_step"] = round(fit["wall_s"] / max(fit["steps"], 1), 3)
     metrics["train/wall_s"] = fit["wall_s"]
     metrics["train/frozen_base_unchanged"] = int(_unchanged(frozen_before, frozen_fingerprint(model)))
+    metrics.update(_measured_against_plan(plan, phases, run_dir))
     metrics.update(describe_run(cfg, trainer))
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
     if non_finite_parameters(trained):  # the divergence guard stops before this; never save such weights
@@ -191,6 +198,41 @@ def base_path(cfg: DictConfig) -> str:
     if recorded is not None:
         return recorded
     return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+
+
+def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan | None:
+    """Plan this run (rank 0 writes plan.json) and log the verdict and the model by part."""
+    try:
+        config = AutoConfig.from_pretrained(model_path, revision=cfg.model.revision)
+    except (OSError, ValueError) as err:  # a Hub id without network: from_pretrained will say more
+        log.warning("No plan: the model's config could not be read (%s).", err)
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_run(config, workload_from_batch(first, config, cfg), setup_from_cfg(cfg, device), available_gb(device))
+    log.info("Plan (first batch): %s; %s", plan.verdict, plan.fix or "details in plan.json")
+    log.info("The model by part:\n%s", format_parts(plan))
+    if is_rank_zero():
+        (run_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    return plan
+
+
+def _measured_against_plan(plan: Plan | None, phases: Phases, run_dir: Path) -> dict[str, float]:
+    """The fit's measured peak beside the plan's (logged, and added to plan.json and the metrics)."""
+    measured = phases.peak_gb("fit")
+    if plan is None or measured is None:
+        return {}
+    planned = plan.allocated_gb
+    log.info(
+        "Memory: planned %.2f GB, measured %.2f GB (%+.0f%%; %s)",
+        *(planned, measured, 100 * (planned - measured) / measured),
+        "torch.cuda.max_memory_allocated"
+        if torch.cuda.is_available()
+        else "peak anonymous RSS above the process before loading",
+    )
+    if is_rank_zero():
+        record = {**plan.to_json(), "measured_gb": measured}
+        (run_dir / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+    return {"memory/planned_gb": round(planned, 3), "memory/measured_gb": measured}
 
 
 def _unchanged(before: dict, after: dict) -> bool:

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "idefics2_ft"
 LAYERS = [
     ("foundation", {"config", "versions", "metrics", "phases"}),
     ("data and models", {"data", "models"}),
-    ("training pieces", {"module", "optim", "distributed", "memory"}),
+    ("training pieces", {"module", "optim", "distributed", "memory", "plan"}),
     ("the run and the trainer", {"runs", "trainer", "hub"}),
     ("the demo", {"demo"}),
     ("entry points", {"inference", "export", "train"}),

@@ -113,6 +113,51 @@ def test_an_optimizer_step_moves_lora_and_leaves_the_4bit_base_unchanged(tiny_ba
     assert any("text_model" in n and "lora_A" in n for n in moved)
 
 
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_the_frozen_vision_tower_builds_no_graph_and_lora_gradients_do_not_change(tiny_base, quantize):
+    """With checkpointing, only the text embeddings' output requires grad: the vision tower is not
+    recomputed and back-propagated for nothing. The adapters' gradients are those of the model
+    with transformers' hooks on every embedding (the old behaviour)."""
+    from idefics2_ft.data.collator import Idefics2Collator
+    from idefics2_ft.models import load_processor
+
+    cfg, path = tiny_base
+    peft = OmegaConf.merge(cfg.peft, {"quantize": quantize, "dropout": 0.0})
+    proc = load_processor(path, cfg.data)
+    from PIL import Image
+
+    pixels = (torch.rand(48, 64, 3) * 255).to(torch.uint8).numpy()
+    record = {
+        "images": [Image.fromarray(pixels)],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+    }
+    batch = Idefics2Collator(proc)([record])
+    batch.pop("bad_samples")
+
+    def gradients(hook_every_embedding: bool):
+        torch.manual_seed(0)
+        model = apply_peft(load_idefics2(path, cfg.model, peft), peft, gradient_checkpointing=True)
+        if hook_every_embedding:
+            model.base_model.model.enable_input_require_grads()
+        seen = {}
+        vision = model.base_model.model.model.vision_model
+        vision.register_forward_hook(lambda m, i, out: seen.update(vision=out.last_hidden_state.requires_grad))
+        model.train()
+        model(**batch).loss.backward()
+        return seen["vision"], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    vision_graph, ours = gradients(hook_every_embedding=False)
+    assert not vision_graph
+    old_graph, old = gradients(hook_every_embedding=True)
+    assert old_graph  # the old way really did build the vision tower's graph
+    assert ours.keys() == old.keys() and any("connector" in n for n in ours)
+    for name in ours:
+        torch.testing.assert_close(ours[name], old[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_full_finetuning_trains_everything(tiny_base):
     cfg, path = tiny_base
     full = OmegaConf.merge(cfg.peft, {"method": "full", "quantize": None})

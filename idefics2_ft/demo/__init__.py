@@ -2,7 +2,7 @@
 built offline, and stage 1 (a stand-in for pretraining). It uses the library; the library never
 imports it. ``model.name_or_path=tiny`` asks ``idefics2_ft.train`` for it."""
 
-from idefics2_ft.demo.base import STAGE1_VERSION, ensure_tiny_base, tiny_base_key, wait_for_base
+from idefics2_ft.demo.base import STAGE1_VERSION, ensure_tiny_base, tiny_base_key, tiny_config_of, wait_for_base
 from idefics2_ft.demo.model import build_tiny_model, tiny_config
 from idefics2_ft.demo.stage1 import pretrain_tiny_base
 
@@ -13,5 +13,6 @@ __all__ = [
     "pretrain_tiny_base",
     "tiny_base_key",
     "tiny_config",
+    "tiny_config_of",
     "wait_for_base",
 ]

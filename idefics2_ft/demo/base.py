@@ -42,6 +42,22 @@ def tiny_base_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def tiny_config_of(cfg: DictConfig):
+    """The tiny base's ``Idefics2Config`` as ``model.tiny.*`` sets it."""
+    t = cfg.model.tiny
+    return tiny_config(
+        image_size=t.image_size,
+        patch_size=t.patch_size,
+        vision_hidden=t.vision_hidden,
+        vision_layers=t.vision_layers,
+        text_hidden=t.text_hidden,
+        text_layers=t.text_layers,
+        n_latents=t.n_latents,
+        resampler_depth=t.resampler_depth,
+        initializer_range=t.initializer_range,
+    )
+
+
 def ensure_tiny_base(cfg: DictConfig) -> Path:
     """Build (once) and cache the tiny base: random init from the seed, then stage 1 if configured.
 
@@ -55,17 +71,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
     if not is_rank_zero():
         return wait_for_base(folder)
     start = time.perf_counter()
-    config = tiny_config(
-        image_size=t.image_size,
-        patch_size=t.patch_size,
-        vision_hidden=t.vision_hidden,
-        vision_layers=t.vision_layers,
-        text_hidden=t.text_hidden,
-        text_layers=t.text_layers,
-        n_latents=t.n_latents,
-        resampler_depth=t.resampler_depth,
-        initializer_range=t.initializer_range,
-    )
+    config = tiny_config_of(cfg)
     processor = build_processor(t.n_latents, cfg.data.longest_edge, cfg.data.do_image_splitting)
     model = build_tiny_model(config, seed=t.seed, latent_std=t.latent_std)
     report: dict[str, float] = {}

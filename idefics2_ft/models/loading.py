@@ -112,7 +112,15 @@ def _prepare_kbit(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        model.enable_input_require_grads()
+        # The text embeddings' output requires grad, as peft's preparation does. Not the vision
+        # tower's: transformers' ``enable_input_require_grads`` hooks every sub-model's embeddings,
+        # and the frozen 400 M-parameter vision tower would then be recomputed and back-propagated
+        # through on every step for gradients nothing uses (no adapter sits below it).
+        model.get_input_embeddings().register_forward_hook(_outputs_require_grad)
+
+
+def _outputs_require_grad(module: torch.nn.Module, inputs, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
 
 
 def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gradient_checkpointing: bool):
@@ -121,6 +129,7 @@ def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gr
         # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not require
         # grad, which is every input of a frozen PEFT base.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()  # it hooks every embedding, the vision tower's too (see _prepare_kbit)
     if peft_cfg.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -137,7 +146,10 @@ def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gr
         use_dora=peft_cfg.method == "dora",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    # For a base that is not quantized, peft prepares checkpointing with the same hooks again.
+    model.disable_input_require_grads()
+    return peft_model
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -83,6 +83,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks=callbacks,
         plugins=plugins,
         enable_progress_bar=show_bar,
+        enable_model_summary=False,  # it counts packed 4-bit bytes as parameters: plan.json has ours, by part
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
         use_distributed_sampler=False,  # the DataModule shards the data itself (resumable)
