@@ -8,10 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b lint format clean
+.PHONY: help install demo test test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench-gpu plan lint format clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b chec
 
 test-8b: $(VENV)/.installed ## the real-size 8B (random init) through recipe=docvqa_qlora on the CPU: 2 steps, resume, validation, export (~25 min, 16 GB disk)
 	$(PY) -m pytest -q -s -m big8b
+
+bench-gpu: $(VENV)/.installed ## on a CUDA GPU: the 8B's measured memory, tokens/s and MFU against the plan (outputs/bench_gpu.md); says so and exits 0 without CUDA
+	$(PY) scripts/bench_gpu.py
+
+plan: $(VENV)/.installed ## will docvqa_qlora fit? memory and time per step on common GPUs (RECIPE=, GPU_GB=)
+	$(PY) scripts/plan.py recipe=$(or $(RECIPE),docvqa_qlora) plan.gpu_gb=$(or $(GPU_GB),24)
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -225,9 +225,7 @@ def _measured_against_plan(plan: Plan | None, phases: Phases, run_dir: Path) -> 
     log.info(
         "Memory: planned %.2f GB, measured %.2f GB (%+.0f%%; %s)",
         *(planned, measured, 100 * (planned - measured) / measured),
-        "torch.cuda.max_memory_allocated"
-        if torch.cuda.is_available()
-        else "peak anonymous RSS above the process before loading",
+        "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS above the process before loading",
     )
     if is_rank_zero():
         record = {**plan.to_json(), "measured_gb": measured}

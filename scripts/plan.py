@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
     workload = workload_from_cfg(cfg, config, int(own["plan.text_tokens"]), int(own["plan.images"]))
     setup = setup_from_cfg(cfg, "cuda")
     plan = plan_run(config, workload, setup, float(own["plan.gpu_gb"]))
-    print(f"# Plan: {cfg.name} on one {own['plan.gpu_gb']} GB GPU\n")
+    gpus = f"{setup.gpus} GPUs" if setup.gpus > 1 else "one GPU"
+    print(f"# Plan: {cfg.name} on {gpus} of {float(own['plan.gpu_gb']):g} GB (per GPU)\n")
     print(format_plan(plan))
     print("\n| GPU | memory | planned | verdict | s/step | hours for trainer.max_steps |")
     print("|---|---|---|---|---|---|")

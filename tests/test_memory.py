@@ -1,13 +1,9 @@
 """The per-GPU memory estimates: counted from the real 8B shapes, and ordered as sharding implies."""
 
-import subprocess
-import sys
-
 import pytest
 
 from idefics2_ft.memory import NF4_PACKED, inventory, per_gpu_gb
 from idefics2_ft.models.reference import idefics2_8b_on_meta
-from tests.conftest import ROOT
 
 SKIP = ["model.vision_model", "model.connector", "lm_head"]
 
@@ -41,14 +37,3 @@ def test_sharding_divides_what_it_shards(inv):
     assert per_gpu_gb(inv, "ddp", 1, True) < per_gpu_gb(inv, "ddp", 1, False) / 2
     assert per_gpu_gb(inv, "deepspeed_zero3", 4, True) is None  # refused, as validation refuses it
     assert per_gpu_gb(inv, "deepspeed_zero3", 4, False) < per_gpu_gb(inv, "deepspeed_zero2", 4, False)
-
-
-def test_the_script_prints_the_readme_table():
-    out = subprocess.run(
-        [sys.executable, "scripts/memory_estimate.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    table = [line for line in out.stdout.splitlines() if line.startswith("| `strategy=fsdp` | NF4")]
-    assert len(table) == 1
-    readme = (ROOT / "README.md").read_text()
-    assert table[0] in readme  # the README's figures are the script's

@@ -241,3 +241,37 @@ def test_dora_adds_a_magnitude_vector_per_adapted_layer():
     # one magnitude per output feature of every adapted Mistral linear
     per_layer = 4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096
     assert dora["text"] - lora["text"] == 32 * per_layer
+
+
+def test_the_frozen_fingerprint_ignores_cpu_repacking_and_sees_any_update(tiny_base, processor):
+    from PIL import Image
+
+    from idefics2_ft.data.collator import Idefics2Collator
+    from idefics2_ft.models import frozen_fingerprint, load_processor
+
+    cfg, path = tiny_base
+    model = apply_peft(load_idefics2(path, cfg.model, cfg.peft), cfg.peft, gradient_checkpointing=False)
+    before = frozen_fingerprint(model)
+    assert any("text_model" in n and "base_layer" in n for n in before)  # the 4-bit weights are in it
+    record = {
+        "images": [Image.new("RGB", (64, 64), "red")],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+    }
+    batch = Idefics2Collator(load_processor(path, cfg.data))([record])
+    batch.pop("bad_samples")
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # on CPUs with AVX512-BF16, bitsandbytes repacks the 4-bit codes here
+    assert frozen_fingerprint(model) == before
+    packed = next(p for n, p in model.named_parameters() if p.dtype == torch.uint8)
+    with torch.no_grad():
+        packed.view(-1)[0] ^= 0x01  # one 4-bit code changed
+    assert frozen_fingerprint(model) != before
+    packed.data.view(-1)[0] ^= 0x01
+    vision = next(p for n, p in model.named_parameters() if "vision_model" in n and p.dim() == 2)
+    with torch.no_grad():
+        vision[0, 0] += 1e-3
+    assert frozen_fingerprint(model) != before

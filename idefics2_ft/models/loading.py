@@ -187,12 +187,15 @@ def non_finite_parameters(model_or_state: torch.nn.Module | dict[str, torch.Tens
 
 @torch.no_grad()
 def frozen_fingerprint(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """``{name: (sum, sum of squares)}`` in float64 of every frozen parameter: two fingerprints
-    differ if any frozen weight was updated (``train/frozen_base_unchanged``).
+    """Two sums over every frozen parameter: two fingerprints differ if any frozen weight was
+    updated (``train/frozen_base_unchanged``). One pass or two over the weights, no copies of them:
+    seconds on the 8B.
 
-    Packed 4-bit weights are read as their 4-bit codes, so the sums do not depend on the order the
-    codes are stored in: bitsandbytes' CPU kernel repacks them on its first forward in eval mode.
-    Sharded parameters (FSDP's DTensors) are skipped: their layout changes when the strategy shards them.
+    Packed 4-bit weights give the sum of their 4-bit codes (their bytes' sum less 15 times their high
+    halves'), which does not depend on the order the codes are stored in: bitsandbytes' CPU kernel
+    repacks them on its first forward in eval mode. Other weights give their sum and their norm,
+    computed the same way each time, so equal weights give equal bits. Sharded parameters (FSDP's
+    DTensors) are skipped: their layout changes when the strategy shards them.
     """
     out = {}
     for name, param in model.named_parameters():
@@ -200,8 +203,10 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict[str, tuple[float, float]]
             continue
         values = param.detach()
         if values.dtype == torch.uint8:  # two 4-bit codes per byte
-            values = torch.stack([values & 15, values >> 4])
-        out[name] = (float(values.sum(dtype=torch.float64)), float(values.double().square().sum()))
+            high = int((values >> 4).sum(dtype=torch.int64))
+            out[name] = (float(int(values.sum(dtype=torch.int64)) - 15 * high), 0.0)
+        else:
+            out[name] = (float(values.sum()), float(torch.linalg.vector_norm(values)))
     return out
 
 
