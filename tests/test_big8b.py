@@ -63,6 +63,34 @@ def command(args: list[str], log: Path, timeout: float = 1500) -> str:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """After the module: each command's time and each run's phases, in outputs/test_8b.md."""
+    runs: dict[str, Path] = {}
+    yield runs
+    lines = ["| step | wall s | peak RSS GB | notes |", "|---|---|---|---|"]
+    lines += [f"| `{name}` (command) | {sec:.0f} | | |" for name, sec in TIMINGS.items()]
+    for label, run_dir in runs.items():
+        path = run_dir / "phases.json"
+        if not path.is_file():
+            continue
+        for phase, r in json.loads(path.read_text())["phases"].items():
+            notes = f"{r['steps']} step(s), {r['s_per_step']:.0f} s/step" if "steps" in r else ""
+            lines.append(
+                f"| {label}: {phase} | {r['wall_s']:.0f} | {r.get('rss_peak_gb', float('nan')):.2f} | {notes} |"
+            )
+        plan = run_dir / "plan.json"
+        if plan.is_file():
+            p = json.loads(plan.read_text())
+            lines.append(
+                f"| {label}: plan vs measured (fit) | | {p['allocated_gb']:.2f} vs {p.get('measured_gb', float('nan')):.2f} | {p['peak_at']} |"
+            )
+    out = ROOT / "outputs" / "test_8b.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache = Path(os.environ.get("IDEFICS2_FT_CACHE", default_cache_dir()))
@@ -74,11 +102,12 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_a(built, tmp_path_factory):
+def run_a(built, tmp_path_factory, report):
     """Two steps, validation on 2 questions, the adapter; then the adapter-only export."""
     root = tmp_path_factory.mktemp("big8b")
     run_dir = root / "a"
     args = [sys.executable, "train.py", "recipe=docvqa_qlora", *built, *CPU_SIZES, f"run_dir={run_dir}"]
+    report["run A"] = run_dir
     out = command(args, root / "run_a.log")
     command(
         [sys.executable, "scripts/export.py", f"run_dir={run_dir}", "export.adapter_only=true"], root / "export.log"
@@ -87,7 +116,7 @@ def run_a(built, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_b(built, run_a):
+def run_b(built, run_a, report):
     """The same run, resumed from run A's step-1 checkpoint."""
     a, _ = run_a
     b = a.with_name("b")
@@ -101,6 +130,7 @@ def run_b(built, run_a):
     (b / CHECKPOINT_DIR).mkdir()
     shutil.copy(a / CHECKPOINT_DIR / "epoch=0-step=1.ckpt", b / CHECKPOINT_DIR / LAST_CHECKPOINT)
     args = [sys.executable, "train.py", "recipe=docvqa_qlora", *built, *CPU_SIZES, f"run_dir={b}"]
+    report["run B (resumed)"] = b
     out = command([*args, "resume=true", "eval.at_end=false"], b.parent / "run_b.log")
     return b, out
 

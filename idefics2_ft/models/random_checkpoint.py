@@ -113,7 +113,13 @@ def write_random_checkpoint(
     config.save_pretrained(tmp)
     image_seq_len = config.perceiver_config.resampler_n_latents
     build_processor(image_seq_len=image_seq_len, longest_edge=longest_edge).save_pretrained(tmp)
-    marker = {"version": CHECKPOINT_VERSION, "seed": seed, "parameters": total, "config": config.to_diff_dict()}
+    marker = {
+        "version": CHECKPOINT_VERSION,
+        "seed": seed,
+        "parameters": total,
+        "build_s": round(time.perf_counter() - start, 1),
+        "config": config.to_diff_dict(),
+    }
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
