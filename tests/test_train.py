@@ -36,6 +36,18 @@ def test_train_writes_the_run_folder(tiny_run_cfg, tmp_path):
     assert len((run / "predictions.jsonl").read_text().splitlines()) == 12
     # the adapter holds LoRA weights only
     assert all("lora_" in k for k in load_file(run / "adapter" / "adapter_model.safetensors"))
+    # the plan and the phases, with the measured peak beside the plan
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["verdict"] and plan["measured_gb"] > 0 and written["memory/measured_gb"] == plan["measured_gb"]
+    phases = json.loads((run / "phases.json").read_text())["phases"]
+    assert {"data", "load", "fit", "validate", "save"} <= phases.keys() and phases["fit"]["steps"] == 4
+    assert written["train/frozen_base_unchanged"] == 1
+
+
+def test_step_checkpoints_are_kept_when_asked(tiny_run_cfg, tmp_path):
+    train(tiny_run_cfg("trainer.keep_step_checkpoints=true", "trainer.checkpoint_every_n_steps=2"))
+    names = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    assert names == {"last.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
 
 
 def test_checkpoint_holds_trainable_weights_only(tiny_run_cfg, tmp_path):
