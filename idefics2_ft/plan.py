@@ -394,6 +394,8 @@ def candidate_fixes(w: Workload, s: Setup, patch: int):
         if edge < w.longest_edge:
             patches = math.ceil(edge / patch) ** 2
             yield f"data.longest_edge={edge}", replace(w, patches=min(w.patches, patches), longest_edge=edge), s
+    if w.seq_len > 512:  # long samples: truncation (answers cut short are skipped and counted)
+        yield f"data.max_length={w.seq_len // 2}", replace(w, seq_len=w.seq_len // 2), s
     for n in (2, 4, 8):
         if s.gpus < n and s.method != "full":
             yield f"strategy=fsdp trainer.devices={n}", w, replace(s, strategy="fsdp", gpus=n, optimizer="adamw")
