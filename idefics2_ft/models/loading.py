@@ -186,27 +186,33 @@ def non_finite_parameters(model_or_state: torch.nn.Module | dict[str, torch.Tens
 
 
 @torch.no_grad()
-def frozen_fingerprint(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """Two sums over every frozen parameter: two fingerprints differ if any frozen weight was
-    updated (``train/frozen_base_unchanged``). One pass or two over the weights, no copies of them:
-    seconds on the 8B.
+def frozen_fingerprint(model: torch.nn.Module) -> dict[str, int]:
+    """An exact integer sum per frozen parameter: two fingerprints differ if any frozen weight was
+    updated (``train/frozen_base_unchanged``). Float weights are summed as their bit patterns in
+    64-bit words (wrapping, so exact), which takes one pass, copies nothing (a second or two on the
+    8B) and gives the same number on any device: a CPU sum before training equals a GPU sum after.
 
-    Packed 4-bit weights give the sum of their 4-bit codes (their bytes' sum less 15 times their high
-    halves'), which does not depend on the order the codes are stored in: bitsandbytes' CPU kernel
-    repacks them on its first forward in eval mode. Other weights give their sum and their norm,
-    computed the same way each time, so equal weights give equal bits. Sharded parameters (FSDP's
-    DTensors) are skipped: their layout changes when the strategy shards them.
+    Packed 4-bit weights give the sum of their 4-bit codes (from a histogram of their bytes), which
+    does not depend on how the codes are paired into bytes: bitsandbytes' CPU kernel repacks them
+    on its first forward in eval mode. Sharded parameters (FSDP's DTensors) are skipped: their
+    layout changes when the strategy shards them.
     """
     out = {}
+    nibbles = None
     for name, param in model.named_parameters():
         if param.requires_grad or hasattr(param, "to_local"):
             continue
-        values = param.detach()
-        if values.dtype == torch.uint8:  # two 4-bit codes per byte
-            high = int((values >> 4).sum(dtype=torch.int64))
-            out[name] = (float(int(values.sum(dtype=torch.int64)) - 15 * high), 0.0)
+        flat = param.detach().reshape(-1)
+        if flat.dtype == torch.uint8:  # two 4-bit codes per byte
+            if nibbles is None or nibbles.device != flat.device:
+                codes = torch.arange(256, device=flat.device)
+                nibbles = (codes & 15) + (codes >> 4)
+            out[name] = int((torch.bincount(flat, minlength=256) * nibbles).sum())
+        elif flat.numel() * flat.element_size() % 8 == 0:
+            out[name] = int(flat.view(torch.int64).sum())
         else:
-            out[name] = (float(values.sum()), float(torch.linalg.vector_norm(values)))
+            bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}[flat.element_size()]
+            out[name] = int(flat.view(bits).sum(dtype=torch.int64))
     return out
 
 
