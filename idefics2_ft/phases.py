@@ -95,9 +95,8 @@ class Phases:
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = (
-            Path(path) if path is not None else None
-        )  # rewritten after each phase: a crash keeps the phases before it
+        # rewritten after each phase: a crash keeps the phases before it
+        self.path = Path(path) if path is not None else None
         self.records: dict[str, dict[str, Any]] = {}
 
     @contextmanager
@@ -106,8 +105,7 @@ class Phases:
         kernel_peak = reset_peak_rss()
         sampler = _Sampler()
         sampler.start()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         status = memory_status()
         if status is not None:

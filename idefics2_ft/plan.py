@@ -5,13 +5,16 @@ batch, what one optimizer step holds at its peak on one device:
 
 - weights: the NF4 codes and their quantization state, the parts kept unquantized (vision tower,
   connector, embeddings, head) in the compute dtype; LoRA weights, gradients and optimizer state;
-- activations, from the tensors autograd saves, counted layer by layer (see the constants below):
+- activations, from the tensors autograd saves, counted layer by layer (``activation_terms``):
   the frozen vision tower's largest layer (nothing is saved there: no adapter sits below it), the
   connector's (LoRA on its projection and perceiver: saved for every patch of every image), the
   text model's per token (all layers, or with checkpointing one boundary per layer plus one layer
-  recomputed), attention by implementation, and the logits of ``seq x vocab`` upcast for the loss;
-- temporaries: a dequantized NF4 weight, the optimizer step; on CUDA the context and the
-  allocator's slack.
+  recomputed), attention by implementation, and the fp32 log-softmax of ``seq x vocab`` for the loss;
+- temporaries: a dequantized NF4 weight, the connector's gradients in its backward, the optimizer
+  step; on CUDA the context and the allocator's slack.
+
+The peak is the largest of four moments: the vision tower running, the start of the backward, the
+connector's backward, the optimizer step.
 
 Compared with measurements on the CPU in ``tests/test_plan.py`` and the README (within 15%).
 Times are FLOPs at a stated model-FLOPs utilisation: an order of magnitude to plan with, not a
@@ -20,7 +23,6 @@ benchmark.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -61,7 +63,7 @@ class Workload:
 
     batch: int  # samples
     images: int  # images in the batch after splitting (crops count as images)
-    patches: int  # patches per image, padded: ceil(H / patch) * ceil(W / patch)
+    patches: int  # patches per image, padded: (H // patch) * (W // patch)
     seq_len: int  # tokens per sample, image tokens included (padded)
     crops: int = 1  # images per picture: 5 with do_image_splitting (4 crops and the whole)
     longest_edge: int = 980
@@ -76,6 +78,7 @@ class Setup:
     """How the run trains, as far as memory and time are concerned."""
 
     device: str = "cuda"  # cuda | cpu
+    dtype: str = "auto"  # the compute dtype (model.dtype): auto is bfloat16 on CUDA, float32 on the CPU
     quantize: bool = True
     method: str = "lora"  # lora | dora | full
     target: str = "text+connector"
@@ -90,8 +93,10 @@ class Setup:
     accumulate: int = 1
 
     @property
-    def act_bytes(self) -> int:  # activations: bf16 under autocast on CUDA, fp32 on the CPU
-        return 2 if self.device == "cuda" else 4
+    def act_bytes(self) -> int:  # activations and the unquantized weights: the compute dtype's size
+        if self.dtype == "auto":
+            return 2 if self.device == "cuda" else 4
+        return 4 if self.dtype == "float32" else 2
 
 
 @dataclass
@@ -144,6 +149,7 @@ def setup_from_cfg(cfg: DictConfig, device: str) -> Setup:
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     return Setup(
         device=device,
+        dtype=cfg.model.dtype,
         quantize=bool(cfg.peft.quantize) and cfg.peft.method != "full",
         method=cfg.peft.method,
         target=cfg.peft.target,
@@ -164,7 +170,7 @@ def workload_from_cfg(cfg: DictConfig, config: Idefics2Config, text_tokens: int 
     sample, and ``text_tokens`` of text besides the image tokens (capped by ``max_length``)."""
     d = cfg.data
     crops = 5 if d.do_image_splitting else 1
-    side = math.ceil(d.longest_edge / config.vision_config.patch_size)
+    side = d.longest_edge // config.vision_config.patch_size
     image_tokens = images * crops * config.perceiver_config.resampler_n_latents
     seq = image_tokens + text_tokens
     if d.max_length:
@@ -201,7 +207,7 @@ def parts_summary(config: Idefics2Config, setup: Setup) -> list[dict[str, Any]]:
             continue
         nf4 = inv.quantizable if setup.quantize else 0
         plain = inv.quantizable + inv.frozen_other - nf4
-        dtype = "bf16" if frozen_bytes == 2 else "fp32"
+        dtype = {"float16": "fp16", "float32": "fp32"}.get(setup.dtype, "bf16" if frozen_bytes == 2 else "fp32")
         storage = ", ".join(
             s
             for s in (
@@ -392,7 +398,7 @@ def candidate_fixes(w: Workload, s: Setup, patch: int):
         yield "data.do_image_splitting=false", replace(w, images=w.images // w.crops, crops=1), s
     for edge in (768, 490):
         if edge < w.longest_edge:
-            patches = math.ceil(edge / patch) ** 2
+            patches = (edge // patch) ** 2
             yield f"data.longest_edge={edge}", replace(w, patches=min(w.patches, patches), longest_edge=edge), s
     if w.seq_len > 512:  # long samples: truncation (answers cut short are skipped and counted)
         yield f"data.max_length={w.seq_len // 2}", replace(w, seq_len=w.seq_len // 2), s

@@ -208,11 +208,12 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict[str, int]:
                 codes = torch.arange(256, device=flat.device)
                 nibbles = (codes & 15) + (codes >> 4)
             out[name] = int((torch.bincount(flat, minlength=256) * nibbles).sum())
-        elif flat.numel() * flat.element_size() % 8 == 0:
-            out[name] = int(flat.view(torch.int64).sum())
         else:
-            bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}[flat.element_size()]
-            out[name] = int(flat.view(bits).sum(dtype=torch.int64))
+            bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+            try:
+                out[name] = int(flat.view(torch.int64).sum())  # whole 64-bit words: fastest
+            except RuntimeError:  # a size or storage offset that is not a whole number of words
+                out[name] = int(flat.view(bits).sum(dtype=torch.int64))
     return out
 
 
