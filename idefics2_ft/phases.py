@@ -18,7 +18,6 @@ is how the plan is checked (``tests/test_plan.py``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -29,17 +28,15 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-
 GB = 1e9
 STATUS = Path("/proc/self/status")
 
 
 def memory_status() -> dict[str, float] | None:
-    """VmHWM, VmRSS, RssAnon, RssFile and RssShmem of this process in GB (``None`` off Linux)."""
+    """VmHWM, VmRSS and RssAnon of this process in GB (``None`` off Linux)."""
     if not STATUS.is_file():
         return None
-    wanted = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+    wanted = ("VmHWM", "VmRSS", "RssAnon")
     values = {}
     for line in STATUS.read_text().splitlines():
         key, _, rest = line.partition(":")

@@ -23,14 +23,16 @@ benchmark.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
-from idefics2_ft.config import accumulation
+from idefics2_ft.config import accumulation, num_devices, strategy_variant
 from idefics2_ft.memory import GB, NF4_PACKED, NF4_STATE, inventory, per_gpu_gb
 from idefics2_ft.optim import optimizer_name
 
@@ -141,12 +143,9 @@ class Plan:
 
 def setup_from_cfg(cfg: DictConfig, device: str) -> Setup:
     """The ``Setup`` a training config gives on ``device`` (cuda | cpu)."""
-    strategy = cfg.strategy.name
-    if strategy == "deepspeed":
-        strategy = f"deepspeed_zero{cfg.strategy.zero_stage}" + ("_offload" if cfg.strategy.offload_optimizer else "")
-    elif strategy == "auto":
+    strategy = strategy_variant(cfg)
+    if strategy == "auto":
         strategy = "ddp"
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     return Setup(
         device=device,
         dtype=cfg.model.dtype,
@@ -160,7 +159,7 @@ def setup_from_cfg(cfg: DictConfig, device: str) -> Setup:
         attn=cfg.model.attn_implementation,
         optimizer=optimizer_name(cfg, on_gpu=device == "cuda"),
         strategy=strategy,
-        gpus=max(1, devices) * cfg.trainer.num_nodes,
+        gpus=num_devices(cfg) * cfg.trainer.num_nodes,
         accumulate=accumulation(cfg),
     )
 
@@ -189,8 +188,14 @@ def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) ->
 
 
 def _meta_model(config: Idefics2Config) -> Idefics2ForConditionalGeneration:
+    """The model on the meta device, built once per config (a plan and its candidate fixes share it)."""
+    return _meta_model_of(config.to_json_string())
+
+
+@lru_cache(maxsize=4)
+def _meta_model_of(config_json: str) -> Idefics2ForConditionalGeneration:
     with torch.device("meta"):
-        return Idefics2ForConditionalGeneration(config)
+        return Idefics2ForConditionalGeneration(Idefics2Config.from_dict(json.loads(config_json)))
 
 
 def parts_summary(config: Idefics2Config, setup: Setup) -> list[dict[str, Any]]:

@@ -15,11 +15,13 @@ from idefics2_ft.config.schema import (
     TrainerConfig,
     register_configs,
 )
-from idefics2_ft.config.validate import ConfigError, accumulation, validate
+from idefics2_ft.config.validate import ConfigError, accumulation, num_devices, strategy_variant, validate
 
 __all__ = [
     "ConfigError",
     "accumulation",
+    "num_devices",
+    "strategy_variant",
     "DataConfig",
     "DebugConfig",
     "EvalConfig",

@@ -43,6 +43,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def strategy_variant(cfg: DictConfig) -> str:
+    """The strategy as ``conf/strategy/`` names it: ``deepspeed_zero3_offload`` for DeepSpeed, else its name."""
+    s = cfg.strategy
+    if s.name != "deepspeed":
+        return s.name
+    return f"deepspeed_zero{s.zero_stage}" + ("_offload" if s.offload_optimizer or s.offload_params else "")
+
+
 def num_devices(cfg: DictConfig) -> int:
     """Devices per node as the trainer will use them."""
     devices = cfg.trainer.devices
@@ -80,7 +88,7 @@ def _strategy_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
         )
     if s.name != "deepspeed":
         return problems
-    variant = f"deepspeed_zero{s.zero_stage}" + ("_offload" if s.offload_optimizer or s.offload_params else "")
+    variant = strategy_variant(cfg)
     _choice(problems, "strategy.zero_stage", s.zero_stage, (2, 3))
     if s.offload_params and s.zero_stage != 3:
         problems.append("strategy.offload_params=true needs ZeRO-3: use strategy=deepspeed_zero3_offload.")
