@@ -7,7 +7,6 @@ those and injects them (the optimizer factory and schedule come from ``idefics2_
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +62,6 @@ class Idefics2Module(L.LightningModule):
         self.val_metrics: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self._val_loss: list[tuple[float, int]] = []
-        self._step_start: float | None = None
         self._pending_rng: torch.Tensor | None = None
         self._step_rng: tuple[int, torch.Tensor | None] = (-1, None)
         self.first_step = 0  # the optimizer step this fit started at (after a resume, the restored one)
@@ -148,7 +146,6 @@ class Idefics2Module(L.LightningModule):
             # Every record of this batch was bad. A zero loss over the trainable weights keeps the
             # step (and, across ranks, the gradient all-reduce) in step with everyone else.
             return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
-        now = time.perf_counter()
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
@@ -162,12 +159,6 @@ class Idefics2Module(L.LightningModule):
         n = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        tokens = int(batch["attention_mask"].sum())
-        if self._step_start is not None:
-            elapsed = now - self._step_start
-            if elapsed > 0:
-                self.log("train/tokens_per_s", tokens / elapsed, prog_bar=True, batch_size=n)
-        self._step_start = now
         return out.loss
 
     # ------------------------------------------------------------------ validation

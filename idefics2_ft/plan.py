@@ -51,6 +51,16 @@ GPUS = {
     "RTX 4090": (24, 165),
     "RTX 3090": (24, 71),
 }
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named as ``torch.cuda.get_device_name`` names it (None if unknown)."""
+    for name, (_, tflops) in GPUS.items():
+        if name.split("-")[0] in device_name:
+            return tflops
+    return None
+
+
 MFU = 0.3  # assumed for QLoRA (dequantizing NF4 costs time): an assumption, measured by make bench-gpu
 CUDA_CONTEXT_GB = 0.6  # CUDA context and kernels, outside the allocator
 ALLOCATOR_SLACK = 0.10  # reserved beyond allocated (fragmentation), of the allocated peak
@@ -115,6 +125,11 @@ class Plan:
     times: dict[str, float] = field(default_factory=dict)  # GPU name -> seconds per optimizer step
     off_peak: dict[str, float] = field(default_factory=dict)  # GB held at another moment than the peak
     peak_at: str = ""  # the moment of the peak
+
+    @property
+    def flops_per_token(self) -> float:
+        """FLOPs per (padded) token of a step, to turn a measured tokens/s into MFU."""
+        return self.flops / max(self.workload.tokens * self.setup.accumulate, 1)
 
     @property
     def allocated_gb(self) -> float:

@@ -132,7 +132,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         max_new_tokens=cfg.eval.max_new_tokens,
         shard=make_shard_fn(cfg),
     )
-    trainer = make_trainer(cfg, run_dir)
+    trainer = make_trainer(cfg, run_dir, plan.flops_per_token if plan is not None else None)
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     stage1 = Path(model_path) / "stage1.json"
     if stage1.is_file():

@@ -2,14 +2,18 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_RUN, run_train
 
 
-def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path):
+@pytest.mark.parametrize("group_by", ["none", "length"])
+def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, group_by):
+    """Also with data.group_by: the global batch is grouped as one, and each rank takes its half."""
     common = [*TINY_RUN, f"model.tiny.cache_dir={tmp_path / 'tiny'}", "peft.dropout=0", "name=ddp"]
+    common.append(f"data.group_by={group_by}")
     run_train(*common, "data.batch_size=4", f"run_dir={tmp_path / 'one'}")  # also builds the tiny base
     run_train(
         *common,

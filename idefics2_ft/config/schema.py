@@ -96,7 +96,9 @@ class DataConfig:
     train_on_truncated: bool = False
     batch_size: int = 4
     eval_batch_size: int = 8
-    num_workers: int = 0
+    num_workers: int | None = None  # loader workers; null: up to 4 per GPU rank with cores to spare, 0 on the CPU
+    # batches of alike records: none | length (tokens) | aspect (image count and size, then tokens)
+    group_by: str = "none"
     metric: str = "accuracy"  # accuracy | anls
 
 

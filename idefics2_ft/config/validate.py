@@ -218,6 +218,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(problems, "data.source", d.source, SOURCES)
     _choice(problems, "data.on_bad_sample", d.on_bad_sample, ("skip", "raise"))
     _choice(problems, "data.metric", d.metric, ("accuracy", "anls"))
+    _choice(problems, "data.group_by", d.group_by, ("none", "length", "aspect"))
+    if d.num_workers is not None and d.num_workers < 0:
+        problems.append(f"data.num_workers={d.num_workers}: must be 0 or more, or null for the machine's default.")
     if d.source == "jsonl":
         for key in ("train_file", "val_file"):
             value = d[key]

@@ -3,7 +3,7 @@
 ``build_rows`` reads a source (easy-VQA, DocVQA, JSONL, any ``datasets`` dataset) into rows;
 ``RecordDataset`` turns rows into chat records (images opened on read); ``Idefics2Collator`` renders
 the chat template, expands images and builds the -100 masks; ``Idefics2DataModule`` wires them
-into resumable, rank-sharded loaders.
+into resumable, rank-sharded loaders; ``GroupedBatchSampler`` (``data.group_by``) batches alike records.
 """
 
 from idefics2_ft.data.collator import (
@@ -17,9 +17,15 @@ from idefics2_ft.data.collator import (
     message_text,
 )
 from idefics2_ft.data.datamodule import Idefics2DataModule, ResumableSampler
+from idefics2_ft.data.grouping import GROUP_BY, GroupedBatchSampler, RecordShape, record_shapes, sort_keys
 from idefics2_ft.data.sources import RecordDataset, Row, build_rows, check_sources, load_image, to_rgb
 
 __all__ = [
+    "GROUP_BY",
+    "GroupedBatchSampler",
+    "RecordShape",
+    "record_shapes",
+    "sort_keys",
     "IGNORE_INDEX",
     "BadSample",
     "BadSampleError",

@@ -108,6 +108,7 @@ class Idefics2Collator:
         self.eou = str(processor.end_of_utterance_token)
         self.eou_id = self.tokenizer.convert_tokens_to_ids(self.eou)
         splits = 5 if getattr(processor.image_processor, "do_image_splitting", False) else 1
+        self.crops = splits  # pictures per image given to the vision tower
         self.tokens_per_image = processor.image_seq_len * splits
         self.image_str = (self.fake_token + self.image_token * processor.image_seq_len + self.fake_token) * splits
         pad = self.tokenizer.pad_token_id
@@ -242,6 +243,8 @@ class Idefics2Collator:
             attention_mask[row, sl] = 1
         batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         batch.update(self._pixels([e["images"] for e in encoded]))
+        pictures = sum(len(e["images"]) for e in encoded) * self.crops
+        batch["stats"] = padding_stats(attention_mask, batch.get("pixel_attention_mask"), pictures)
         if self.add_generation_prompt:
             batch["targets"] = [e["target"] for e in encoded]
         return batch
@@ -265,6 +268,21 @@ class Idefics2Collator:
                 full_v[i], full_m[i] = pv[j], pm[j]
                 j += 1
         return {"pixel_values": full_v, "pixel_attention_mask": full_m}
+
+
+def padding_stats(attention_mask: torch.Tensor, pixel_mask: torch.Tensor | None, pictures: int) -> dict[str, int]:
+    """Token and pixel counts of a batch, real and padded, as plain ints (the step reads them
+    without a device sync): ``data/pad_frac`` and ``data/pixel_pad_frac`` come from them.
+
+    Pixels count over the pictures the vision tower sees (images, or crops with splitting), each
+    padded to the tallest and widest of the batch; the all-zero slots of rows with fewer images are
+    dropped by the model before the vision tower and are not counted.
+    """
+    stats = {"tokens": int(attention_mask.sum()), "token_slots": attention_mask.numel(), "samples": len(attention_mask)}
+    if pixel_mask is not None:
+        stats["pixels"] = int(pixel_mask.sum())
+        stats["pixel_slots"] = pictures * pixel_mask.shape[-2] * pixel_mask.shape[-1]
+    return stats
 
 
 def message_text(message: dict) -> str:

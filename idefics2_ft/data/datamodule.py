@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
 from idefics2_ft.data.collator import BadSample, DataError, Idefics2Collator
+from idefics2_ft.data.grouping import GroupedBatchSampler, index_stream, record_shapes, sort_keys
 from idefics2_ft.data.sources import RecordDataset, build_rows
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,8 @@ class ResumableSampler(Sampler[int]):
         self.dataset_len, self.num_samples, self.seed = dataset_len, num_samples, seed
         self.rank, self.num_replicas, self.start = rank, num_replicas, start
 
-    def _stream(self) -> Iterator[int]:
-        epoch = 0
-        while True:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            yield from torch.randperm(self.dataset_len, generator=generator).tolist()
-            epoch += 1
-
     def __iter__(self) -> Iterator[int]:
-        stream = self._stream()
+        stream = index_stream(self.dataset_len, self.seed)
         for i in range(self.num_samples * self.num_replicas):
             index = next(stream)
             if i % self.num_replicas == self.rank and i // self.num_replicas >= self.start:
@@ -93,6 +87,7 @@ class Idefics2DataModule(L.LightningDataModule):
         self.val_is_train = False
         self.train_set: RecordDataset | None = None
         self.val_set: RecordDataset | None = None
+        self.train_keys: list[tuple] | None = None  # data.group_by's sort key per training record
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
@@ -103,6 +98,10 @@ class Idefics2DataModule(L.LightningDataModule):
                 "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",
                 *(self.cfg.longest_edge, "on" if crops > 1 else "off", crops * per_crop, crops, per_crop),
             )
+            if self.cfg.group_by != "none":
+                rows = [self.train_set.row(i) for i in range(len(self.train_set))]
+                shapes = record_shapes(rows, self.train_collator(), self.cfg.longest_edge, self.cfg.shortest_edge)
+                self.train_keys = sort_keys(shapes, self.cfg.group_by, self.cfg.longest_edge)
         if self.val_set is None:
             self.val_set = RecordDataset(build_rows(self.cfg, "val"), self.cfg.max_val_samples)
             self._check_val_is_not_train()
@@ -153,21 +152,29 @@ class Idefics2DataModule(L.LightningDataModule):
         batches = self.max_steps * self.accumulate
         # On resume the trainer's step is already restored: skip what the first run consumed.
         consumed = trainer.global_step * self.accumulate if trainer is not None else 0
+        size = self.cfg.batch_size
+        if self.train_keys is not None:
+            batch_sampler = GroupedBatchSampler(
+                self.train_keys, size, batches, seed=self.seed, rank=rank, num_replicas=world, start=consumed
+            )
+            return self._loader(self.train_set, self.train_collator(), batch_sampler=batch_sampler)
         sampler = ResumableSampler(
-            len(self.train_set),
-            num_samples=batches * self.cfg.batch_size,
-            seed=self.seed,
-            rank=rank,
-            num_replicas=world,
-            start=consumed * self.cfg.batch_size,
+            len(self.train_set), batches * size, seed=self.seed, rank=rank, num_replicas=world, start=consumed * size
         )
+        return self._loader(self.train_set, self.train_collator(), batch_size=size, sampler=sampler)
+
+    def _loader(self, dataset, collate_fn, **sampling) -> DataLoader:
+        """A DataLoader with the machine's defaults: ``data.num_workers`` (null: ``default_workers``),
+        workers kept between passes, and pinned memory when training on CUDA."""
+        workers = default_workers(self.trainer) if self.cfg.num_workers is None else self.cfg.num_workers
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
-            self.train_set,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            collate_fn=self.train_collator(),
-            num_workers=self.cfg.num_workers,
-            persistent_workers=False,
+            dataset,
+            collate_fn=collate_fn,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=on_gpu,
+            **sampling,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -179,11 +186,16 @@ class Idefics2DataModule(L.LightningDataModule):
             sampler = DistributedSampler(
                 self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return DataLoader(
-            self.val_set,
-            batch_size=self.cfg.eval_batch_size,
-            sampler=sampler,
-            shuffle=False,
-            collate_fn=ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample),
-            num_workers=self.cfg.num_workers,
-        )
+        collate = ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample)
+        return self._loader(self.val_set, collate, batch_size=self.cfg.eval_batch_size, sampler=sampler, shuffle=False)
+
+
+def default_workers(trainer: L.Trainer | None) -> int:
+    """Loader workers when there are cores to spare: on a GPU, up to 4 per rank, leaving the rank's
+    own process a core; on the CPU none (the step's own threads use every core, and a worker would
+    take them from it)."""
+    if trainer is None or trainer.strategy.root_device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(trainer.num_devices, 1)
+    return max(0, min(4, per_rank - 1))

@@ -27,7 +27,16 @@ TITLES = ("INVOICE", "PURCHASE ORDER", "EXPENSE REPORT", "SHIPPING NOTICE", "MEM
 LONG_QUESTION = "According to the {title} shown in this document, what is written in the field labelled '{key}'?"
 
 
-def _fields(rng: random.Random) -> dict[str, tuple[str, list[str]]]:
+REMARKS = (
+    "Payment is due within thirty days of the invoice date",
+    "Deliver to the loading dock at the rear of the building before noon",
+    "Samples were returned to the laboratory for a second analysis",
+    "Please contact the regional office for questions about this order",
+    "The shipment was delayed by weather and arrived two days late",
+)
+
+
+def _fields(rng: random.Random, long_answers: bool = False) -> dict[str, tuple[str, list[str]]]:
     """Field label -> (value written on the page, reference answers)."""
     amount = rng.randint(100, 99_999) + rng.randint(0, 99) / 100
     written = f"${amount:,.2f}"
@@ -35,13 +44,17 @@ def _fields(rng: random.Random) -> dict[str, tuple[str, list[str]]]:
     number = str(rng.randint(10_000, 999_999))
     company = rng.choice(COMPANIES)
     city = rng.choice(CITIES)
-    return {
+    fields = {
         "Number": (number, [number]),
         "Date": (date, [date]),
         "Total": (written, [written, written.lstrip("$")]),
         "Company": (company, [company]),
         "Address": (f"{rng.randint(10, 999)} Main Street, {city}", [f"{city}"]),
     }
+    if long_answers:  # a sentence to read back: answers of 10-13 words beside those of 1-4
+        remark = rng.choice(REMARKS)
+        fields["Remarks"] = (remark, [remark])
+    return fields
 
 
 def render_page(size: tuple[int, int], title: str, fields: dict[str, tuple[str, list[str]]], rng: random.Random):
@@ -68,8 +81,13 @@ def render_page(size: tuple[int, int], title: str, fields: dict[str, tuple[str, 
     return page
 
 
-def write_docs(folder: str | Path, n_train: int, n_val: int, seed: int = 0, sizes=PAGE_SIZES) -> dict[str, Path]:
-    """Render ``n_train + n_val`` pages with one question each; returns ``{"train": jsonl, "val": jsonl}``."""
+def write_docs(
+    folder: str | Path, n_train: int, n_val: int, seed: int = 0, sizes=PAGE_SIZES, long_answers: bool = False
+) -> dict[str, Path]:
+    """Render ``n_train + n_val`` pages with one question each; returns ``{"train": jsonl, "val": jsonl}``.
+
+    ``long_answers`` adds a "Remarks" field holding a sentence, asked about as often as each other field.
+    """
     folder = Path(folder)
     (folder / "pages").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -79,7 +97,7 @@ def write_docs(folder: str | Path, n_train: int, n_val: int, seed: int = 0, size
         for i in range(count):
             size = sizes[rng.randrange(len(sizes))]
             title = rng.choice(TITLES)
-            fields = _fields(rng)
+            fields = _fields(rng, long_answers)
             image = f"pages/{split}-{i:05d}.png"
             render_page(size, title, fields, rng).save(folder / image)
             key = rng.choice(list(fields))

@@ -13,11 +13,12 @@ from omegaconf import DictConfig
 
 from idefics2_ft.config import accumulation
 from idefics2_ft.distributed import is_rank_zero, make_strategy
+from idefics2_ft.plan import peak_tflops
 from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
 from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
 from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
 from idefics2_ft.trainer.loggers import TrimReplayedRows, make_logger
-from idefics2_ft.trainer.progress import LineProgress, on_a_terminal
+from idefics2_ft.trainer.progress import LineProgress, PerfMetrics, on_a_terminal, on_cuda
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def resolve_precision(name: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, flops_per_token: float | None = None) -> L.Trainer:
     """A ``Trainer`` writing checkpoints and logs into ``run_dir``.
 
     Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.checkpoint_every_n_steps`` and every
@@ -53,7 +54,13 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         save_on_exception=True,  # nothing lost on a crash or Ctrl-C: resume=true continues from it
         enable_version_counter=False,  # one last.ckpt, never last-v1.ckpt beside an older one
     )
-    callbacks: list = [checkpoint, DivergenceGuard(checkpoint_dir / LAST_CHECKPOINT), TrimReplayedRows()]
+    peak = peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    callbacks: list = [
+        checkpoint,
+        DivergenceGuard(checkpoint_dir / LAST_CHECKPOINT),
+        TrimReplayedRows(),
+        PerfMetrics(flops_per_token, peak * 1e12 if peak else None),
+    ]
     if cfg.debug.crash_at_step:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))
     # DeepSpeed writes its checkpoints through its own engine; every other strategy through this
@@ -99,7 +106,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 def describe_run(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
     """What a finished fit ran on: steps, world size, the effective batch, the hardware."""
     accumulate = trainer.accumulate_grad_batches  # as make_trainer set it from the config
-    on_gpu = torch.cuda.is_available() and trainer.on_gpu
+    on_gpu = on_cuda(trainer)
     return {
         "train/steps": trainer.global_step,
         "train/world_size": trainer.world_size,

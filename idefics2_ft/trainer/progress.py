@@ -22,6 +22,11 @@ def on_a_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def on_cuda(trainer) -> bool:
+    """True when the trainer's device is a CUDA GPU (Lightning 2 has no ``trainer.on_gpu``)."""
+    return trainer.strategy.root_device.type == "cuda"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -64,7 +69,7 @@ class LineProgress(Callback):
             f"{done * self.samples_per_step / elapsed:.2f} samples/s" if elapsed > 0 else "",
             f"ETA {_duration((trainer.max_steps - step) * elapsed / done)}" if done else "",
         ]
-        if torch.cuda.is_available() and trainer.on_gpu:
+        if on_cuda(trainer):
             parts.append(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
         log.info("  ".join(p for p in parts if p))
 
@@ -84,3 +89,54 @@ class LineTicker:
         rate = step / (now - self._start) if now > self._start else 0.0
         eta = _duration((self.total - step) / rate) if rate else "-"
         log.info("%s: step %d/%d  loss %.4f  %.2f steps/s  ETA %s", self.name, step, self.total, loss, rate, eta)
+
+
+class PerfMetrics(Callback):
+    """Where a step's time goes, logged every training batch (``log_every_n_steps`` thins the rows):
+
+    - ``perf/data_wait_frac``: time from the end of the last batch to the start of this one (the
+      loop waiting on the loader) over the time from the end of the last batch to the end of this one;
+    - ``perf/samples_per_s``, ``perf/tokens_per_s`` (real tokens, padding not counted);
+    - ``data/pad_frac``, ``data/pixel_pad_frac``: padded tokens and pixels over all (the collator's
+      counts, so no device sync);
+    - on CUDA, ``perf/peak_memory_gb`` and ``perf/mfu`` (``flops_per_token`` from the plan over the
+      GPU's bf16 peak).
+
+    The first batch after validation or a checkpoint save is timed from the end of that, not from the
+    last batch.
+    """
+
+    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._last_end: float | None = None
+        self._wait = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._wait = now - self._last_end if self._last_end is not None else 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        stats = batch.get("stats") if isinstance(batch, dict) else None
+        if stats:
+            n = stats["samples"]
+            pl_module.log("data/pad_frac", 1 - stats["tokens"] / stats["token_slots"], batch_size=n)
+            if stats.get("pixel_slots"):
+                pl_module.log("data/pixel_pad_frac", 1 - stats["pixels"] / stats["pixel_slots"], batch_size=n)
+        if self._last_end is not None and stats:
+            period = now - self._last_end
+            pl_module.log("perf/data_wait_frac", self._wait / period, batch_size=n)
+            pl_module.log("perf/samples_per_s", n / period, batch_size=n)
+            pl_module.log("perf/tokens_per_s", stats["tokens"] / period, prog_bar=True, batch_size=n)
+            if on_cuda(trainer):
+                pl_module.log("perf/peak_memory_gb", torch.cuda.max_memory_allocated() / 1e9, batch_size=n)
+                if self.flops_per_token and self.peak_flops:
+                    mfu = stats["token_slots"] * self.flops_per_token / period / self.peak_flops
+                    pl_module.log("perf/mfu", mfu, batch_size=n)
+        self._last_end = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._last_end = time.perf_counter()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._last_end = None  # the save runs after this batch's end: the next batch starts afresh
