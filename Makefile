@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench-gpu plan lint format clean
+.PHONY: help install demo test test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
@@ -46,6 +46,12 @@ checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b chec
 
 test-8b: $(VENV)/.installed ## the real-size 8B (random init) through recipe=docvqa_qlora on the CPU: 2 steps, resume, validation, export (~25 min, 16 GB disk)
 	$(PY) -m pytest -q -s -m big8b
+
+bench: $(VENV)/.installed ## our loop against a bare PyTorch loop and HF Trainer on the same batches (outputs/bench.md, ~2 min)
+	$(PY) scripts/bench.py
+
+bench-mixed: $(VENV)/.installed ## data.group_by on mixed DocVQA-like pages, and HF Trainer's group_by_length (outputs/bench_mixed.md, ~10 min)
+	$(PY) scripts/bench.py --mixed --repeats 3
 
 bench-gpu: $(VENV)/.installed ## on a CUDA GPU: the 8B's measured memory, tokens/s and MFU against the plan (outputs/bench_gpu.md); says so and exits 0 without CUDA
 	$(PY) scripts/bench_gpu.py

@@ -158,7 +158,8 @@ class Idefics2Module(L.LightningModule):
         out = self.model(**inputs)
         n = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        if self.trainer._logger_connector.should_update_logs:  # written only then: skip the call (~0.7 ms) otherwise
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return out.loss
 
     # ------------------------------------------------------------------ validation

@@ -56,7 +56,7 @@ GPUS = {
 def peak_tflops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named as ``torch.cuda.get_device_name`` names it (None if unknown)."""
     for name, (_, tflops) in GPUS.items():
-        if name.split("-")[0] in device_name:
+        if name.split("-")[0].replace("RTX ", "") in device_name:  # "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"
             return tflops
     return None
 

@@ -95,17 +95,26 @@ def model_inputs(batch: dict) -> dict:
 
 
 class Clock:
-    """Marks the end of step ``first`` and of step ``last`` (CUDA synchronized at each mark)."""
+    """Times steps ``first + 1 .. last`` (CUDA synchronized at the two marks), and within them the
+    time from the end of a step to the start of the next: the loop waiting on its loader."""
 
     def __init__(self, first: int, last: int) -> None:
         self.first, self.last = first, last
         self.marks: dict[int, float] = {}
+        self.wait = 0.0
+        self._end = 0.0
+        self.stats: list[dict] = []  # each step's padding counts, in the loop's process (workers or not)
 
-    def tick(self, step: int) -> None:
+    def begin(self, step: int) -> None:  # step: the steps done before this one
+        if self.first <= step < self.last:
+            self.wait += time.perf_counter() - self._end
+
+    def tick(self, step: int) -> None:  # step: the steps done after this one
         if step in (self.first, self.last):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.marks[step] = time.perf_counter()
+        self._end = time.perf_counter()
 
     @property
     def seconds(self) -> float:
@@ -116,7 +125,11 @@ class LightningClock(Callback):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.begin(trainer.global_step)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.stats.append(batch["stats"])
         self.clock.tick(trainer.global_step)
 
 
@@ -156,6 +169,9 @@ def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extr
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class HFClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # called once the batch is fetched
+            clock.begin(state.global_step)
+
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick(state.global_step)
 
@@ -178,13 +194,23 @@ def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extr
         report_to="none",
         use_cpu=device == "cpu",
         bf16=device == "cuda",
-        dataloader_num_workers=0,
+        dataloader_num_workers=extra.pop("workers", 0),
+        dataloader_persistent_workers=False,
         remove_unused_columns=False,
         disable_tqdm=not sys.stdout.isatty(),
         seed=cfg.seed,
         **extra,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[HFClock()])
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if "stats" in inputs:
+                clock.stats.append(inputs.pop("stats"))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = CountingTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[HFClock()]
+    )
     trainer.train()
     return model
 
@@ -246,7 +272,7 @@ def three_loops(args, extra) -> str:
     median = {name: statistics.median(rates[name]) for name in LOOPS}
     ratios = f"ours/bare = {median['ours'] / median['bare']:.3f}, ours/hf = {median['ours'] / median['hf']:.3f}"
     head = (
-        f"{args.recipe} ({path}), {args.device}, batch {cfg.data.batch_size}, {args.steps} timed steps after "
+        f"{args.recipe} ({Path(path).name}), {args.device}, batch {cfg.data.batch_size}, {args.steps} timed steps after "
         f"{args.warmup}, {args.repeats} repeats, {torch.get_num_threads()} threads"
     )
     return "\n".join([head, "", *rows, "", ratios])
@@ -266,6 +292,7 @@ def mixed_overrides(docs: dict[str, Path], args) -> list[str]:
         "data.metric=anls",
         "model.tiny.vision_layers=1",
         "model.tiny.text_layers=1",
+        f"data.num_workers={args.workers}",
     ]
 
 
@@ -308,39 +335,35 @@ def mixed(args, extra) -> str:
     names = ["group_by=none", "group_by=length", "group_by=aspect", "HF Trainer, group_by_length"]
     for repeat in range(args.repeats):
         for name in names[repeat % 4 :] + names[: repeat % 4]:
-            stats: list[dict] = []
             clock = Clock(args.warmup, args.warmup + args.steps)
             if name.startswith("HF"):
-                model = run_hf_grouped(base, path, args.device, clock, plain, shapes, stats)
+                model = run_hf_grouped(base, path, args.device, clock, plain, shapes)
             else:
                 cfg = compose_cfg(args, [*mixed_overrides(docs, args), f"data.{name}", *extra])
-                datamodule = RecordingDataModule(
-                    cfg.data,
-                    processor,
-                    stats,
-                    seed=cfg.seed,
-                    max_steps=cfg.trainer.max_steps,
-                    accumulate=accumulation(cfg),
+                datamodule = Idefics2DataModule(
+                    cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps, accumulate=accumulation(cfg)
                 )
                 datamodule.setup("fit")
                 model = run_ours(cfg, path, args.device, clock, datamodule=datamodule)
-            timed = stats[args.warmup : args.warmup + args.steps]
-            r = results.setdefault(name, {"samples/s": [], "pad": [], "pixel pad": [], "val loss": []})
+            stats, timed = clock.stats, clock.stats[args.warmup : args.warmup + args.steps]
+            r = results.setdefault(name, {"samples/s": [], "wait": [], "pad": [], "pixel pad": [], "val loss": []})
             r["samples/s"].append(sum(s["samples"] for s in timed) / clock.seconds)
+            r["wait"].append(clock.wait / clock.seconds)
             r["pad"].append(1 - sum(s["tokens"] for s in stats) / sum(s["token_slots"] for s in stats))
             r["pixel pad"].append(1 - sum(s["pixels"] for s in stats) / sum(s["pixel_slots"] for s in stats))
             r["val loss"].append(val_loss(model, val_batches, args.device))
             log.info("repeat %d, %s: %s", repeat + 1, name, {k: round(v[-1], 4) for k, v in r.items()})
     none = statistics.median(results["group_by=none"]["samples/s"])
     rows = [
-        "| run | samples/s (min / median / max) | vs none | token padding | pixel padding | val loss |",
-        "|---|---|---|---|---|---|",
+        "| run | samples/s (min / median / max) | vs none | data wait | token padding | pixel padding | val loss |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in names:
         r = results[name]
         speed = statistics.median(r["samples/s"])
         rows.append(
-            f"| {name} | {spread(r['samples/s'])} | {speed / none:.2f}x | {statistics.median(r['pad']):.1%} | "
+            f"| {name} | {spread(r['samples/s'])} | {speed / none:.2f}x | {statistics.median(r['wait']):.1%} | "
+            f"{statistics.median(r['pad']):.1%} | "
             f"{statistics.median(r['pixel pad']):.1%} | {statistics.median(r['val loss']):.4f} |"
         )
     ours = statistics.median(results["group_by=aspect"]["samples/s"])
@@ -348,48 +371,24 @@ def mixed(args, extra) -> str:
     head = (
         f"{args.n_train} DocVQA-like pages (6 sizes, portrait and landscape, short and long questions and answers), "
         f"longest edge {base.data.longest_edge} px, image splitting on, batch {base.data.batch_size}, "
+        f"{args.workers} loader workers, "
         f"{args.steps} timed steps after {args.warmup} of {args.warmup + args.steps}, {args.repeats} repeats, "
         f"{args.device}, {torch.get_num_threads()} threads"
     )
     return "\n".join([head, "", *rows, "", f"group_by=aspect / HF group_by_length = {ours / hf:.2f}x samples/s"])
 
 
-class RecordingDataModule(Idefics2DataModule):
-    """The DataModule as train.py builds it, keeping each training batch's padding counts."""
-
-    def __init__(self, data_cfg, processor, stats: list, **kwargs) -> None:
-        super().__init__(data_cfg, processor, **kwargs)
-        self.stats = stats
-
-    def train_collator(self):
-        return Recording(super().train_collator(), self.stats)
-
-
-class Recording:
-    """A collator that appends each batch's padding counts to ``stats``."""
-
-    def __init__(self, collate, stats: list) -> None:
-        self.collate, self.stats = collate, stats
-
-    def __call__(self, records):
-        batch = self.collate(records)
-        self.stats.append(batch["stats"])
-        return batch
-
-    def __getattr__(self, name):  # tokenizer, render: what record_shapes reads
-        return getattr(self.collate, name)
-
-
-def run_hf_grouped(cfg, path, device, clock, datamodule, shapes, stats) -> torch.nn.Module:
+def run_hf_grouped(cfg, path, device, clock, datamodule, shapes) -> torch.nn.Module:
     """HF Trainer at its best on the mixed set: its LengthGroupedSampler, given our exact lengths."""
     import datasets
 
     lengths = [s.tokens for s in shapes]
     dataset = datasets.Dataset.from_dict({"index": list(range(len(lengths))), "length": lengths})
-    collate = Recording(datamodule.train_collator(), stats)
+    collate = datamodule.train_collator()
 
     def collate_records(items):
-        return model_inputs(collate([datamodule.train_set[item["index"]] for item in items]))
+        batch = collate([datamodule.train_set[item["index"]] for item in items])
+        return {**model_inputs(batch), "stats": batch["stats"]}
 
     model = fresh_model(cfg, path, device)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -402,6 +401,7 @@ def run_hf_grouped(cfg, path, device, clock, datamodule, shapes, stats) -> torch
             collate_records,
             run_dir,
             batch_size=cfg.data.batch_size,
+            workers=cfg.data.num_workers,
             train_sampling_strategy="group_by_length",
             length_column_name="length",
         )
@@ -414,11 +414,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recipe", default="easyvqa_tiny")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mixed", action="store_true", help="data.group_by on mixed DocVQA-like pages, and HF's")
     parser.add_argument("--n-train", type=int, default=1024, help="--mixed: training pages")
     parser.add_argument("--batch-size", type=int, default=8, help="--mixed: records per batch")
-    parser.add_argument("--longest-edge", type=int, default=128, help="--mixed: pixels")
+    parser.add_argument(
+        "--longest-edge", type=int, default=256, help="--mixed: pixels (the tiny vision tower reads 8-px patches)"
+    )
+    parser.add_argument("--workers", type=int, default=0, help="--mixed: loader workers (ours and HF's)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench.md"))
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

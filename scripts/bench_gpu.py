@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_8b import build  # noqa: E402
 
 from idefics2_ft.models.random_checkpoint import default_cache_dir  # noqa: E402
-from idefics2_ft.plan import GPUS  # noqa: E402
+from idefics2_ft.plan import peak_tflops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +56,7 @@ def gpu_peak_tflops() -> tuple[str, float | None]:
     if not torch.cuda.is_available():
         return "CPU", None
     name = torch.cuda.get_device_name(0)
-    for key, (_, tflops) in GPUS.items():
-        if key.split("-")[0].replace("RTX ", "") in name:
-            return name, tflops
-    return name, None
+    return name, peak_tflops(name)
 
 
 def run_one(config: dict[str, str], data: list[str], run_dir: Path, steps: int, dry_run: bool) -> dict:

@@ -150,3 +150,19 @@ def test_group_by_trains_resumes_exactly_and_logs_where_time_goes(tiny_run_cfg, 
     pixel_pad = [float(r["data/pixel_pad_frac"]) for r in rows if r.get("data/pixel_pad_frac")]
     assert sum(pixel_pad) / len(pixel_pad) <= 0.3 / 6
     assert json.loads((tmp_path / "straight/metrics.json").read_text())["train/steps"] == 6
+
+
+def test_perf_metrics_reach_tensorboard(tiny_run_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from idefics2_ft.train import train
+
+    train(tiny_run_cfg("logger=tensorboard", "eval.at_end=false", "trainer.log_every_n_steps=2"))
+    events = [p for p in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")]
+    assert events
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"perf/data_wait_frac", "perf/samples_per_s", "perf/tokens_per_s", "data/pad_frac", "train/loss"} <= tags

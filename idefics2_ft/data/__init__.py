@@ -17,7 +17,13 @@ from idefics2_ft.data.collator import (
     message_text,
 )
 from idefics2_ft.data.datamodule import Idefics2DataModule, ResumableSampler
-from idefics2_ft.data.grouping import GROUP_BY, GroupedBatchSampler, RecordShape, record_shapes, sort_keys
+from idefics2_ft.data.grouping import (
+    GROUP_BY,
+    GroupedBatchSampler,
+    RecordShape,
+    record_shapes,
+    sort_keys,
+)
 from idefics2_ft.data.sources import RecordDataset, Row, build_rows, check_sources, load_image, to_rgb
 
 __all__ = [

@@ -85,21 +85,23 @@ def image_size(ref: Any) -> tuple[int, int] | None:
 
 
 def record_shapes(rows: Sequence[Row], collator: Any, longest_edge: int, shortest_edge: int) -> list[RecordShape]:
-    """The shape of every row (images read as headers only; a bad row gets zeros)."""
+    """The shape of every row: tokens and labels as ``collator`` encodes it, image sizes from their
+    headers (pixels are not decoded). A row the collator would skip gets zeros."""
     shapes, started, last = [], time.perf_counter(), time.perf_counter()
-    tokenizer = collator.tokenizer
     for i in range(len(rows)):
         row = rows[i]
-        if check_row(row) is not None:
+        encoded = None if check_row(row) else collator.encode({"messages": row.messages, "images": row.images})
+        if not isinstance(encoded, dict):
             shapes.append(RecordShape(0, 0, 0, 0))
             continue
-        text, _ = collator.render(row.messages)
-        tokens = len(tokenizer(text, add_special_tokens=True)["input_ids"])
-        sizes = [s for s in (image_size(ref) for ref in row.images) if s is not None]
+        sizes = [s for s in (image_size(ref) for ref in encoded["images"]) if s is not None]
         dims = [resized_size(w, h, longest_edge, shortest_edge) for w, h in sizes]
         shapes.append(
             RecordShape(
-                tokens, len(row.images), max((h for h, _ in dims), default=0), max((w for _, w in dims), default=0)
+                tokens=len(encoded["input_ids"]),
+                images=len(encoded["images"]),
+                height=max((h for h, _ in dims), default=0),
+                width=max((w for _, w in dims), default=0),
             )
         )
         if time.perf_counter() - last > 30:

@@ -56,12 +56,17 @@ class DivergenceGuard(Callback):
 
     def __init__(self, last_checkpoint: Path) -> None:
         self.last_checkpoint = Path(last_checkpoint)
+        self._trainable: list[torch.nn.Parameter] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trainable = [p for p in pl_module.parameters() if p.requires_grad]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if str(trainer.precision) == "16-mixed":
             return  # fp16's grad scaler skips steps with infinite gradients by design
-        norms = [p.grad.detach().float().norm() for p in pl_module.parameters() if p.grad is not None]
-        total = float(torch.stack(norms).norm()) if norms else 0.0  # on FSDP: this rank's shards
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        # one fused norm (foreach kernels) over the trainable weights only; on FSDP: this rank's shards
+        total = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         if trainer.strategy.reduce_boolean_decision(not math.isfinite(total), all=False):
             self._stop(trainer, optimizer, f"gradient norm ({total})")
 

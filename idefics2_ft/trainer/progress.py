@@ -92,48 +92,69 @@ class LineTicker:
 
 
 class PerfMetrics(Callback):
-    """Where a step's time goes, logged every training batch (``log_every_n_steps`` thins the rows):
+    """Where a step's time goes, averaged over each logging window (``trainer.log_every_n_steps``):
 
-    - ``perf/data_wait_frac``: time from the end of the last batch to the start of this one (the
-      loop waiting on the loader) over the time from the end of the last batch to the end of this one;
+    - ``perf/data_wait_frac``: the time from the end of one batch to the start of the next (the loop
+      waiting on the loader) over the time from the end of one batch to the end of the next;
     - ``perf/samples_per_s``, ``perf/tokens_per_s`` (real tokens, padding not counted);
     - ``data/pad_frac``, ``data/pixel_pad_frac``: padded tokens and pixels over all (the collator's
-      counts, so no device sync);
+      counts: no device sync);
     - on CUDA, ``perf/peak_memory_gb`` and ``perf/mfu`` (``flops_per_token`` from the plan over the
       GPU's bf16 peak).
 
-    The first batch after validation or a checkpoint save is timed from the end of that, not from the
-    last batch.
+    Sums are kept per batch and logged once per window: ``LightningModule.log`` costs about 0.7 ms a
+    call on the CPU (measured by ``scripts/bench.py``), too much to pay for six values every step.
+    The first batch after validation or a checkpoint save is timed from the end of that.
     """
+
+    KEYS = ("samples", "tokens", "token_slots", "pixels", "pixel_slots", "wait", "period")
 
     def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._last_end: float | None = None
         self._wait = 0.0
+        self._step = -1
+        self._sums = dict.fromkeys(self.KEYS, 0.0)
+        self._timed = dict.fromkeys(("samples", "tokens", "token_slots"), 0.0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self._wait = now - self._last_end if self._last_end is not None else 0.0
+        self._wait = time.perf_counter() - self._last_end if self._last_end is not None else 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         stats = batch.get("stats") if isinstance(batch, dict) else None
         if stats:
-            n = stats["samples"]
-            pl_module.log("data/pad_frac", 1 - stats["tokens"] / stats["token_slots"], batch_size=n)
-            if stats.get("pixel_slots"):
-                pl_module.log("data/pixel_pad_frac", 1 - stats["pixels"] / stats["pixel_slots"], batch_size=n)
-        if self._last_end is not None and stats:
-            period = now - self._last_end
-            pl_module.log("perf/data_wait_frac", self._wait / period, batch_size=n)
-            pl_module.log("perf/samples_per_s", n / period, batch_size=n)
-            pl_module.log("perf/tokens_per_s", stats["tokens"] / period, prog_bar=True, batch_size=n)
-            if on_cuda(trainer):
-                pl_module.log("perf/peak_memory_gb", torch.cuda.max_memory_allocated() / 1e9, batch_size=n)
-                if self.flops_per_token and self.peak_flops:
-                    mfu = stats["token_slots"] * self.flops_per_token / period / self.peak_flops
-                    pl_module.log("perf/mfu", mfu, batch_size=n)
+            for key in ("samples", "tokens", "token_slots", "pixels", "pixel_slots"):
+                self._sums[key] += stats.get(key, 0)
+            if self._last_end is not None:  # a timed batch
+                self._sums["wait"] += self._wait
+                self._sums["period"] += now - self._last_end
+                for key in self._timed:
+                    self._timed[key] += stats[key]
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if stepped and self._sums["samples"] and trainer._logger_connector.should_update_logs:
+            self._log(trainer, pl_module)
         self._last_end = time.perf_counter()
+
+    def _log(self, trainer, pl_module) -> None:
+        s, t = self._sums, self._timed
+        metrics = {"data/pad_frac": 1 - s["tokens"] / s["token_slots"]}
+        if s["pixel_slots"]:
+            metrics["data/pixel_pad_frac"] = 1 - s["pixels"] / s["pixel_slots"]
+        if s["period"] > 0:
+            metrics["perf/data_wait_frac"] = s["wait"] / s["period"]
+            metrics["perf/samples_per_s"] = t["samples"] / s["period"]
+            metrics["perf/tokens_per_s"] = t["tokens"] / s["period"]
+            if on_cuda(trainer) and self.flops_per_token and self.peak_flops:
+                metrics["perf/mfu"] = t["token_slots"] * self.flops_per_token / s["period"] / self.peak_flops
+        if on_cuda(trainer):
+            metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        pl_module.log_dict(metrics, batch_size=1)
+        self._sums = dict.fromkeys(self.KEYS, 0.0)
+        self._timed = dict.fromkeys(self._timed, 0.0)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._last_end = time.perf_counter()

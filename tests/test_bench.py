@@ -1,0 +1,53 @@
+"""scripts/bench.py runs (3 steps per loop) so that it cannot rot; its numbers are measured by make bench."""
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def bench(tmp_path, *args: str) -> str:
+    out = tmp_path / "bench.md"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.read_text() in run.stdout
+    return out.read_text()
+
+
+def rate(table: str, row: str) -> float:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+    return float(line.split("|")[2].split("/")[1])  # the median samples/s
+
+
+def test_three_loops_print_samples_and_tokens_per_second_and_the_ratios(tmp_path):
+    table = bench(tmp_path, "--steps", "3")
+    for loop in ("ours", "bare", "hf"):
+        assert rate(table, loop) > 0
+    ratios = re.search(r"ours/bare = ([\d.]+), ours/hf = ([\d.]+)", table)
+    assert ratios and float(ratios[1]) > 0 and float(ratios[2]) > 0
+
+
+def test_mixed_pages_compare_group_by_with_hf_group_by_length(tmp_path):
+    table = bench(tmp_path, "--mixed", "--steps", "2", "--n-train", "32", "--batch-size", "4", "--longest-edge", "64")
+    rows = ("group_by=none", "group_by=length", "group_by=aspect", "HF Trainer, group_by_length")
+    for row in rows:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        pad, pixel_pad = (float(x.strip().rstrip("%")) for x in line.split("|")[4:6])
+        assert rate(table, row) > 0 and 0 <= pad < 100 and 0 <= pixel_pad < 100
+    assert "group_by=aspect / HF group_by_length" in table
