@@ -3,10 +3,9 @@
 A batch is padded to its longest sample, and its images to the tallest and the widest image in it
 (the vision tower and the connector run on every padded patch). DocVQA mixes portrait and
 landscape pages and questions of a few words with answers of a sentence, so a random batch pays for
-much padding. ``GroupedBatchSampler`` draws the same shuffled stream of records as the default
-sampler, sorts each pool of ``POOL`` batches' worth of records by what they cost, cuts the pool into
-batches and shuffles the batches: each batch holds alike records, and training is not ordered by
-length.
+much padding. ``GroupedBatchSampler`` shuffles each epoch's records as the default sampler does,
+sorts each pool of ``POOL`` batches' worth of them by what they cost, cuts the pool into batches and
+shuffles the batches: each batch holds alike records, and training is not ordered by length.
 
 - ``length``: by tokens (text and image tokens).
 - ``aspect``: by image count, then by the size of the images after resizing (which fixes the
@@ -85,8 +84,9 @@ def image_size(ref: Any) -> tuple[int, int] | None:
 
 
 def record_shapes(rows: Sequence[Row], collator: Any, longest_edge: int, shortest_edge: int) -> list[RecordShape]:
-    """The shape of every row: tokens and labels as ``collator`` encodes it, image sizes from their
-    headers (pixels are not decoded). A row the collator would skip gets zeros."""
+    """The shape of every row: its tokens as ``collator`` encodes it (``max_length`` cut included),
+    its image sizes from their headers (pixels are not decoded). A row the collator would skip gets
+    zeros."""
     shapes, started, last = [], time.perf_counter(), time.perf_counter()
     for i in range(len(rows)):
         row = rows[i]
