@@ -52,6 +52,20 @@ def test_fsdp_two_ranks_equal_one_process_over_the_global_batch(runs):
     assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)  # it trained (B starts at zero)
 
 
+def test_fsdp_with_group_by_equals_one_process_over_the_global_batch(runs):
+    """data.group_by under FSDP: the global batch is grouped as one and each rank trains on its half."""
+    tmp, common = runs
+    grouped = [*common, "data.group_by=length"]
+    run_train(*grouped, "data.batch_size=4", f"run_dir={tmp / 'one-grouped'}")
+    run_train(*grouped, *TWO_RANKS, f"run_dir={tmp / 'two-grouped'}")
+    a, b = adapter(tmp / "one-grouped"), adapter(tmp / "two-grouped")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    ungrouped = adapter(tmp / "one")
+    assert any(not torch.equal(a[k], ungrouped[k]) for k in a)  # grouping changed the batches
+
+
 def test_the_gathered_adapter_reproduces_the_sharded_model(runs, tmp_path):
     """The FSDP run's validation (sharded over 2 ranks) and a fresh single-process model with the
     gathered adapter give the same loss over every supervised token and the same greedy answers."""
