@@ -103,8 +103,9 @@ class PerfMetrics(Callback):
       GPU's bf16 peak).
 
     Sums are kept per batch and logged once per window: ``LightningModule.log`` costs about 0.7 ms a
-    call on the CPU (measured by ``scripts/bench.py``), too much to pay for six values every step.
-    The first batch after validation or a checkpoint save is timed from the end of that.
+    call on the CPU (cProfile over ``scripts/bench.py``), too much to pay for six values every step.
+    The batch after validation is timed from the validation's end; the one after a checkpoint save
+    is not timed.
     """
 
     KEYS = ("samples", "tokens", "token_slots", "pixels", "pixel_slots", "wait", "period")
