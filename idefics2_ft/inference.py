@@ -103,8 +103,11 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     return model, processor
 
 
-def evaluate(cfg: DictConfig, model, processor, split: str, out_dir: Path) -> dict[str, float]:
-    """Greedy answers on ``split`` (left-padded batches); writes predictions.jsonl and metrics JSON.
+def evaluate(
+    cfg: DictConfig, model, processor, split: str, out_dir: Path, label: str = "the run's weights as trained"
+) -> dict[str, float]:
+    """Greedy answers on ``split`` (left-padded batches); writes predictions.jsonl, metrics JSON and
+    report.html (``label`` says there which model answered).
 
     Returns flat metrics: ``eval/accuracy``, ``eval/anls``, ``eval/<metric>/<question type>``, ``eval/loss``.
     """
@@ -152,6 +155,17 @@ def evaluate(cfg: DictConfig, model, processor, split: str, out_dir: Path) -> di
                 + "\n"
             )
     (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    from idefics2_ft.report import evaluation_report
+
+    report = evaluation_report(
+        cfg,
+        out_dir,
+        metrics,
+        [json.loads(line) for line in open(out_dir / "predictions.jsonl")],
+        datamodule.val_set.rows,
+        label,
+    )
+    log.info("Report: %s", report)
     return metrics
 
 

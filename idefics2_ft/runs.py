@@ -40,6 +40,8 @@ LAST_CHECKPOINT = "last.ckpt"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 LOG_DIR = "logs"
+HISTORY_FILE = "history.jsonl"  # the curves, whatever the logger (trainer/history.py)
+REPORT_FILE = "report.html"
 
 # Keys such as `token`, `hf_token`, `api_key`, `password` (not `max_new_tokens`).
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|key)$")
@@ -53,7 +55,17 @@ def weights_dir(run_dir: Path, peft_method: str) -> Path:
 # What a run leaves in its folder, beyond config.yaml and base_model.json: the marks of a run that
 # trained (a folder holding any of them is not reused silently) and what overwrite=true removes.
 RUN_OUTPUTS = (CHECKPOINT_DIR, "adapter", "model", METRICS_FILE, PREDICTIONS_FILE)
-REPLACED_BY_OVERWRITE = (*RUN_OUTPUTS, LOG_DIR, "export", "eval", LOG_FILE, CONFIG_FILE, BASE_RECORD)
+REPLACED_BY_OVERWRITE = (
+    *RUN_OUTPUTS,
+    LOG_DIR,
+    "export",
+    "eval",
+    LOG_FILE,
+    CONFIG_FILE,
+    BASE_RECORD,
+    HISTORY_FILE,
+    REPORT_FILE,
+)
 
 
 def slurm_restarted() -> bool:
@@ -193,6 +205,14 @@ def write_results(run_dir: Path, metrics: dict[str, Any], predictions: list[dict
         with open(run_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
             for row in predictions:
                 f.write(json.dumps(row) + "\n")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The lines of ``run_dir/history.jsonl`` (none if the run wrote none)."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

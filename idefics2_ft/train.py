@@ -178,6 +178,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             module.model.save_pretrained(out, state_dict=trained)
             processor.save_pretrained(out)
             write_results(run_dir, metrics, getattr(module, "val_predictions", None))
+            _report(cfg, run_dir, metrics, module, datamodule)
         if cfg.export.at_end or cfg.export.push_to_hub:
             from idefics2_ft.export import export_run
 
@@ -239,6 +240,18 @@ def _unchanged(before: dict, after: dict) -> bool:
     if moved:
         log.error("Frozen weights changed during training (a bug, not a setting): %s", ", ".join(moved[:5]))
     return not moved
+
+
+def _report(cfg: DictConfig, run_dir: Path, metrics: dict, module: Idefics2Module, datamodule) -> None:
+    """Write report.html; a failure there is logged, never lost weights (they are saved before)."""
+    from idefics2_ft.report import training_report
+
+    try:
+        path = training_report(cfg, run_dir, metrics, getattr(module, "val_predictions", None), datamodule.val_set.rows)
+    except Exception as err:  # the report is a view of what is saved; the run itself succeeded
+        log.warning("report.html not written: %s: %s", type(err).__name__, err)
+        return
+    log.info("Report: %s", path)
 
 
 def _validate(trainer: L.Trainer, module: Idefics2Module, datamodule, limit) -> dict[str, float]:

@@ -3,8 +3,9 @@
     python scripts/evaluate.py run_dir=RUN [data.split=test] [model_dir=RUN/export] [out_dir=...] [key=value ...]
 
 Loads the run's adapter on its base as trained (or a merged model folder with model_dir=), answers
-every question of the split, prints a summary table and writes predictions.jsonl and
-eval_metrics.json to out_dir (default RUN/eval/<split>).
+every question of the split, prints a summary table and writes predictions.jsonl,
+eval_metrics.json and report.html (metrics, curves, a gallery of answers) to out_dir (default
+RUN/eval/<split>).
 """
 
 import sys
@@ -19,8 +20,11 @@ def main(argv: list[str]) -> int:
     split = own["data.split"] or cfg.data.val_split
     model, processor = load_run(cfg, model_dir=own["model_dir"])
     out_dir = Path(own["out_dir"] or Path(cfg.run_dir) / "eval" / split)
-    metrics = evaluate(cfg, model, processor, split, out_dir)
-    sys.stdout.write(format_table(metrics) + f"\n\nwrote {out_dir}/predictions.jsonl and eval_metrics.json\n")
+    label = f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
+    metrics = evaluate(cfg, model, processor, split, out_dir, label)
+    sys.stdout.write(
+        format_table(metrics) + f"\n\nwrote {out_dir}/predictions.jsonl, eval_metrics.json and report.html\n"
+    )
     return 0
 
 

@@ -26,7 +26,7 @@ from idefics2_ft.models.processor import build_processor
 log = logging.getLogger(__name__)
 
 # Bump when the tiny base's construction or stage 1 changes: cached bases are keyed by it.
-STAGE1_VERSION = 3
+STAGE1_VERSION = 4
 
 
 def tiny_base_key(cfg: DictConfig) -> str:
@@ -78,7 +78,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
     if t.vision_pretrain_steps or t.pretrain_steps:
         log.info(
             "Tiny base, stage 1 (a stand-in for a pretrained checkpoint): %d vision-tower steps, "
-            "then %d steps of full training on %s",
+            "then %d steps of captioning the training images of %s (no questions)",
             t.vision_pretrain_steps,
             t.pretrain_steps,
             cfg.data.source,

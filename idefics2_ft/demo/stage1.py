@@ -1,4 +1,19 @@
-"""Stage 1: make a random tiny base behave like a (very small) pretrained one."""
+"""Stage 1: make a random tiny base behave like a (very small) pretrained one, without the task.
+
+A real base learns to see and to speak long before anyone fine-tunes it on questions: SigLIP is
+pretrained on image-text pairs, and Idefics2 on captions and interleaved documents. Stage 1 does
+the same at the demo's size, on the training images only:
+
+(a) ``tiny.vision_pretrain_steps``: the vision tower and the connector learn, through a throw-away
+    linear probe on the image features the text model receives, to classify each image's
+    attributes (for easy-VQA its colour and its shape): one softmax head per kind of attribute.
+(b) ``tiny.pretrain_steps``: the whole model learns to caption the images ("a red circle."), in a
+    few phrasings. The user turn holds the image alone: no question is ever asked.
+
+The attributes of an image are what its annotations say it shows: the open (not yes/no) answers
+about it, by question type. Neither part sees a question or learns to answer one; that is stage
+2, the QLoRA recipe.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +24,53 @@ import torch
 from tqdm.auto import tqdm
 
 from idefics2_ft.data.collator import BadSampleError, DataError, Idefics2Collator
-from idefics2_ft.data.sources import RecordDataset, load_image
+from idefics2_ft.data.sources import RecordDataset, Row, load_image
 from idefics2_ft.trainer.progress import LineTicker, on_a_terminal
+
+# What stage 1b asks for, and the phrasings of the answer, for an image with a colour and a shape.
+# No request is a question about the image, and no answer is a one-word answer: the base learns
+# to look and to describe, not the demo's task.
+CAPTIONS = (
+    (None, ("a {color} {shape}.", "a picture of a {color} {shape}.", "one {color} {shape}.")),
+    ("Describe the image.", ("a {color} {shape} on a light background.", "this is a {shape}, and it is {color}.")),
+    ("Write a caption.", ("a {color} {shape}.", "a picture of a {color} {shape}.")),
+    ("Describe the colour of the shape.", ("the shape is {color}.", "it is {color}.")),
+    ("Describe the shape.", ("it is a {shape}.", "the picture shows a {shape}.")),
+)
+
+
+def image_attributes(rows) -> dict[str, dict[str, str]]:
+    """What each single-image training row's annotations say its image shows.
+
+    Returns ``{image path: {kind: value}}``, where the kind is the row's question type ("color",
+    "shape"; "answer" where the data has no types) and the value its open (not yes/no) answer.
+    """
+    attributes: dict[str, dict[str, str]] = defaultdict(dict)
+    for row in rows:
+        if len(row.images) == 1 and isinstance(row.images[0], str) and row.answers:
+            answer = row.answers[0].strip().lower()
+            if answer not in ("yes", "no"):
+                attributes[row.images[0]].setdefault(row.question_type or "answer", answer)
+    return dict(attributes)
+
+
+def caption(attributes: dict[str, str], rng: random.Random) -> tuple[str | None, str]:
+    """A request (None: the image alone) and its answer, a description of the image drawn from ``rng``."""
+    if {"color", "shape"} <= attributes.keys():
+        request, phrasings = rng.choice(CAPTIONS)
+        return request, rng.choice(phrasings).format(**attributes)
+    return None, ", ".join(attributes[k] for k in sorted(attributes)) + "."
+
+
+def caption_row(path: str, attributes: dict[str, str], rng: random.Random) -> Row:
+    """A describing conversation: the image (and maybe a request) as the user turn, the description as the answer."""
+    request, text = caption(attributes, rng)
+    user = [{"type": "image"}] + ([{"type": "text", "text": request}] if request else [])
+    messages = [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": [{"type": "text", "text": text}]},
+    ]
+    return Row(messages=messages, images=[path], answers=[text], origin=f"stage 1 caption of {path}")
 
 
 def _image_features(model, pixel_values, pixel_attention_mask) -> torch.Tensor:
@@ -37,93 +97,105 @@ def _load_or_skip(path: str, on_bad_sample: str):
         return None
 
 
-def pretrain_tiny_base(
-    model, processor, rows, tiny, progress: bool = True, on_bad_sample: str = "skip"
-) -> dict[str, float]:
-    """Stage 1: make a random tiny base behave like a (very small) pretrained one.
+def _one_cycle(optimizer, lr: float, steps: int):
+    """Warm up over the first 10% of the steps, then anneal (stage 1 learns shapes far more reliably so)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
 
-    (a) ``tiny.vision_pretrain_steps``: the vision tower and the connector learn, through a
-    throw-away linear probe on the image features the text model receives, which open answers (not
-    yes/no) each training image has: a multi-label classifier. This stands in for SigLIP's own
-    pretraining and for aligning the connector, as real Idefics2 had both before fine-tuning. (b) ``tiny.pretrain_steps``: the whole
-    model trains on the training conversations with the language-model loss.
 
-    Returns the last losses of each part.
-    """
-    rng = random.Random(tiny.seed)
-    report: dict[str, float] = {}
-    model.train()
-    if tiny.vision_pretrain_steps:
-        answers_of: dict[str, set[str]] = defaultdict(set)
-        for row in rows:
-            if len(row.images) == 1 and isinstance(row.images[0], str) and row.answers:
-                answer = row.answers[0].strip().lower()
-                if answer not in ("yes", "no"):
-                    answers_of[row.images[0]].add(answer)
-        vocab = sorted({a for s in answers_of.values() for a in s})
-        index = {a: i for i, a in enumerate(vocab)}
-        images = sorted(answers_of)
-        if not images:
-            raise ValueError(
-                "model.tiny.vision_pretrain_steps needs single-image training rows with image files and "
-                "open (not yes/no) answers; this data has none: set model.tiny.vision_pretrain_steps=0."
-            )
-        probe = torch.nn.Linear(model.config.text_config.hidden_size, len(vocab))
-        params = [*model.model.vision_model.parameters(), *model.model.connector.parameters(), *probe.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
-        cache: dict[str, object] = {}
-        bar, lines = _progress("stage 1a: vision tower + connector", tiny.vision_pretrain_steps, progress)
-        for step in bar:
-            batch = rng.sample(images, min(32, len(images)))
-            for path in batch:
-                if path not in cache:
-                    cache[path] = _load_or_skip(path, on_bad_sample)
-            batch = [p for p in batch if cache[p] is not None]
-            if not batch:
-                continue
-            pics = [[cache[p]] for p in batch]
-            px = processor.image_processor(pics, return_tensors="pt")
-            target = torch.zeros(len(batch), len(vocab))
-            for row, path in enumerate(batch):
-                for a in answers_of[path]:
-                    target[row, index[a]] = 1.0
-            feats = _image_features(model, px["pixel_values"], px["pixel_attention_mask"])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(feats), target)
+def _pretrain_vision(model, processor, attributes, steps, rng, progress, on_bad_sample) -> dict[str, float]:
+    """Part (a): the vision tower and the connector, through a linear probe per kind of attribute."""
+    kinds = sorted({k for a in attributes.values() for k in a})
+    vocab = {k: sorted({a[k] for a in attributes.values() if k in a}) for k in kinds}
+    offsets, width = {}, 0
+    for k in kinds:
+        offsets[k], width = width, width + len(vocab[k])
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, width)
+    params = [*model.model.vision_model.parameters(), *model.model.connector.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = _one_cycle(optimizer, 1e-3, steps)
+    images = sorted(attributes)
+    cache: dict[str, object] = {}
+    bar, lines = _progress("stage 1a: vision tower + connector", steps, progress)
+    loss = torch.tensor(float("nan"))
+    for step in bar:
+        batch = rng.sample(images, min(32, len(images)))
+        for path in batch:
+            if path not in cache:
+                cache[path] = _load_or_skip(path, on_bad_sample)
+        batch = [p for p in batch if cache[p] is not None]
+        if batch:
+            px = processor.image_processor([[cache[p]] for p in batch], return_tensors="pt")
+            logits = probe(_image_features(model, px["pixel_values"], px["pixel_attention_mask"]))
+            loss = logits.new_zeros(())
+            for k in kinds:
+                target = torch.tensor([vocab[k].index(attributes[p][k]) if k in attributes[p] else -100 for p in batch])
+                head = logits[:, offsets[k] : offsets[k] + len(vocab[k])]
+                if (target >= 0).any():
+                    loss = loss + torch.nn.functional.cross_entropy(head, target, ignore_index=-100)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if progress and bar.disable:
-                lines.tick(step + 1, loss.item())
-        if not any(v is not None for v in cache.values()):
-            raise DataError("stage 1: no training image could be read: check the image paths of data.train_file.")
-        report["stage1/vision_loss"] = loss.item()
-        report["stage1/skipped_images"] = sum(1 for v in cache.values() if v is None)
-    if tiny.pretrain_steps:
-        dataset = RecordDataset(rows)
-        collator = Idefics2Collator(processor, on_bad_sample=on_bad_sample)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=tiny.pretrain_lr, total_steps=tiny.pretrain_steps, pct_start=0.1
-        )
-        order = list(range(len(dataset)))
-        rng.shuffle(order)
-        bar, lines = _progress("stage 1b: full training", tiny.pretrain_steps, progress)
-        for step in bar:
-            start = (step * tiny.pretrain_batch_size) % len(order)
-            batch = collator([dataset[i] for i in order[start : start + tiny.pretrain_batch_size]])
-            batch.pop("bad_samples")
-            if "input_ids" not in batch:  # every record of this batch was bad
-                continue
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if progress and bar.disable:
+            lines.tick(step + 1, loss.item())
+    if not any(v is not None for v in cache.values()):
+        raise DataError("stage 1: no training image could be read: check the image paths of data.train_file.")
+    return {"stage1/vision_loss": loss.item(), "stage1/skipped_images": sum(1 for v in cache.values() if v is None)}
+
+
+def _pretrain_captions(model, processor, attributes, tiny, rng, progress, on_bad_sample) -> dict[str, float]:
+    """Part (b): the whole model learns to caption the training images (no question is asked)."""
+    collator = Idefics2Collator(processor, on_bad_sample=on_bad_sample)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
+    scheduler = _one_cycle(optimizer, tiny.pretrain_lr, tiny.pretrain_steps)
+    images = sorted(attributes)
+    bar, lines = _progress("stage 1b: captioning, whole model", tiny.pretrain_steps, progress)
+    loss = torch.tensor(float("nan"))
+    for step in bar:
+        paths = rng.sample(images, min(tiny.pretrain_batch_size, len(images)))
+        records = RecordDataset([caption_row(p, attributes[p], rng) for p in paths])
+        batch = collator([records[i] for i in range(len(records))])
+        batch.pop("bad_samples")
+        batch.pop("stats", None)
+        if "input_ids" in batch:  # else every record of this batch was bad
             loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if progress and bar.disable:
-                lines.tick(step + 1, loss.item())
-        report["stage1/lm_loss"] = loss.item()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if progress and bar.disable:
+            lines.tick(step + 1, loss.item())
+    return {"stage1/lm_loss": loss.item()}
+
+
+def pretrain_tiny_base(
+    model, processor, rows, tiny, progress: bool = True, on_bad_sample: str = "skip"
+) -> dict[str, float]:
+    """Stage 1 on ``rows`` (the training split): (a) attribute probes, then (b) captioning.
+
+    Returns the last loss of each part and the number of unreadable images skipped.
+
+    Raises:
+        ValueError: the data has no single-image rows with image files and open answers.
+    """
+    attributes = image_attributes(rows)
+    if not attributes:
+        raise ValueError(
+            "Stage 1 of the tiny base needs single-image training rows with image files and open (not "
+            "yes/no) answers, which say what each image shows; this data has none: set "
+            "model.tiny.vision_pretrain_steps=0 model.tiny.pretrain_steps=0."
+        )
+    rng = random.Random(tiny.seed)
+    report: dict[str, float] = {}
+    model.train()
+    if tiny.vision_pretrain_steps:
+        report |= _pretrain_vision(
+            model, processor, attributes, tiny.vision_pretrain_steps, rng, progress, on_bad_sample
+        )
+    if tiny.pretrain_steps:
+        report |= _pretrain_captions(model, processor, attributes, tiny, rng, progress, on_bad_sample)
     model.eval()
     return report

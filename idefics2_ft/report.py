@@ -1,0 +1,312 @@
+"""``report.html``: one self-contained page per run or evaluation that a person can look at.
+
+It holds the loss and learning-rate curves (``history.jsonl``), the metrics before and after,
+overall and per question type, a gallery of validation examples (half of them chosen among the
+wrong answers, so the failures show), and the run's config and plan. Images and plots are inlined
+as base64 PNG; the page loads nothing else and runs no script.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from idefics2_ft.runs import HISTORY_FILE, REPORT_FILE, read_history, redacted
+
+log = logging.getLogger(__name__)
+
+GALLERY_SIZE = 16
+THUMBNAIL_PX = 160
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; } td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #eee; }
+th { text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 0.8em; }
+.card { border: 2px solid; border-radius: 6px; padding: 0.5em; font-size: 0.9em; }
+.card.right { border-color: #2a9d4a; } .card.wrong { border-color: #d1495b; }
+.card img { max-width: 100%; image-rendering: pixelated; display: block; margin-bottom: 0.3em; }
+.mark { font-weight: bold; } .right .mark { color: #2a9d4a; } .wrong .mark { color: #d1495b; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def thumbnail(ref: Any, size: int = THUMBNAIL_PX) -> str:
+    """An image reference (path, bytes, PIL image, ``datasets`` dict) as an inline PNG, ``size`` px wide at most."""
+    from idefics2_ft.data.sources import load_image
+
+    image = load_image(ref).copy()
+    image.thumbnail((size, size))
+    if image.width < size // 2:  # tiny pictures (easy-VQA's 64 px) are shown larger, pixel for pixel
+        factor = size // image.width
+        image = image.resize((image.width * factor, image.height * factor), resample=0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return png_data_uri(buffer.getvalue())
+
+
+def curves_png(history: Sequence[dict]) -> bytes | None:
+    """Train and validation loss over steps, and the learning rate, as one PNG (None without a history)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = {row["step"]: row[key] for row in history if row.get(key) is not None}  # the last write wins
+        steps = sorted(points)
+        return steps, [points[s] for s in steps]
+
+    train, val, lr = series("train/loss"), series("val/loss"), series("train/lr")
+    if not (train[0] or val[0]):
+        return None
+    figure = Figure(figsize=(10, 3.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, lr_axes = figure.subplots(1, 2, width_ratios=[3, 2])
+    if train[0]:
+        loss_axes.plot(*train, label="train", color="#1f77b4")
+    if val[0]:
+        loss_axes.plot(*val, "o--", label="validation", color="#d62728")
+    loss_axes.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    if max(train[1] + val[1]) / max(min(train[1] + val[1]), 1e-9) > 20:
+        loss_axes.set_yscale("log")
+    loss_axes.grid(alpha=0.3)
+    loss_axes.legend()
+    if lr[0]:
+        lr_axes.plot(*lr, color="#2ca02c")
+    lr_axes.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
+    lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    lr_axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def metric_table(columns: Sequence[tuple[str, dict[str, Any]]], metric: str) -> str:
+    """Rows: overall and each question type; one column per ``(title, {key: value})`` set of metrics.
+
+    Keys are read as ``<prefix>/<metric>[/<question type>]`` whatever the prefix (``val/``,
+    ``before/val/``, ``eval/``), with ``n_questions`` and ``loss`` beside them.
+    """
+    parsed: list[dict[str, float]] = []
+    for _, values in columns:
+        found: dict[str, float] = {}
+        for key, value in values.items():
+            if not isinstance(value, (int, float)):
+                continue
+            parts = key.split("/")
+            for i, part in enumerate(parts):
+                if part == metric:
+                    found["/".join(parts[i + 1 :]) or "overall"] = float(value)
+                    break
+                if part in ("loss", "n_questions") and i == len(parts) - 1:
+                    found[part] = float(value)
+        parsed.append(found)
+    types = sorted({k for p in parsed for k in p} - {"overall", "loss", "n_questions"})
+    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in columns)
+    body = []
+    for row, label in [("overall", f"{metric}, overall"), *[(t, f"{metric}, {t}") for t in types], ("loss", "loss")]:
+        cells = []
+        for p in parsed:
+            value = p.get(row)
+            cells.append(
+                f'<td class="n">{"-" if value is None else (f"{value:.1%}" if row != "loss" else f"{value:.4f}")}</td>'
+            )
+        body.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+def pick_gallery(predictions: Sequence[dict], size: int = GALLERY_SIZE, seed: int = 0) -> list[dict]:
+    """Up to ``size`` predictions: half among the wrong ones (all of them if fewer), the rest right; in order."""
+    rng = random.Random(seed)
+    wrong = [p for p in predictions if p["accuracy"] < 1.0]
+    right = [p for p in predictions if p["accuracy"] >= 1.0]
+    n_wrong = min(len(wrong), size // 2)
+    n_right = min(len(right), size - n_wrong)
+    n_wrong = min(len(wrong), size - n_right)  # fewer right ones than half: more of the wrong ones
+    chosen = {id(p) for p in rng.sample(wrong, n_wrong) + rng.sample(right, n_right)}
+    return [p for p in predictions if id(p) in chosen]
+
+
+def _question(row) -> str:
+    from idefics2_ft.data.collator import message_text
+
+    users = [m for m in row.messages if m.get("role") == "user"]
+    return message_text(users[-1]) if users else ""
+
+
+def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> str:
+    """Cards of image, question, prediction and references, marked right or wrong."""
+    by_id = {str(row.id): row for row in rows}
+    cards = []
+    for p in pick_gallery(predictions):
+        row = by_id.get(str(p["id"]))
+        pictures = ""
+        if row is not None:
+            for ref in row.images[:4]:
+                try:
+                    pictures += f'<img src="{thumbnail(ref)}" alt="image of {html.escape(str(p["id"]))}">'
+                except Exception as err:  # an unreadable image is named, not fatal to the report
+                    pictures += f'<p class="note">image unreadable: {html.escape(type(err).__name__)}</p>'
+        right = p["accuracy"] >= 1.0
+        references = p.get("references", p.get("answers", []))
+        score = f" ({metric} {p[metric]:.2f})" if metric != "accuracy" and metric in p else ""
+        cards.append(
+            f'<div class="card {"right" if right else "wrong"}">{pictures}'
+            f"<div><b>Q:</b> {html.escape(_question(row) if row is not None else '?')}</div>"
+            f"<div><b>predicted:</b> {html.escape(str(p['prediction']))}</div>"
+            f"<div><b>reference:</b> {html.escape(' | '.join(map(str, references)))}</div>"
+            f'<div class="mark">{"✓ right" if right else "✗ wrong"}{score}'
+            f"{' · ' + html.escape(str(p['question_type'])) if p.get('question_type') else ''}</div></div>"
+        )
+    n_wrong = sum(1 for p in predictions if p["accuracy"] < 1.0)
+    note = (
+        f'<p class="note">{len(cards)} of {len(predictions)} answers ({n_wrong} wrong in all); '
+        "half of the examples are drawn from the wrong ones.</p>"
+    )
+    return note + f'<div class="gallery">{"".join(cards)}</div>'
+
+
+def plan_html(plan: dict | None) -> str:
+    if not plan:
+        return '<p class="note">No plan.json in this run.</p>'
+    rows = "".join(
+        f'<tr><td>{html.escape(k)}</td><td class="n">{v:.3f} GB</td></tr>' for k, v in plan["rows_gb"].items()
+    )
+    setup = ", ".join(f"{k}={v}" for k, v in plan.get("setup", {}).items())
+    workload = ", ".join(f"{k}={v}" for k, v in plan.get("workload", {}).items())
+    return (
+        f"<p><b>{html.escape(plan['verdict'])}</b>; peak at {html.escape(str(plan.get('peak_at')))}.</p>"
+        f"<table>{rows}</table><p class='note'>workload: {html.escape(workload)}<br>setup: {html.escape(setup)}</p>"
+    )
+
+
+def write_report(
+    folder: Path,
+    *,
+    title: str,
+    cfg: DictConfig,
+    columns: Sequence[tuple[str, dict[str, Any]]],
+    predictions: Sequence[dict],
+    rows: Iterable,
+    run_dir: Path,
+    facts: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``folder/report.html`` and return its path.
+
+    Args:
+        columns: the metric sets to compare, as ``(column title, flat metrics)``.
+        predictions: per-question results (``id``, ``prediction``, ``references`` or ``answers``,
+            ``accuracy``, the run's metric, ``question_type``).
+        rows: the data rows the predictions answer (their images and questions), matched by ``id``.
+        run_dir: the run whose curves (``history.jsonl``), config and plan are shown.
+        facts: a few lines for the header (steps, wall time, hardware, ...).
+    """
+    folder, run_dir = Path(folder), Path(run_dir)
+    metric = cfg.data.metric
+    history = read_history(run_dir)
+    png = curves_png(history)
+    curves = (
+        f'<img src="{png_data_uri(png)}" alt="loss and learning rate curves">'
+        if png
+        else f'<p class="note">No curves: {HISTORY_FILE} holds no logged step (trainer.log_every_n_steps).</p>'
+    )
+    plan_path = run_dir / "plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    header = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (facts or {}).items()
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<link rel="icon" href="data:,"><style>{CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<table>{header}</table>
+<h2>Metrics</h2>
+{metric_table(columns, metric)}
+<h2>Curves</h2>
+{curves}
+<h2>Examples</h2>
+{gallery_html(predictions, rows, metric)}
+<h2>Plan</h2>
+{plan_html(plan)}
+<h2>Config</h2>
+<pre>{html.escape(OmegaConf.to_yaml(redacted(cfg)))}</pre>
+</body></html>
+"""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REPORT_FILE
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _facts(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    peft = cfg.peft
+    name = {"lora": "LoRA", "dora": "DoRA"}.get(peft.method, peft.method)
+    method = name if peft.method == "full" else f"{'Q' if peft.quantize else ''}{name} r={peft.r}"
+    facts: dict[str, Any] = {"recipe": cfg.name, "base model": cfg.model.name_or_path, "method": method}
+    if "train/steps" in metrics:
+        facts["steps"] = (
+            f"{metrics['train/steps']} at an effective batch of {metrics.get('train/effective_batch', '?')}"
+        )
+    if "train/wall_s" in metrics:
+        facts["training time"] = f"{metrics['train/wall_s']:.0f} s on {metrics.get('hardware', '?')}"
+    return facts
+
+
+def training_report(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], predictions, rows) -> Path:
+    """``run_dir/report.html`` of a finished training run: validation before and after training."""
+    before = {k.removeprefix("before/"): v for k, v in metrics.items() if k.startswith("before/val/")}
+    after = {k: v for k, v in metrics.items() if k.startswith("val/")}
+    columns = [c for c in (("before training", before), ("after training", after)) if c[1]]
+    facts = {"run folder": str(run_dir), **_facts(cfg, metrics), "validation split": cfg.data.val_split}
+    return write_report(
+        run_dir,
+        title=f"{cfg.name}: {Path(run_dir).name}",
+        cfg=cfg,
+        columns=columns,
+        predictions=predictions or [],
+        rows=rows,
+        run_dir=run_dir,
+        facts=facts,
+    )
+
+
+def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], predictions, rows, model: str) -> Path:
+    """``out_dir/report.html`` of an evaluation, beside the run's own validation when it was on the same split."""
+    from idefics2_ft.runs import read_metrics
+
+    run = read_metrics(Path(cfg.run_dir))
+    split = metrics.get("eval/split")
+    columns = []
+    if run and split == cfg.data.val_split:
+        before = {k.removeprefix("before/"): v for k, v in run.items() if k.startswith("before/val/")}
+        after = {k: v for k, v in run.items() if k.startswith("val/")}
+        columns += [c for c in (("run: before training", before), ("run: after training", after)) if c[1]]
+    columns.append((f"this evaluation ({split})", metrics))
+    facts = {"run folder": str(cfg.run_dir), "evaluated": model, **_facts(cfg, run), "split": split}
+    return write_report(
+        out_dir,
+        title=f"{cfg.name}: evaluation of {Path(cfg.run_dir).name} on {split}",
+        cfg=cfg,
+        columns=columns,
+        predictions=predictions,
+        rows=rows,
+        run_dir=Path(cfg.run_dir),
+        facts=facts,
+    )

@@ -1,0 +1,55 @@
+"""The run's curves, whatever the logger: ``history.jsonl`` in the run folder, for ``report.html``.
+
+One JSON line per logging step (``train/loss``, ``train/lr``) and per validation (``val/loss`` and
+the validation metrics), each with its optimizer step. Written by rank 0 as it goes, so a crashed
+run keeps its curve; on a resume the lines of the steps that will run again are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+from idefics2_ft.distributed import is_rank_zero
+from idefics2_ft.runs import HISTORY_FILE, read_history
+
+TRAIN_KEYS = ("train/loss", "train/lr")
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class History(Callback):
+    """Appends the logged training and validation figures to ``run_dir/history.jsonl`` (rank 0)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / HISTORY_FILE
+
+    def _write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path and is_rank_zero() and self.path.is_file():  # resumed: keep the steps done
+            kept = [row for row in read_history(self.path.parent) if row["step"] <= trainer.global_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not is_rank_zero() or not trainer._logger_connector.should_update_logs:
+            return
+        metrics = trainer.callback_metrics
+        row = {k: _number(metrics[k]) for k in TRAIN_KEYS if k in metrics}
+        if row:
+            self._write({"step": trainer.global_step, **row})
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not is_rank_zero() or trainer.sanity_checking:
+            return
+        row = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        if row:
+            self._write({"step": trainer.global_step, **row})
