@@ -22,7 +22,7 @@ LAYERS = [
     ("foundation", {"config", "versions", "metrics", "phases"}),
     ("data and models", {"data", "models"}),
     ("training pieces", {"module", "optim", "distributed", "memory", "plan"}),
-    ("the run and the trainer", {"runs", "trainer", "hub"}),
+    ("the run and the trainer", {"runs", "trainer", "hub", "report"}),
     ("the demo", {"demo"}),
     ("entry points", {"inference", "export", "train"}),
 ]

@@ -88,3 +88,25 @@ def test_stage1_builds_once_and_trains_the_random_base(tmp_path):
     assert ensure_tiny_base(cfg) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
     other = compose_config([*overrides, "model.tiny.pretrain_steps=4"])
     assert tiny_base_key(other) != tiny_base_key(cfg)  # any change of stage 1 builds a new base
+
+
+def test_stage1_describes_the_training_images_without_asking_the_tasks_questions():
+    import random
+
+    from idefics2_ft.data.collator import message_text
+    from idefics2_ft.data.sources import easyvqa_rows
+    from idefics2_ft.demo.stage1 import caption_row, image_attributes
+
+    rows = easyvqa_rows("train")
+    questions = {message_text(r.messages[-2]) for r in rows}
+    answers = {r.answers[0] for r in rows}
+    attributes = image_attributes(rows)
+    assert len(attributes) == 3816  # of 4000 images, those with a colour or shape answer
+    assert all(set(a) <= {"color", "shape"} and a for a in attributes.values())
+    rng = random.Random(0)
+    for path, known in attributes.items():
+        row = caption_row(path, known, rng)
+        request, description = message_text(row.messages[0]), message_text(row.messages[1])
+        assert "?" not in request and request not in questions  # never one of the task's questions
+        assert len(description.split()) >= 2 and description.rstrip(".") not in answers  # never its answers
+        assert all(value in description for value in known.values())  # all that is known is said

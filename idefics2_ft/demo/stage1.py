@@ -18,6 +18,7 @@ about it, by question type. Neither part sees a question or learns to answer one
 from __future__ import annotations
 
 import random
+import string
 from collections import defaultdict
 
 import torch
@@ -27,16 +28,38 @@ from idefics2_ft.data.collator import BadSampleError, DataError, Idefics2Collato
 from idefics2_ft.data.sources import RecordDataset, Row, load_image
 from idefics2_ft.trainer.progress import LineTicker, on_a_terminal
 
-# What stage 1b asks for, and the phrasings of the answer, for an image with a colour and a shape.
-# No request is a question about the image, and no answer is a one-word answer: the base learns
-# to look and to describe, not the demo's task.
+# What stage 1b asks for (None: the image alone), and the phrasings of the description. Each
+# image is described with the phrasings that use all it is known to show (its colour and shape,
+# or the one of them its annotations give). No request is a question about the image, and no
+# description is a one-word answer: the base learns to look and to describe, not the demo's task.
 CAPTIONS = (
-    (None, ("a {color} {shape}.", "a picture of a {color} {shape}.", "one {color} {shape}.")),
-    ("Describe the image.", ("a {color} {shape} on a light background.", "this is a {shape}, and it is {color}.")),
-    ("Write a caption.", ("a {color} {shape}.", "a picture of a {color} {shape}.")),
+    (
+        None,
+        (
+            "a {color} {shape}.",
+            "a picture of a {color} {shape}.",
+            "one {color} {shape}.",
+            "a {color} shape.",
+            "a {shape}.",
+        ),
+    ),
+    (
+        "Describe the image.",
+        (
+            "a {color} {shape} on a light background.",
+            "this is a {shape}, and it is {color}.",
+            "a {color} shape on a light background.",
+            "a {shape} on a light background.",
+        ),
+    ),
+    ("Write a caption.", ("a {color} {shape}.", "a picture of a {color} {shape}.", "a {color} shape.", "a {shape}.")),
     ("Describe the colour of the shape.", ("the shape is {color}.", "it is {color}.")),
     ("Describe the shape.", ("it is a {shape}.", "the picture shows a {shape}.")),
 )
+
+
+def _fields(phrasing: str) -> frozenset[str]:
+    return frozenset(name for _, name, _, _ in string.Formatter().parse(phrasing) if name)
 
 
 def image_attributes(rows) -> dict[str, dict[str, str]]:
@@ -55,11 +78,17 @@ def image_attributes(rows) -> dict[str, dict[str, str]]:
 
 
 def caption(attributes: dict[str, str], rng: random.Random) -> tuple[str | None, str]:
-    """A request (None: the image alone) and its answer, a description of the image drawn from ``rng``."""
-    if {"color", "shape"} <= attributes.keys():
-        request, phrasings = rng.choice(CAPTIONS)
-        return request, rng.choice(phrasings).format(**attributes)
-    return None, ", ".join(attributes[k] for k in sorted(attributes)) + "."
+    """A request (None: the image alone) and a description of the image, drawn from ``rng``.
+
+    For data without colour and shape attributes, the image alone and "a picture of: <values>.".
+    """
+    known = frozenset(attributes) & {"color", "shape"}
+    choices = [(request, [p for p in phrasings if _fields(p) == known]) for request, phrasings in CAPTIONS]
+    choices = [(request, usable) for request, usable in choices if usable]
+    if not known or not choices:
+        return None, "a picture of: " + ", ".join(attributes[k] for k in sorted(attributes)) + "."
+    request, phrasings = rng.choice(choices)
+    return request, rng.choice(phrasings).format(**attributes)
 
 
 def caption_row(path: str, attributes: dict[str, str], rng: random.Random) -> Row:
