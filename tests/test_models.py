@@ -54,7 +54,9 @@ def tiny_base(tmp_path_factory):
     from tests.conftest import TINY_RUN, compose_config
 
     cache = tmp_path_factory.mktemp("tiny")
-    cfg = compose_config([*TINY_RUN, f"model.tiny.cache_dir={cache}", f"run_dir={cache}/run"])
+    # LoRA on the connector too (as docvqa_qlora has it): its gradients cross every 4-bit text layer
+    overrides = [*TINY_RUN, f"model.tiny.cache_dir={cache}", f"run_dir={cache}/run", "peft.target=text+connector"]
+    cfg = compose_config(overrides)
     return cfg, str(ensure_tiny_base(cfg))
 
 

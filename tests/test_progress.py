@@ -21,7 +21,7 @@ def test_a_piped_run_logs_lines_not_a_bar(tmp_path):
     steps = re.findall(r"step (\d+)/4  loss [\d.]+  lr [\d.e+-]+  [\d.]+ samples/s  ETA \d+:\d\d", text)
     assert steps == ["1", "2", "3", "4"]  # every step, as progress_every_s=0 asks
     assert re.search(r"stage 1a: vision tower \+ connector: step 2/2  loss [\d.]+", text)
-    assert re.search(r"stage 1b: full training: step 2/2  loss [\d.]+", text)
+    assert re.search(r"stage 1b: describing the images, whole model: step 2/2  loss [\d.]+", text)
 
 
 def test_the_default_interval_logs_the_first_and_last_step(tmp_path):

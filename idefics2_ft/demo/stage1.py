@@ -179,7 +179,7 @@ def _pretrain_captions(model, processor, attributes, tiny, rng, progress, on_bad
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
     scheduler = _one_cycle(optimizer, tiny.pretrain_lr, tiny.pretrain_steps)
     images = sorted(attributes)
-    bar, lines = _progress("stage 1b: captioning, whole model", tiny.pretrain_steps, progress)
+    bar, lines = _progress("stage 1b: describing the images, whole model", tiny.pretrain_steps, progress)
     loss = torch.tensor(float("nan"))
     for step in bar:
         paths = rng.sample(images, min(tiny.pretrain_batch_size, len(images)))
