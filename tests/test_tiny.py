@@ -92,6 +92,7 @@ def test_stage1_builds_once_and_trains_the_random_base(tmp_path):
 
 def test_stage1_describes_the_training_images_without_asking_the_tasks_questions():
     import random
+    import re
 
     from idefics2_ft.data.collator import message_text
     from idefics2_ft.data.sources import easyvqa_rows
@@ -103,10 +104,15 @@ def test_stage1_describes_the_training_images_without_asking_the_tasks_questions
     attributes = image_attributes(rows)
     assert len(attributes) == 3816  # of 4000 images, those with a colour or shape answer
     assert all(set(a) <= {"color", "shape"} and a for a in attributes.values())
-    rng = random.Random(0)
+    vocab = {k: sorted({a[k] for a in attributes.values() if k in a}) for k in ("color", "shape")}
+    rng, negated = random.Random(0), 0
     for path, known in attributes.items():
-        row = caption_row(path, known, rng)
+        row = caption_row(path, known, rng, vocab)
         request, description = message_text(row.messages[0]), message_text(row.messages[1])
         assert "?" not in request and request not in questions  # never one of the task's questions
         assert len(description.split()) >= 2 and description.rstrip(".") not in answers  # never its answers
         assert all(value in description for value in known.values())  # all that is known is said
+        denied = re.findall(r"\bnot? (?:a )?(\w+)", description)  # "not blue", "no triangle"
+        assert all(word in vocab["color"] + vocab["shape"] and word not in known.values() for word in denied)
+        negated += bool(denied)
+    assert 0.1 < negated / len(attributes) < 0.5  # what an image is not is said in some descriptions

@@ -26,7 +26,7 @@ from idefics2_ft.models.processor import build_processor
 log = logging.getLogger(__name__)
 
 # Bump when the tiny base's construction or stage 1 changes: cached bases are keyed by it.
-STAGE1_VERSION = 5
+STAGE1_VERSION = 6
 
 
 def tiny_base_key(cfg: DictConfig) -> str:

@@ -48,19 +48,26 @@ CAPTIONS = (
         "Describe the image.",
         (
             "a {color} {shape} on a light background.",
+            "a {color} {shape}; there is no {other_color} shape and no {other_shape}.",
             "this is a {shape}, and it is {color}.",
             "a {color} shape on a light background.",
             "a {shape} on a light background.",
         ),
     ),
     ("Write a caption.", ("a {color} {shape}.", "a picture of a {color} {shape}.", "a {color} shape.", "a {shape}.")),
-    ("Describe the colour of the shape.", ("the shape is {color}.", "it is {color}.")),
-    ("Describe the shape.", ("it is a {shape}.", "the picture shows a {shape}.")),
+    ("Describe the colour of the shape.", ("the shape is {color}.", "it is {color}, not {other_color}.")),
+    ("Describe the shape.", ("it is a {shape}.", "it is a {shape}, not a {other_shape}.")),
 )
 
 
-def _fields(phrasing: str) -> frozenset[str]:
-    return frozenset(name for _, name, _, _ in string.Formatter().parse(phrasing) if name)
+def _names(phrasing: str) -> list[str]:
+    """The fields of a phrasing: ``color``, ``shape``, ``other_color`` (another colour than the image's), ..."""
+    return [name for _, name, _, _ in string.Formatter().parse(phrasing) if name]
+
+
+def _kinds(phrasing: str) -> frozenset[str]:
+    """The kinds of attribute a phrasing speaks of (``other_color`` counts as colour)."""
+    return frozenset(name.removeprefix("other_") for name in _names(phrasing))
 
 
 def image_attributes(rows) -> dict[str, dict[str, str]]:
@@ -78,23 +85,39 @@ def image_attributes(rows) -> dict[str, dict[str, str]]:
     return dict(attributes)
 
 
-def caption(attributes: dict[str, str], rng: random.Random) -> tuple[str | None, str]:
+def caption(
+    attributes: dict[str, str], rng: random.Random, vocab: dict[str, list[str]] | None = None
+) -> tuple[str | None, str]:
     """A request (None: the image alone) and a description of the image, drawn from ``rng``.
 
-    For data without colour and shape attributes, the image alone and "a picture of: <values>.".
+    ``vocab`` (every value of each kind in the data) lets a description say what the image is not
+    ("it is red, not blue."). For data without colour and shape attributes: the image alone and
+    "a picture of: <values>.".
     """
     known = frozenset(attributes) & {"color", "shape"}
-    choices = [(request, [p for p in phrasings if _fields(p) == known]) for request, phrasings in CAPTIONS]
-    choices = [(request, usable) for request, usable in choices if usable]
+    values = {
+        **attributes,
+        **{f"other_{k}": [v for v in (vocab or {}).get(k, []) if v != attributes[k]] for k in known},
+    }
+
+    def usable(phrasing: str) -> bool:  # says all that is known, and has another value where it names one
+        return _kinds(phrasing) == known and all(values.get(name) for name in _names(phrasing))
+
+    choices = [(request, [p for p in phrasings if usable(p)]) for request, phrasings in CAPTIONS]
+    choices = [(request, kept) for request, kept in choices if kept]
     if not known or not choices:
         return None, "a picture of: " + ", ".join(attributes[k] for k in sorted(attributes)) + "."
     request, phrasings = rng.choice(choices)
-    return request, rng.choice(phrasings).format(**attributes)
+    phrasing = rng.choice(phrasings)
+    fields = {n: rng.choice(values[n]) if n.startswith("other_") else values[n] for n in _names(phrasing)}
+    return request, phrasing.format(**fields)
 
 
-def caption_row(path: str, attributes: dict[str, str], rng: random.Random) -> Row:
+def caption_row(
+    path: str, attributes: dict[str, str], rng: random.Random, vocab: dict[str, list[str]] | None = None
+) -> Row:
     """A describing conversation: the image (and maybe a request) as the user turn, the description as the answer."""
-    request, text = caption(attributes, rng)
+    request, text = caption(attributes, rng, vocab)
     user = [{"type": "image"}] + ([{"type": "text", "text": request}] if request else [])
     messages = [
         {"role": "user", "content": user},
@@ -180,11 +203,12 @@ def _pretrain_captions(model, processor, attributes, tiny, rng, progress, on_bad
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
     scheduler = _one_cycle(optimizer, tiny.pretrain_lr, tiny.pretrain_steps)
     images = sorted(attributes)
+    vocab = {k: sorted({a[k] for a in attributes.values() if k in a}) for k in ("color", "shape")}
     bar, lines = _progress("stage 1b: describing the images, whole model", tiny.pretrain_steps, progress)
     loss = torch.tensor(float("nan"))
     for step in bar:
         paths = rng.sample(images, min(tiny.pretrain_batch_size, len(images)))
-        records = RecordDataset([caption_row(p, attributes[p], rng) for p in paths])
+        records = RecordDataset([caption_row(p, attributes[p], rng, vocab) for p in paths])
         batch = collator([records[i] for i in range(len(records))])
         batch.pop("bad_samples")
         batch.pop("stats", None)
