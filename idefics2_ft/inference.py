@@ -161,7 +161,7 @@ def evaluate(
         cfg,
         out_dir,
         metrics,
-        [json.loads(line) for line in open(out_dir / "predictions.jsonl")],
+        rows,
         datamodule.val_set.rows,
         label,
     )

@@ -269,11 +269,16 @@ def _facts(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def training_report(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], predictions, rows) -> Path:
-    """``run_dir/report.html`` of a finished training run: validation before and after training."""
+def _run_columns(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """A run's validation before and after training (``before/val/*``, ``val/*``), where it has them."""
     before = {k.removeprefix("before/"): v for k, v in metrics.items() if k.startswith("before/val/")}
     after = {k: v for k, v in metrics.items() if k.startswith("val/")}
-    columns = [c for c in (("before training", before), ("after training", after)) if c[1]]
+    return [(prefix + title, m) for title, m in (("before training", before), ("after training", after)) if m]
+
+
+def training_report(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], predictions, rows) -> Path:
+    """``run_dir/report.html`` of a finished training run: validation before and after training."""
+    columns = _run_columns(metrics)
     facts = {"run folder": str(run_dir), **_facts(cfg, metrics), "validation split": cfg.data.val_split}
     return write_report(
         run_dir,
@@ -293,11 +298,7 @@ def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], p
 
     run = read_metrics(Path(cfg.run_dir))
     split = metrics.get("eval/split")
-    columns = []
-    if run and split == cfg.data.val_split:
-        before = {k.removeprefix("before/"): v for k, v in run.items() if k.startswith("before/val/")}
-        after = {k: v for k, v in run.items() if k.startswith("val/")}
-        columns += [c for c in (("run: before training", before), ("run: after training", after)) if c[1]]
+    columns = _run_columns(run, "run: ") if split == cfg.data.val_split else []
     columns.append((f"this evaluation ({split})", metrics))
     facts = {"run folder": str(cfg.run_dir), "evaluated": model, **_facts(cfg, run), "split": split}
     return write_report(

@@ -36,7 +36,7 @@ class TinyConfig:
     # Stage 1, a stand-in for a pretrained checkpoint, on the training images without their
     # questions (0 steps skips each part): (a) the vision tower and the connector learn to classify
     # each image's attributes (as SigLIP is pretrained before Idefics2 sees it), then (b) the whole
-    # base learns to caption the images ("a red circle."). The task itself is left to stage 2.
+    # base learns to describe the images ("it is red, not blue."). The task itself is left to stage 2.
     vision_pretrain_steps: int = 0
     pretrain_steps: int = 0
     pretrain_lr: float = 2e-3

@@ -78,7 +78,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
     if t.vision_pretrain_steps or t.pretrain_steps:
         log.info(
             "Tiny base, stage 1 (a stand-in for a pretrained checkpoint): %d vision-tower steps, "
-            "then %d steps of captioning the training images of %s (no questions)",
+            "then %d steps of describing the training images of %s (no questions)",
             t.vision_pretrain_steps,
             t.pretrain_steps,
             cfg.data.source,

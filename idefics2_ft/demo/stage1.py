@@ -155,10 +155,9 @@ def _one_cycle(optimizer, lr: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
 
 
-def _pretrain_vision(model, processor, attributes, steps, rng, progress, on_bad_sample) -> dict[str, float]:
+def _pretrain_vision(model, processor, attributes, vocab, steps, rng, progress, on_bad_sample) -> dict[str, float]:
     """Part (a): the vision tower and the connector, through a linear probe per kind of attribute."""
-    kinds = sorted({k for a in attributes.values() for k in a})
-    vocab = {k: sorted({a[k] for a in attributes.values() if k in a}) for k in kinds}
+    kinds = sorted(vocab)
     offsets, width = {}, 0
     for k in kinds:
         offsets[k], width = width, width + len(vocab[k])
@@ -197,13 +196,12 @@ def _pretrain_vision(model, processor, attributes, steps, rng, progress, on_bad_
     return {"stage1/vision_loss": loss.item(), "stage1/skipped_images": sum(1 for v in cache.values() if v is None)}
 
 
-def _pretrain_captions(model, processor, attributes, tiny, rng, progress, on_bad_sample) -> dict[str, float]:
-    """Part (b): the whole model learns to caption the training images (no question is asked)."""
+def _pretrain_captions(model, processor, attributes, vocab, tiny, rng, progress, on_bad_sample) -> dict[str, float]:
+    """Part (b): the whole model learns to describe the training images (no question is asked)."""
     collator = Idefics2Collator(processor, on_bad_sample=on_bad_sample)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
     scheduler = _one_cycle(optimizer, tiny.pretrain_lr, tiny.pretrain_steps)
     images = sorted(attributes)
-    vocab = {k: sorted({a[k] for a in attributes.values() if k in a}) for k in ("color", "shape")}
     bar, lines = _progress("stage 1b: describing the images, whole model", tiny.pretrain_steps, progress)
     loss = torch.tensor(float("nan"))
     for step in bar:
@@ -242,14 +240,17 @@ def pretrain_tiny_base(
             "yes/no) answers, which say what each image shows; this data has none: set "
             "model.tiny.vision_pretrain_steps=0 model.tiny.pretrain_steps=0."
         )
+    vocab = {
+        k: sorted({a[k] for a in attributes.values() if k in a}) for k in {k for a in attributes.values() for k in a}
+    }
     rng = random.Random(tiny.seed)
     report: dict[str, float] = {}
     model.train()
     if tiny.vision_pretrain_steps:
         report |= _pretrain_vision(
-            model, processor, attributes, tiny.vision_pretrain_steps, rng, progress, on_bad_sample
+            model, processor, attributes, vocab, tiny.vision_pretrain_steps, rng, progress, on_bad_sample
         )
     if tiny.pretrain_steps:
-        report |= _pretrain_captions(model, processor, attributes, tiny, rng, progress, on_bad_sample)
+        report |= _pretrain_captions(model, processor, attributes, vocab, tiny, rng, progress, on_bad_sample)
     model.eval()
     return report
