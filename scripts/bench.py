@@ -40,7 +40,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from idefics2_ft.config import accumulation, register_configs
+from idefics2_ft.config import CONF_DIR, accumulation, register_configs
 from idefics2_ft.data import Idefics2DataModule, record_shapes
 from idefics2_ft.data.synthetic import write_docs
 from idefics2_ft.demo import ensure_tiny_base
@@ -74,7 +74,7 @@ def compose_cfg(args: argparse.Namespace, extra: list[str]):
         overrides += ["model.tiny.vision_pretrain_steps=0", "model.tiny.pretrain_steps=0"]
         overrides.append(f"model.tiny.cache_dir={OUT / 'tiny'}")
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides + extra)
 
 

@@ -1,32 +1,11 @@
 """Evaluate a finished run: batched greedy generation on a split, metrics and predictions.jsonl.
 
-    python scripts/evaluate.py run_dir=RUN [data.split=test] [model_dir=RUN/export] [out_dir=...] [key=value ...]
-
-Loads the run's adapter on its base as trained (or a merged model folder with model_dir=), answers
-every question of the split, prints a summary table and writes predictions.jsonl,
-eval_metrics.json and report.html (metrics, curves, a gallery of answers) to out_dir (default
-RUN/eval/<split>).
+    python scripts/evaluate.py ...  is  idefics2-ft evaluate ...  (idefics2_ft/cli/evaluate.py has the usage)
 """
 
 import sys
-from pathlib import Path
 
-from idefics2_ft.inference import evaluate, format_table, load_run, parse_overrides, setup_logging
-
-
-def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg, own = parse_overrides(argv, {"data.split": None, "model_dir": None, "out_dir": None})
-    split = own["data.split"] or cfg.data.val_split
-    model, processor = load_run(cfg, model_dir=own["model_dir"])
-    out_dir = Path(own["out_dir"] or Path(cfg.run_dir) / "eval" / split)
-    label = f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
-    metrics = evaluate(cfg, model, processor, split, out_dir, label)
-    sys.stdout.write(
-        format_table(metrics) + f"\n\nwrote {out_dir}/predictions.jsonl, eval_metrics.json and report.html\n"
-    )
-    return 0
-
+from idefics2_ft.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,36 +1,11 @@
 """Merge a run's adapter into a full-precision base, check parity, save with a model card, push.
 
-    python scripts/export.py run_dir=RUN                                   # -> RUN/export
-    python scripts/export.py run_dir=RUN export.adapter_only=true          # just the adapter + card
-    python scripts/export.py run_dir=RUN export.push_to_hub=true export.hub.repo_id=me/name export.hub.private=true
-
-The token comes from HF_TOKEN or `huggingface-cli login` and is written nowhere.
+    python scripts/export.py ...  is  idefics2-ft export ...  (idefics2_ft/cli/export.py has the usage)
 """
 
-import json
 import sys
 
-from idefics2_ft.config import ConfigError, validate
-from idefics2_ft.export import NonFiniteWeights, ParityError, export_run
-from idefics2_ft.hub import HubError, check_write_access
-from idefics2_ft.inference import parse_overrides, setup_logging
-
-
-def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg, _ = parse_overrides(argv, {})
-    cfg.resume = False
-    try:
-        validate(cfg)
-        if cfg.export.push_to_hub:
-            check_write_access(cfg.export.hub.repo_id)
-        out, report = export_run(cfg)
-    except (ConfigError, NonFiniteWeights, ParityError, HubError) as err:
-        sys.stderr.write(f"export failed: {err}\n")
-        return 1
-    sys.stdout.write(json.dumps(report, indent=2) + f"\nexported to {out}\n")
-    return 0
-
+from idefics2_ft.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,78 +1,11 @@
 """Will a recipe fit a GPU, and how long will a step take? Memory and time from the real shapes.
 
-    python scripts/plan.py recipe=docvqa_qlora [plan.gpu_gb=24] [any train.py override]
-    python scripts/plan.py recipe=docvqa_qlora data.batch_size=4 data.do_image_splitting=true plan.gpu_gb=80
-
-Plans the largest batch the data settings allow (square pages at ``data.longest_edge``,
-``plan.images`` per sample, ``plan.text_tokens`` of text), on one GPU of ``plan.gpu_gb`` GB
-(default 24) unless the strategy and ``trainer.devices`` say more. Prints the model by part, every
-term, the verdict with the cheapest change that makes it fit, and a table for common GPUs. Nothing
-is loaded: the shapes come from the config (``model.name_or_path``'s config.json when it is a
-folder; the published idefics2-8b's for its Hub id).
+    python scripts/plan.py ...  is  idefics2-ft plan ...  (idefics2_ft/cli/plan.py has the usage)
 """
 
-from __future__ import annotations
-
-import json
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from transformers import AutoConfig
-
-from idefics2_ft.config import register_configs
-from idefics2_ft.models.reference import idefics2_8b_config
-from idefics2_ft.plan import GPUS, format_plan, plan_run, setup_from_cfg, workload_from_cfg
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-OWN = {"plan.gpu_gb": 24.0, "plan.text_tokens": 128, "plan.images": 1, "plan.json": None}
-
-
-def model_config(cfg):
-    name = cfg.model.name_or_path
-    if name == "tiny":
-        from idefics2_ft.demo import tiny_config_of
-
-        return tiny_config_of(cfg)
-    if Path(name).is_dir():
-        return AutoConfig.from_pretrained(name)
-    if name.rstrip("/").lower() == "huggingfacem4/idefics2-8b":
-        return idefics2_8b_config()
-    return AutoConfig.from_pretrained(name, revision=cfg.model.revision)  # a Hub id: its config.json
-
-
-def main(argv: list[str]) -> int:
-    own = dict(OWN)
-    overrides = []
-    for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key in own:
-            own[key] = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
-    config = model_config(cfg)
-    workload = workload_from_cfg(cfg, config, int(own["plan.text_tokens"]), int(own["plan.images"]))
-    setup = setup_from_cfg(cfg, "cuda")
-    plan = plan_run(config, workload, setup, float(own["plan.gpu_gb"]))
-    gpus = f"{setup.gpus} GPUs" if setup.gpus > 1 else "one GPU"
-    print(f"# Plan: {cfg.name} on {gpus} of {float(own['plan.gpu_gb']):g} GB (per GPU)\n")
-    print(format_plan(plan))
-    print("\n| GPU | memory | planned | verdict | s/step | hours for trainer.max_steps |")
-    print("|---|---|---|---|---|---|")
-    for name, (memory, _) in GPUS.items():
-        p = plan_run(config, workload, setup, memory)
-        hours = p.times[name] * cfg.trainer.max_steps / 3600
-        fix = f" ({p.fix})" if p.fix else ""
-        print(
-            f"| {name} | {memory} GB | {p.total_gb:.1f} GB | {p.verdict.split(':')[0]}{fix} | {p.times[name]:.1f} | {hours:.1f} |"
-        )
-    if own["plan.json"]:
-        Path(own["plan.json"]).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    return 0
-
+from idefics2_ft.cli.plan import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

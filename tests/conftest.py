@@ -12,11 +12,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from idefics2_ft.config import register_configs
+from idefics2_ft.config import CONF_DIR, register_configs
 from idefics2_ft.models import build_processor
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR
 
 # A smaller tiny model than the demo's, no stage 1, a handful of steps: seconds per run.
 TINY_RUN = [

@@ -25,6 +25,7 @@ LAYERS = [
     ("the run and the trainer", {"runs", "trainer", "hub", "report"}),
     ("the demo", {"demo"}),
     ("entry points", {"inference", "export", "train"}),
+    ("the command line", {"cli"}),
 ]
 LAYER_OF = {room: i for i, (_, rooms) in enumerate(LAYERS) for room in rooms}
 

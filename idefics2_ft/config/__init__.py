@@ -1,5 +1,7 @@
 """Typed config schema (Hydra structured configs) and the validation pass."""
 
+from pathlib import Path
+
 from idefics2_ft.config.schema import (
     DataConfig,
     DebugConfig,
@@ -17,7 +19,12 @@ from idefics2_ft.config.schema import (
 )
 from idefics2_ft.config.validate import ConfigError, accumulation, num_devices, strategy_variant, validate
 
+# The Hydra config tree: conf/train.yaml, the groups, and the recipes in conf/recipe/. It ships in the
+# wheel; the checkout's conf/ and recipes/ are links to it.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 __all__ = [
+    "CONF_DIR",
     "ConfigError",
     "accumulation",
     "num_devices",

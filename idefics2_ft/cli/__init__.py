@@ -1,0 +1,49 @@
+"""The ``idefics2-ft`` command (a console script of the wheel): ``idefics2-ft COMMAND [key=value ...]``.
+
+Each command is a module here with a ``main``; ``train.py`` and ``scripts/*.py`` in a checkout are
+the same commands under their old names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> what it does (the module idefics2_ft.cli.<command> runs it)
+COMMANDS = {
+    "train": "fine-tune: recipe=NAME [key=value ...]; --help lists the groups and recipes",
+    "evaluate": "answer a split with a finished run: run_dir=RUN [data.split=test] [model_dir=...]",
+    "predict": "answer one question: run_dir=RUN image=PATH question='...'",
+    "export": "merge the adapter into its base, check parity, write the card; push with export.push_to_hub=true",
+    "plan": "will a recipe fit a GPU? memory and time per step: recipe=NAME [plan.gpu_gb=24]",
+    "prefetch": "download what a recipe needs into the HF cache (on a login node): recipe=NAME",
+}
+
+
+def usage() -> str:
+    lines = ["usage: idefics2-ft COMMAND [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "idefics2-ft COMMAND --help says more for train and prefetch; README.md has the rest."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from idefics2_ft import __version__
+
+        print(f"idefics2-ft {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"idefics2-ft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"idefics2_ft.cli.{command}")
+    if command == "train":  # Hydra reads sys.argv itself
+        sys.argv = [f"idefics2-ft {command}", *rest]
+        module.main()
+        return 0
+    return module.main(rest)

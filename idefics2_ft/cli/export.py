@@ -1,0 +1,33 @@
+"""Merge a run's adapter into a full-precision base, check parity, save with a model card, push.
+
+    idefics2-ft export run_dir=RUN                                   # -> RUN/export
+    idefics2-ft export run_dir=RUN export.adapter_only=true          # just the adapter + card
+    idefics2-ft export run_dir=RUN export.push_to_hub=true export.hub.repo_id=me/name export.hub.private=true
+
+The token comes from HF_TOKEN or `huggingface-cli login` and is written nowhere.
+"""
+
+import json
+import sys
+
+from idefics2_ft.config import ConfigError, validate
+from idefics2_ft.export import NonFiniteWeights, ParityError, export_run
+from idefics2_ft.hub import HubError, check_write_access
+from idefics2_ft.inference import parse_overrides, setup_logging
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    cfg, _ = parse_overrides(argv, {})
+    cfg.resume = False
+    try:
+        validate(cfg)
+        if cfg.export.push_to_hub:
+            check_write_access(cfg.export.hub.repo_id)
+        out, report = export_run(cfg)
+    except (ConfigError, NonFiniteWeights, ParityError, HubError) as err:
+        sys.stderr.write(f"export failed: {err}\n")
+        return 1
+    sys.stdout.write(json.dumps(report, indent=2) + f"\nexported to {out}\n")
+    return 0
+

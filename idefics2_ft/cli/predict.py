@@ -1,0 +1,39 @@
+"""Answer a question about one or more images with a finished run.
+
+    idefics2-ft predict run_dir=RUN image=a.png[,b.png] question="What is the total?"
+    idefics2-ft predict run_dir=RUN chat=conversation.json    # {"images": [...], "messages": [...]}
+
+Uses the processor's chat template with add_generation_prompt=True and greedy decoding.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from idefics2_ft.data.sources import load_image
+from idefics2_ft.inference import answer, load_run, parse_overrides, setup_logging
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    cfg, own = parse_overrides(
+        argv, {"image": None, "question": None, "chat": None, "model_dir": None, "max_new_tokens": "64"}
+    )
+    if own["chat"]:
+        chat = json.loads(Path(own["chat"]).read_text())
+        folder = Path(own["chat"]).resolve().parent
+        images = [load_image(str(folder / p)) for p in chat.get("images", [])]
+        messages = chat["messages"]
+        question = None
+    else:
+        if not own["question"]:
+            raise SystemExit('question="..." (with image=PATH[,PATH]) or chat=FILE.json is required.')
+        images = [load_image(p) for p in own["image"].split(",")] if own["image"] else []
+        messages, question = None, own["question"]
+    model, processor = load_run(cfg, model_dir=own["model_dir"])
+    text = answer(
+        model, processor, images, question=question, messages=messages, max_new_tokens=int(own["max_new_tokens"])
+    )
+    sys.stdout.write(text + "\n")
+    return 0
+

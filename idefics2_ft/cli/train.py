@@ -1,0 +1,114 @@
+"""``idefics2-ft train recipe=NAME [key=value ...]`` (or ``python train.py ...`` in a checkout): Hydra's
+front door to :func:`idefics2_ft.train.train`."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from idefics2_ft.config import CONF_DIR, ConfigError, register_configs
+
+register_configs()
+
+# Hydra's own flags that keep their meaning here (Hydra's --help would list our schemas as options)
+HYDRA_FLAGS = (
+    ("--cfg job", "print the composed config and exit (add --resolve to resolve ${...})"),
+    ("--info", "Hydra's search path, defaults tree and plugins"),
+    ("-m / --multirun", "a sweep: peft.r=8,16,32 runs three jobs (hydra/launcher=slurm: one SLURM job each)"),
+    ("--hydra-help", "Hydra's own help"),
+)
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        text = line.lstrip("# ").strip()
+        if line.startswith("#") and text and not text.startswith("@package"):
+            return text
+    return ""
+
+
+def help_text(prog: str = "idefics2-ft train") -> str:
+    """The groups and their options, the recipes with what each is, and how to add one's own."""
+    groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name not in ("hydra", "recipe"))
+    lines = [f"usage: {prog} [recipe=NAME] [group=option ...] [key=value ...] [--cfg job | --info | -m]", ""]
+    lines.append("recipes (recipe=NAME, a whole experiment):")
+    for path in sorted((CONF_DIR / "recipe").glob("*.yaml")):
+        lines.append(f"  {path.stem:<24} {_first_comment(path)}")
+    lines += ["", "groups (group=option swaps one part; the default is first):"]
+    defaults = {g.name: _default_of(g.name) for g in groups}
+    for group in groups:
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        options.sort(key=lambda o: o != defaults[group.name])
+        lines.append(f"  {group.name + '=':<10} {', '.join(options)}")
+    lines += ["", "any key can be overridden: peft.r=16 data.batch_size=2 trainer.max_steps=500 run_dir=outputs/x"]
+    lines += ["", "Hydra:"] + [f"  {flag:<16} {what}" for flag, what in HYDRA_FLAGS]
+    lines += [
+        "",
+        "a recipe of your own, outside the package: put it in DIR/recipe/NAME.yaml and run",
+        f"  {prog} recipe=NAME 'hydra.searchpath=[file://DIR]'",
+        f"(start from {CONF_DIR / 'recipe'}; README.md, 'Configuration', has the rest)",
+    ]
+    return "\n".join(lines)
+
+
+def _default_of(group: str) -> str | None:
+    for line in (CONF_DIR / "train.yaml").read_text().splitlines():
+        if line.strip().startswith(f"- {group}:"):
+            return line.split(":", 1)[1].split("#")[0].strip()
+    return None
+
+
+def main() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        prog = "python train.py" if sys.argv[0].endswith("train.py") else "idefics2-ft train"
+        print(help_text(prog))
+        return
+    _hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from idefics2_ft.data import DataError
+    from idefics2_ft.train import train
+    from idefics2_ft.trainer import Diverged, Preempted
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>
+    try:
+        train(cfg)
+        _close_process_group()
+    except (ConfigError, DataError) as err:
+        logging.getLogger("idefics2_ft").error("%s", err)
+        _remove_if_empty(Path(cfg.run_dir))  # Hydra made the folder; a refused run leaves none behind
+        sys.exit(2)
+    except Diverged as err:
+        logging.getLogger("idefics2_ft").error("%s", err)
+        sys.exit(3)
+    except Preempted as stop:  # checkpointed and requeued: not a failure
+        logging.getLogger("idefics2_ft").warning("%s", stop)
+        sys.exit(0)
+
+
+def _close_process_group() -> None:
+    """Every rank waits for the others (rank 0 saves last), then the process group is closed.
+
+    Left to interpreter shutdown, gloo's threads can outlive it: a SLURM rank was seen to abort
+    ("terminate called without an active exception") after a finished run, failing the job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds on an empty folder
+    except OSError:
+        pass
+
