@@ -1,22 +1,30 @@
 # idefics2-ft. `make help` lists the targets. Every target installs what it needs into .venv.
-PYTHON ?= python3.11
+# The first supported interpreter (3.11, 3.12, 3.13) that runs; PYTHON=python3.13 picks one.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' 2>/dev/null && { echo $$p; break; }; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch 2.13.0 (on these machines it lies on disk). On a CUDA machine install the
-# torch build you want first, or set TORCH_SPEC to it.
+# Installed only when the venv has no torch: the CPU wheel of torch 2.13.0 (on these machines it
+# lies on disk). A torch already in the venv (your CUDA build) is kept: pip is held to its version.
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,deepspeed,slurm
+PIP_FLAGS ?= -q
+MIN_VENV ?= .venv-min
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-browser demo test test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
+.PHONY: help install install-browser demo test test-min test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,deepspeed,slurm]"
+	@test -x $(PY) || { test -n "$(PYTHON)" || { echo "make: no Python 3.11, 3.12 or 3.13 found; set PYTHON=/path/to/python3.x"; exit 1; }; \
+		echo "make: creating $(VENV) with $(PYTHON) ($$($(PYTHON) --version))"; $(PYTHON) -m venv $(VENV); }
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	@$(PY) -c "import sys, torch; print(f'make: {sys.executable} (Python {sys.version.split()[0]}), keeping torch {torch.__version__}')"
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/keep-torch.txt
+	$(PY) -m pip install $(PIP_FLAGS) -c $(VENV)/keep-torch.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
 install: $(VENV)/.installed ## create .venv and install the package with its test tools
@@ -34,6 +42,14 @@ test: $(VENV)/.installed ## the fast test tier (CPU, tiny model)
 
 test-slow: $(VENV)/.installed ## the slow tier (longer CPU runs, the full demo)
 	$(PY) -m pytest -q -m slow
+
+test-min: ## the fast tier on the lowest versions pyproject.toml declares (torch and all), in .venv-min (~15 min, ~6 GB)
+	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) scripts/min_constraints.py dev deepspeed slurm > $(MIN_VENV)/min.txt
+	$(MIN_VENV)/bin/python -m pip install -q -c $(MIN_VENV)/min.txt -e ".[dev,deepspeed,slurm]"
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -c "import torch, transformers, peft, lightning; print('test-min on torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q
 
 test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
 	$(PY) -m pytest -q -m gpu
@@ -70,4 +86,4 @@ format: $(VENV)/.installed ## ruff fix + format
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean: ## remove run outputs (keeps .venv)
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache $(MIN_VENV)
