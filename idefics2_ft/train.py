@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ConfigError: before any weight loads, listing every problem in the config.
         DataError: a source cannot be read, or (``data.on_bad_sample=raise``) a record is bad, naming
             the file and line; before any weight loads.
-        HubError: ``export.push_to_hub`` without a token or write access, before any weight loads.
+        HubError: ``export.push_to_hub`` without a token or write access, or no network and a cache
+            that lacks the model or the data; before any weight loads.
         Preempted: SLURM signalled the job; ``last.ckpt`` is written and the job requeued.
         Diverged: a non-finite loss or gradient norm; nothing is saved after the last good checkpoint.
     """
@@ -78,6 +80,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from idefics2_ft.hub import check_write_access
 
         check_write_access(cfg.export.hub.repo_id)  # a missing token fails now, not after training
+    # without a network, the cache must hold the model and the data: say so in seconds, with the fix
+    from idefics2_ft.hub import preflight
+
+    log.info("Hub: %s", preflight(cfg, prefetch_command(cfg)))
     # every record of both splits read and checked (before the demo's stage 1 trains for minutes)
     check_sources(cfg.data)
     claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
@@ -190,6 +196,20 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.info("Phases: %s (phases.json)", phases.line())
         log.info("Run folder: %s", run_dir)
     return metrics
+
+
+def prefetch_command(cfg: DictConfig) -> str:
+    """``idefics2-ft prefetch`` with this run's overrides: it fetches what this run needs."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # called as a library, not through Hydra
+        overrides = [f"model.name_or_path={cfg.model.name_or_path}", f"data.source={cfg.data.source}"]
+        if cfg.data.path:
+            overrides.append(f"data.path={cfg.data.path}")
+    skip = ("run_dir=", "resume=", "overwrite=", "hydra.")
+    return " ".join(["idefics2-ft prefetch", *(shlex.quote(o) for o in overrides if not o.startswith(skip))])
 
 
 def base_path(cfg: DictConfig) -> str:

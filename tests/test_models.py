@@ -9,6 +9,7 @@ from idefics2_ft.config import PeftConfig
 from idefics2_ft.demo import ensure_tiny_base
 from idefics2_ft.models import apply_peft, load_idefics2, trainable_parameters
 from idefics2_ft.models.reference import idefics2_8b_on_meta
+from tests.conftest import ROOT
 
 
 def peft_cfg(**kw):
@@ -187,8 +188,23 @@ def test_untested_versions_are_refused(monkeypatch):
         "version",
         lambda name: "4.40.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6",
     )
-    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 \(tested: >=5.23.0,<6\)"):
+    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 \(idefics2-ft needs transformers(<6,>=5.4|>=5.4,<6)\)"):
         versions.check_versions()
+
+
+def test_the_version_guard_reads_the_ranges_pip_installs_by():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from idefics2_ft import versions
+
+    def ranges(texts):
+        return {(r.name, r.specifier) for r in map(Requirement, texts) if r.marker is None}
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert ranges(versions.declared_requirements()) == ranges(declared)  # the installed metadata is pyproject's
+    versions.check_versions()  # what is installed here passes
 
 
 def test_gradients_through_the_4bit_base_equal_those_through_its_dequantized_weights(tiny_base, processor):

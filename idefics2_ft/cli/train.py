@@ -73,6 +73,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from idefics2_ft.data import DataError
+    from idefics2_ft.hub import HubError
     from idefics2_ft.train import train
     from idefics2_ft.trainer import Diverged, Preempted
 
@@ -81,7 +82,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
         _close_process_group()
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, HubError) as err:
         logging.getLogger("idefics2_ft").error("%s", err)
         _remove_if_empty(Path(cfg.run_dir))  # Hydra made the folder; a refused run leaves none behind
         sys.exit(2)
