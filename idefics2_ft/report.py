@@ -148,6 +148,36 @@ def _question(row) -> str:
     return message_text(users[-1]) if users else ""
 
 
+def gallery_items(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
+    """The gallery's picks as plain values for a tracker: the first image (a thumbnail, or None),
+    question, prediction, references, right or wrong, question type."""
+    from idefics2_ft.data.sources import load_image
+
+    by_id = {str(row.id): row for row in rows}
+    items = []
+    for p in pick_gallery(predictions, size):
+        row = by_id.get(str(p["id"]))
+        image = None
+        if row is not None and row.images:
+            try:
+                image = load_image(row.images[0]).convert("RGB").copy()
+                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            except Exception:  # an unreadable image leaves its cell empty
+                image = None
+        references = p.get("references", p.get("answers", []))
+        items.append(
+            {
+                "image": image,
+                "question": _question(row) if row is not None else "?",
+                "prediction": str(p["prediction"]),
+                "reference": " | ".join(map(str, references)),
+                "right": p["accuracy"] >= 1.0,
+                "type": str(p.get("question_type") or ""),
+            }
+        )
+    return items
+
+
 def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> str:
     """Cards of image, question, prediction and references, marked right or wrong."""
     by_id = {str(row.id): row for row in rows}

@@ -51,7 +51,15 @@ from idefics2_ft.runs import (
     weights_dir,
     write_results,
 )
-from idefics2_ft.trainer import Diverged, Preempted, describe_run, make_trainer, requeue_slurm_job
+from idefics2_ft.trainer import (
+    Diverged,
+    Preempted,
+    describe_run,
+    log_adapter_artifact,
+    make_trainer,
+    offline_sync_hint,
+    requeue_slurm_job,
+)
 from idefics2_ft.versions import check_versions
 
 log = logging.getLogger(__name__)
@@ -185,6 +193,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             processor.save_pretrained(out)
             write_results(run_dir, metrics, getattr(module, "val_predictions", None))
             _report(cfg, run_dir, metrics, module, datamodule)
+            if cfg.logger.type == "wandb" and cfg.logger.log_model:
+                log.info("W&B: the adapter is the artifact %s", log_adapter_artifact(trainer, out, cfg.name))
+        hint = offline_sync_hint(trainer)
+        if hint:
+            log.info(hint)
         if cfg.export.at_end or cfg.export.push_to_hub:
             from idefics2_ft.export import export_run
 

@@ -161,6 +161,7 @@ class LoggerConfig:
     type: str = "csv"  # csv | tensorboard | wandb | none
     project: str = "idefics2-ft"
     entity: str | None = None
+    log_model: bool = False  # W&B: upload the adapter as a model artifact at the end
 
 
 @dataclass

@@ -12,7 +12,7 @@ from idefics2_ft.trainer.callbacks import (
     requeue_slurm_job,
 )
 from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
-from idefics2_ft.trainer.loggers import KeepingCSVLogger, make_logger
+from idefics2_ft.trainer.loggers import KeepingCSVLogger, log_adapter_artifact, make_logger, offline_sync_hint
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -25,8 +25,10 @@ __all__ = [
     "RehearsedCrash",
     "StopOnSlurmSignal",
     "describe_run",
+    "log_adapter_artifact",
     "make_logger",
     "make_trainer",
+    "offline_sync_hint",
     "remove_stale_temp_files",
     "requeue_slurm_job",
     "resolve_precision",

@@ -18,7 +18,7 @@ from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
 from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
 from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
 from idefics2_ft.trainer.history import History
-from idefics2_ft.trainer.loggers import TrimReplayedRows, make_logger
+from idefics2_ft.trainer.loggers import TrackerRecord, TrimReplayedRows, make_logger
 from idefics2_ft.trainer.progress import LineProgress, PerfMetrics, on_a_terminal, on_cuda
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, flops_per_token: float | None =
         TrimReplayedRows(),
         PerfMetrics(flops_per_token, peak * 1e12 if peak else None),
         History(run_dir),
+        TrackerRecord(cfg, run_dir),
     ]
     if cfg.debug.crash_at_step:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))
