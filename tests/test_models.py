@@ -188,7 +188,7 @@ def test_untested_versions_are_refused(monkeypatch):
         "version",
         lambda name: "4.40.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6",
     )
-    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 \(idefics2-ft needs transformers(<6,>=5.4|>=5.4,<6)\)"):
+    with pytest.raises(RuntimeError, match=r"transformers 4.40.0 \(idefics2-ft needs transformers(<6,>=5.5|>=5.5,<6)\)"):
         versions.check_versions()
 
 
