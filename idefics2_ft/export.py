@@ -128,6 +128,45 @@ def merge_and_check(
     return merged, processor, report
 
 
+# The Hub's task for a metric of ours, for the card's model-index
+METRIC_NAMES = {"anls": "ANLS", "accuracy": "Exact-match accuracy"}
+
+
+def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
+    """The card's YAML front matter as the Hub reads it (``huggingface_hub.ModelCardData``): base
+    model, library, license, task, datasets, tags, and a ``model-index`` with the validation metric."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    base = cfg.model.name_or_path
+    data = cfg.data.path or cfg.data.source
+    metric = cfg.data.metric
+    split = metrics.get("eval/split", cfg.data.val_split)
+    value = metrics.get(f"eval/{metric}", metrics.get(f"val/{metric}"))
+    results = None
+    if isinstance(value, (int, float)):
+        results = [
+            EvalResult(
+                task_type="visual-question-answering",
+                dataset_type=data,
+                dataset_name=data,
+                dataset_split=split,
+                metric_type=metric,
+                metric_name=METRIC_NAMES.get(metric, metric),
+                metric_value=round(float(value), 4),
+            )
+        ]
+    return ModelCardData(
+        base_model=None if base == "tiny" else base,  # the demo's tiny base is on no Hub
+        library_name="peft" if adapter_only else "transformers",
+        license="apache-2.0",
+        pipeline_tag="image-text-to-text",
+        datasets=[data] if cfg.data.source == "docvqa" or cfg.data.path else None,
+        tags=["idefics2", "idefics2-ft", "qlora" if cfg.peft.quantize else cfg.peft.method],
+        model_name=cfg.name,
+        eval_results=results,
+    )
+
+
 def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any], adapter_only: bool) -> str:
     """A Hub model card: base, data, recipe and resolved config, image settings, metrics, usage."""
     base = cfg.model.name_or_path
@@ -140,21 +179,7 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
         if torch.cuda.is_available()
         else f"CPU ({platform.processor() or platform.machine()})"
     )
-    meta = [
-        "---",
-        "library_name: peft" if adapter_only else "library_name: transformers",
-        "license: apache-2.0",
-        "pipeline_tag: image-text-to-text",
-        "tags:",
-        "- idefics2",
-        "- idefics2-ft",
-        "- qlora" if cfg.peft.quantize else "- lora",
-    ]
-    if base != "tiny":
-        meta.append(f"base_model: {base}")
-    if cfg.data.source == "docvqa" or cfg.data.path:
-        meta += ["datasets:", f"- {data}"]
-    meta.append("---")
+    meta = card_metadata(cfg, metrics, adapter_only)
     usage_load = (
         f'base = Idefics2ForConditionalGeneration.from_pretrained("{base}")\n'
         'model = PeftModel.from_pretrained(base, "REPO_OR_FOLDER")'
@@ -162,7 +187,9 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
         else 'model = Idefics2ForConditionalGeneration.from_pretrained("REPO_OR_FOLDER")'
     )
     lines = [
-        *meta,
+        "---",
+        meta.to_yaml(),
+        "---",
         "",
         f"# {cfg.name}: Idefics2 fine-tuned with idefics2-ft",
         "",
@@ -233,8 +260,33 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
     return "\n".join(lines)
 
 
+def _write_export(cfg: DictConfig, kind: str, out: Path, adapter_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write one export (``merged``: merge, check parity, save; ``adapter``: copy it) with its card,
+    into a temporary folder renamed over ``out`` once complete. Returns the parity report."""
+    e = cfg.export
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    report: dict[str, Any] = {}
+    if kind == "adapter":
+        shutil.copytree(adapter_dir, tmp)
+    else:
+        merged, processor, report = merge_and_check(
+            cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
+        )
+        merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
+        merged.generation_config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(cfg, metrics, report, kind == "adapter"))
+    (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("Exported the %s to %s", "merged model" if kind == "merged" else "adapter", out)
+    return report
+
+
 def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Merge (or copy the adapter), check parity, save with a card; push if ``export.push_to_hub``.
+    """Merge (or copy the adapter), check parity, save with a card; with ``export.with_adapter`` also
+    the adapter beside it (``OUT-adapter``); push each if ``export.push_to_hub``.
 
     Returns the export folder and the report. Raises NonFiniteWeights (a NaN or infinite adapter) or
     ParityError (the merged model does not match) before writing anything; HubError (folder kept)
@@ -247,27 +299,18 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
         metrics = read_metrics(run_dir)
     adapter_dir = weights_dir(run_dir, "lora")
     check_adapter_is_finite(adapter_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # what to write: the merged model or the adapter; with export.with_adapter, the adapter beside it too
+    exports = [("adapter" if e.adapter_only else "merged", out)]
+    if e.with_adapter and not e.adapter_only:
+        exports.append(("adapter", out.with_name(out.name + "-adapter")))
     report: dict[str, Any] = {}
-    if e.adapter_only:
-        shutil.copytree(adapter_dir, tmp)
-    else:
-        merged, processor, report = merge_and_check(
-            cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
-        )
-        merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
-        merged.generation_config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(cfg, metrics, report, e.adapter_only))
-    (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("Exported to %s", out)
+    for kind, folder in exports:
+        report.update(_write_export(cfg, kind, folder, adapter_dir, metrics))
     if e.push_to_hub:
-        from idefics2_ft.hub import push_folder
+        from idefics2_ft.hub import push_folder, push_targets
 
-        url = push_folder(out, e.hub.repo_id, e.hub.private, e.hub.commit_message, e.hub.revision)
-        report["hub/commit"] = url
-        log.info("Pushed to %s", url)
+        for (kind, folder), repo_id in zip(exports, push_targets(e), strict=True):
+            url = push_folder(folder, repo_id, e.hub.private, e.hub.commit_message, e.hub.revision)
+            report[f"hub/commit/{kind}"] = url
+            log.info("Pushed the %s to %s", "merged model" if kind == "merged" else "adapter", url)
     return out, report

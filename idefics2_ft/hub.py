@@ -77,6 +77,15 @@ def check_write_access(repo_id: str) -> str:
     return user
 
 
+def push_targets(export_cfg) -> list[str]:
+    """The repos an export pushes to: ``hub.repo_id`` for what ``export.adapter_only`` picks, and with
+    ``export.with_adapter`` the adapter to ``hub.adapter_repo_id`` (default ``REPO-adapter``) too."""
+    repos = [export_cfg.hub.repo_id]
+    if export_cfg.with_adapter and not export_cfg.adapter_only:
+        repos.append(export_cfg.hub.adapter_repo_id or f"{export_cfg.hub.repo_id}-adapter")
+    return repos
+
+
 def push_folder(folder: Path, repo_id: str, private: bool, commit_message: str, revision: str | None = None) -> str:
     """Create the repo if needed and upload ``folder`` in one commit. Returns the commit URL.
 

@@ -85,9 +85,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("strategy=%s shards the 4-bit base: peft.quant_storage=%s", cfg.strategy.name, storage)
         cfg.peft.quant_storage = storage
     if cfg.export.push_to_hub and not cfg.debug.show_labels:
-        from idefics2_ft.hub import check_write_access
+        from idefics2_ft.hub import check_write_access, push_targets
 
-        check_write_access(cfg.export.hub.repo_id)  # a missing token fails now, not after training
+        for repo_id in push_targets(cfg.export):
+            check_write_access(repo_id)  # a missing token fails now, not after training
     # without a network, the cache must hold the model and the data: say so in seconds, with the fix
     from idefics2_ft.hub import preflight
 

@@ -226,3 +226,48 @@ def test_merging_into_the_dequantized_weights_answers_as_the_trained_model(run_d
     assert dequantized < 0.1 * original
     agreement = {k: r["parity/trained_4bit_vs_merged_argmax_agreement"] for k, r in reports.items()}
     assert agreement["dequantized"] >= agreement["original"]
+
+
+def test_the_cards_metadata_is_what_the_hub_reads(run_dir, tmp_path, monkeypatch):
+    """Both cards of a both-ways export parse with huggingface_hub's own card parser; each push goes to its repo."""
+    from huggingface_hub import ModelCard
+
+    import idefics2_ft.hub
+
+    pushed = []
+    monkeypatch.setattr(idefics2_ft.hub, "push_folder", lambda folder, repo_id, *a, **k: pushed.append((folder.name, repo_id)) or "url")
+    cfg = run_cfg(
+        run_dir, f"export.out_dir={tmp_path / 'both'}", "export.with_adapter=true",
+        "export.push_to_hub=true", "export.hub.repo_id=me/tiny-easyvqa",
+    )
+    out, report = export_run(cfg)
+    assert pushed == [("both", "me/tiny-easyvqa"), ("both-adapter", "me/tiny-easyvqa-adapter")]
+    assert report["hub/commit/merged"] == report["hub/commit/adapter"] == "url"
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for folder, library in ((out, "transformers"), (tmp_path / "both-adapter", "peft")):
+        card = ModelCard.load(folder / "README.md")
+        data = card.data
+        assert data.library_name == library and data.pipeline_tag == "image-text-to-text"
+        assert data.license == "apache-2.0" and "idefics2" in data.tags
+        assert data.base_model is None  # the demo's tiny base is on no Hub; a Hub id is named (next test)
+        [result] = data.eval_results  # the model-index
+        assert result.metric_type == "accuracy" and result.dataset_split == cfg.data.val_split
+        assert result.metric_value == round(metrics["val/accuracy"], 4)
+        assert "# t: Idefics2 fine-tuned with idefics2-ft" in card.text
+    assert (tmp_path / "both-adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_hub_base_and_dataset_are_named_in_the_card_metadata(run_dir):
+    from huggingface_hub import ModelCard
+
+    from idefics2_ft.export import model_card
+
+    cfg = run_cfg(run_dir, "model.name_or_path=HuggingFaceM4/idefics2-8b", "data.source=docvqa",
+                  "data.path=HuggingFaceM4/DocumentVQA", "data.metric=anls")
+    card = ModelCard(model_card(cfg, {"val/anls": 0.8123456}, {}, adapter_only=True))
+    assert card.data.base_model == "HuggingFaceM4/idefics2-8b" and card.data.datasets == ["HuggingFaceM4/DocumentVQA"]
+    assert card.data.library_name == "peft"
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_name, result.metric_value) == ("anls", "ANLS", 0.8123)
+    assert result.dataset_type == "HuggingFaceM4/DocumentVQA"

@@ -2,7 +2,9 @@
 
     idefics2-ft export run_dir=RUN                                   # -> RUN/export
     idefics2-ft export run_dir=RUN export.adapter_only=true          # just the adapter + card
+    idefics2-ft export run_dir=RUN export.with_adapter=true          # both: RUN/export and RUN/export-adapter
     idefics2-ft export run_dir=RUN export.push_to_hub=true export.hub.repo_id=me/name export.hub.private=true
+        # with export.with_adapter=true the adapter goes to export.hub.adapter_repo_id (default me/name-adapter)
 
 The token comes from HF_TOKEN or `huggingface-cli login` and is written nowhere.
 """
@@ -12,7 +14,7 @@ import sys
 
 from idefics2_ft.config import ConfigError, validate
 from idefics2_ft.export import NonFiniteWeights, ParityError, export_run
-from idefics2_ft.hub import HubError, check_write_access
+from idefics2_ft.hub import HubError, check_write_access, push_targets
 from idefics2_ft.inference import parse_overrides, setup_logging
 
 
@@ -23,7 +25,8 @@ def main(argv: list[str]) -> int:
     try:
         validate(cfg)
         if cfg.export.push_to_hub:
-            check_write_access(cfg.export.hub.repo_id)
+            for repo_id in push_targets(cfg.export):
+                check_write_access(repo_id)
         out, report = export_run(cfg)
     except (ConfigError, NonFiniteWeights, ParityError, HubError) as err:
         sys.stderr.write(f"export failed: {err}\n")

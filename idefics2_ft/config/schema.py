@@ -169,6 +169,7 @@ class HubConfig:
     repo_id: str | None = None  # "user/name"; required to push
     private: bool = True
     revision: str | None = None  # a branch to push to (created if missing); None: main
+    adapter_repo_id: str | None = None  # with export.with_adapter: where the adapter goes; None: <repo_id>-adapter
     commit_message: str = "Upload Idefics2 fine-tuned with idefics2-ft"
 
 
@@ -177,6 +178,7 @@ class ExportConfig:
     at_end: bool = False  # merge, check and save to export.out_dir when training ends
     push_to_hub: bool = False  # ... and push it (the token is checked before training starts)
     adapter_only: bool = False  # export just the PEFT adapter (with its own card), no merge
+    with_adapter: bool = False  # both: the merged model and, beside it (<out_dir>-adapter), the adapter
     out_dir: str | None = None  # default: <run_dir>/export
     dtype: str = "auto"  # the full-precision base to merge into: auto = bf16 on CUDA, fp32 on the CPU
     # QLoRA: merge into the dequantized NF4 weights the adapter was trained against (the export then
