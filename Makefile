@@ -13,7 +13,7 @@ MIN_VENV ?= .venv-min
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-browser demo test test-min test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
+.PHONY: help install install-browser demo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ test-min: ## the fast tier on the lowest versions pyproject.toml declares (torch
 	$(MIN_VENV)/bin/python -m pip check
 	$(MIN_VENV)/bin/python -c "import torch, transformers, peft, lightning; print('test-min on torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
 	$(MIN_VENV)/bin/python -m pytest -q
+
+test-wheel: $(VENV)/.installed ## build the wheel from a clean clone, install it into a fresh venv, run idefics2-ft train/export/plan (~3 min)
+	$(PY) -m pytest -q -m wheel
 
 test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
 	$(PY) -m pytest -q -m gpu
