@@ -71,3 +71,23 @@ def test_the_installed_command_trains_exports_and_plans(installed):
 
     plan = sh("idefics2-ft", "plan", "recipe=docvqa_qlora", cwd=work, env=env).stdout
     assert "| H100 80GB |" in plan or "H100" in plan
+
+
+def test_make_install_keeps_a_users_torch(tmp_path):
+    """A venv whose torch is older than ours (a user's CUDA 2.8, say): `make install` keeps it, and
+    pip is held to it; raising our floor above it would make this fail instead of replacing it."""
+    venv = tmp_path / "venv"
+    sh(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    [site] = list((venv / "lib").glob("python3*/site-packages"))
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text('__version__ = "2.8.0"  # stands in for a CUDA build\n')
+    dist = site / "torch-2.8.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.8.0\n")
+    (dist / "INSTALLER").write_text("pip\n")
+    (dist / "RECORD").write_text("")
+    out = sh("make", "install", f"VENV={venv}", "EXTRAS=dev", "PIP_FLAGS=--dry-run", cwd=ROOT)
+    assert "keeping torch 2.8.0" in out.stdout
+    would = next(line for line in out.stdout.splitlines() if line.startswith("Would install"))
+    assert "transformers-" in would and " torch-" not in would
+    assert (venv / "keep-torch.txt").read_text().strip() == "torch==2.8.0"
