@@ -116,13 +116,11 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- ranks
 def is_rank_zero() -> bool:
-    """True on the global rank 0, read from the launcher's environment (works before any process group)."""
-    import os
+    """True on the global rank 0. Lightning's own rank: read from the launcher's environment (RANK,
+    LOCAL_RANK, SLURM_PROCID) before any Trainer exists, then set by the strategy."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    return (
-        int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-        and int(os.environ.get("LOCAL_RANK", "0")) == 0
-    )
+    return rank_zero_only.rank == 0
 
 
 def _world_size() -> int:

@@ -37,7 +37,9 @@ def check_versions() -> None:
             continue
         installed = Version(version(req.name))
         if not req.specifier.contains(installed, prereleases=True):
-            problems.append(f"{req.name} {installed} (idefics2-ft needs {req.name}{req.specifier}): pip install '{req}'")
+            problems.append(
+                f"{req.name} {installed} (idefics2-ft needs {req.name}{req.specifier}): pip install '{req}'"
+            )
     if problems:
         raise RuntimeError(
             "Library versions outside the tested ranges; Idefics2 has silently ignored images in some transformers "

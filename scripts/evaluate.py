@@ -1,6 +1,6 @@
 """Evaluate a finished run: batched greedy generation on a split, metrics and predictions.jsonl.
 
-    python scripts/evaluate.py ...  is  idefics2-ft evaluate ...  (idefics2_ft/cli/evaluate.py has the usage)
+python scripts/evaluate.py ...  is  idefics2-ft evaluate ...  (idefics2_ft/cli/evaluate.py has the usage)
 """
 
 import sys

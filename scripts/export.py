@@ -1,6 +1,6 @@
 """Merge a run's adapter into a full-precision base, check parity, save with a model card, push.
 
-    python scripts/export.py ...  is  idefics2-ft export ...  (idefics2_ft/cli/export.py has the usage)
+python scripts/export.py ...  is  idefics2-ft export ...  (idefics2_ft/cli/export.py has the usage)
 """
 
 import sys

@@ -36,7 +36,9 @@ def lower_bounds(extras: list[str], pyproject: Path = PYPROJECT) -> dict[str, st
         name, spec = REQUIREMENT.match(requirement).groups()
         low = re.search(r"(?:>=|==)\s*([^,\s]+)", spec)
         if low is None:
-            raise ValueError(f"{requirement!r} in pyproject.toml has no lower bound (>=): add the lowest version that works")
+            raise ValueError(
+                f"{requirement!r} in pyproject.toml has no lower bound (>=): add the lowest version that works"
+            )
         bounds[name.lower()] = low.group(1)
     return bounds
 

@@ -1,6 +1,6 @@
 """Will a recipe fit a GPU, and how long will a step take? Memory and time from the real shapes.
 
-    python scripts/plan.py ...  is  idefics2-ft plan ...  (idefics2_ft/cli/plan.py has the usage)
+python scripts/plan.py ...  is  idefics2-ft plan ...  (idefics2_ft/cli/plan.py has the usage)
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Answer a question about one or more images with a finished run.
 
-    python scripts/predict.py ...  is  idefics2-ft predict ...  (idefics2_ft/cli/predict.py has the usage)
+python scripts/predict.py ...  is  idefics2-ft predict ...  (idefics2_ft/cli/predict.py has the usage)
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Download what a recipe needs into the Hugging Face cache, once, where there is internet.
 
-    python scripts/prefetch.py ...  is  idefics2-ft prefetch ...  (idefics2_ft/cli/prefetch.py has the usage)
+python scripts/prefetch.py ...  is  idefics2-ft prefetch ...  (idefics2_ft/cli/prefetch.py has the usage)
 """
 
 import sys

@@ -56,11 +56,17 @@ class FakeHub:
                 return self._send(handler, 404, b'{"error": "Repository not found"}', {}, body)
             if len(parts) > 4 and parts[4] == "tree":  # the file listing of a commit
                 entries = [
-                    {"type": "file", "path": p.relative_to(self.repos[repo]).as_posix(), "size": p.stat().st_size,
-                     "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                    {
+                        "type": "file",
+                        "path": p.relative_to(self.repos[repo]).as_posix(),
+                        "size": p.stat().st_size,
+                        "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                    }
                     for p in self._files(repo)
                 ]
-                return self._send(handler, 200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
+                return self._send(
+                    handler, 200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, body
+                )
             siblings = [{"rfilename": p.relative_to(self.repos[repo]).as_posix()} for p in self._files(repo)]
             payload = {"id": repo, "modelId": repo, "sha": COMMIT, "siblings": siblings, "private": False}
             return self._send(handler, 200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, body)

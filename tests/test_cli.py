@@ -12,7 +12,9 @@ from tests.conftest import ROOT
 
 
 def train_py(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_lists_every_recipe_and_group_option_and_no_schema():

@@ -235,10 +235,15 @@ def test_the_cards_metadata_is_what_the_hub_reads(run_dir, tmp_path, monkeypatch
     import idefics2_ft.hub
 
     pushed = []
-    monkeypatch.setattr(idefics2_ft.hub, "push_folder", lambda folder, repo_id, *a, **k: pushed.append((folder.name, repo_id)) or "url")
+    monkeypatch.setattr(
+        idefics2_ft.hub, "push_folder", lambda folder, repo_id, *a, **k: pushed.append((folder.name, repo_id)) or "url"
+    )
     cfg = run_cfg(
-        run_dir, f"export.out_dir={tmp_path / 'both'}", "export.with_adapter=true",
-        "export.push_to_hub=true", "export.hub.repo_id=me/tiny-easyvqa",
+        run_dir,
+        f"export.out_dir={tmp_path / 'both'}",
+        "export.with_adapter=true",
+        "export.push_to_hub=true",
+        "export.hub.repo_id=me/tiny-easyvqa",
     )
     out, report = export_run(cfg)
     assert pushed == [("both", "me/tiny-easyvqa"), ("both-adapter", "me/tiny-easyvqa-adapter")]
@@ -263,8 +268,13 @@ def test_a_hub_base_and_dataset_are_named_in_the_card_metadata(run_dir):
 
     from idefics2_ft.export import model_card
 
-    cfg = run_cfg(run_dir, "model.name_or_path=HuggingFaceM4/idefics2-8b", "data.source=docvqa",
-                  "data.path=HuggingFaceM4/DocumentVQA", "data.metric=anls")
+    cfg = run_cfg(
+        run_dir,
+        "model.name_or_path=HuggingFaceM4/idefics2-8b",
+        "data.source=docvqa",
+        "data.path=HuggingFaceM4/DocumentVQA",
+        "data.metric=anls",
+    )
     card = ModelCard(model_card(cfg, {"val/anls": 0.8123456}, {}, adapter_only=True))
     assert card.data.base_model == "HuggingFaceM4/idefics2-8b" and card.data.datasets == ["HuggingFaceM4/DocumentVQA"]
     assert card.data.library_name == "peft"

@@ -141,7 +141,11 @@ def test_imports_only_point_down():
 
 
 def test_the_library_never_imports_the_demo():
-    allowed = {"demo", *LAYERS[-2][1], *LAYERS[-1][1]}  # only the demo itself and the entry points ask for the tiny base
+    allowed = {
+        "demo",
+        *LAYERS[-2][1],
+        *LAYERS[-1][1],
+    }  # only the demo itself and the entry points ask for the tiny base
     offenders = [
         f"{m} -> {t}"
         for m, targets in import_graph().items()

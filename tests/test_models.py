@@ -191,7 +191,11 @@ def test_untested_versions_are_refused(monkeypatch):
     with pytest.raises(RuntimeError, match=r"transformers 4\.40\.0 \(idefics2-ft needs transformers[^)]*>=5\.18"):
         versions.check_versions()
     # 5.19.0 is in range but cannot import Idefics2's image processor: refused by name
-    monkeypatch.setattr(versions, "version", lambda name: "5.19.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6")
+    monkeypatch.setattr(
+        versions,
+        "version",
+        lambda name: "5.19.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6",
+    )
     with pytest.raises(RuntimeError, match=r"transformers 5\.19\.0"):
         versions.check_versions()
 

@@ -54,7 +54,14 @@ def tiny_repo(tmp_path_factory):
 
 def train_args(run_dir, *extra: str) -> list[str]:
     model = [o for o in TINY_RUN if not o.startswith("model.tiny.")]
-    return [str(ROOT / "train.py"), *model, f"model.name_or_path={REPO}", f"run_dir={run_dir}", "trainer.max_steps=2", *extra]
+    return [
+        str(ROOT / "train.py"),
+        *model,
+        f"model.name_or_path={REPO}",
+        f"run_dir={run_dir}",
+        "trainer.max_steps=2",
+        *extra,
+    ]
 
 
 def test_without_network_and_cache_the_run_fails_in_seconds_naming_the_fix(tmp_path):

@@ -14,9 +14,20 @@ from tests.conftest import ROOT, TINY_RUN
 def train_in_subprocess(tmp_path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     run_env.update(env)
-    args = [*TINY_RUN, f"model.tiny.cache_dir={tmp_path / 'tiny'}", f"run_dir={tmp_path / 'run'}", "name=trackers", *overrides]
+    args = [
+        *TINY_RUN,
+        f"model.tiny.cache_dir={tmp_path / 'tiny'}",
+        f"run_dir={tmp_path / 'run'}",
+        "name=trackers",
+        *overrides,
+    ]
     out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return out
@@ -56,7 +67,11 @@ def wandb_records(path) -> list:
 
 def test_wandb_offline_run_holds_config_plan_metrics_gallery_and_adapter(tmp_path):
     out = train_in_subprocess(
-        tmp_path, "logger=wandb", "logger.log_model=true", WANDB_MODE="offline", WANDB_SILENT="true",
+        tmp_path,
+        "logger=wandb",
+        "logger.log_model=true",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
         HOME=str(tmp_path),  # no ~/.netrc, no API key: no account at all
     )
     run_dir = tmp_path / "run"
@@ -68,7 +83,9 @@ def test_wandb_offline_run_holds_config_plan_metrics_gallery_and_adapter(tmp_pat
     values = {u.key: json.loads(u.value_json) for u in config.update}
     assert values["config"]["peft"]["method"] == "lora" and values["plan"]["total_gb"] > 0  # the config and the plan
 
-    history_keys = {item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item}
+    history_keys = {
+        item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item
+    }
     assert {"train/loss", "val/accuracy"} <= history_keys  # the metrics
 
     artifacts = {r.artifact.type: r.artifact for r in records if r.HasField("artifact")}

@@ -26,4 +26,3 @@ def main(argv: list[str]) -> int:
         format_table(metrics) + f"\n\nwrote {out_dir}/predictions.jsonl, eval_metrics.json and report.html\n"
     )
     return 0
-

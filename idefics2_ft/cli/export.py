@@ -33,4 +33,3 @@ def main(argv: list[str]) -> int:
         return 1
     sys.stdout.write(json.dumps(report, indent=2) + f"\nexported to {out}\n")
     return 0
-

@@ -14,7 +14,6 @@ folder; the published idefics2-8b's for its Hub id).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -71,4 +70,3 @@ def main(argv: list[str]) -> int:
     if own["plan.json"]:
         Path(own["plan.json"]).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return 0
-

@@ -36,4 +36,3 @@ def main(argv: list[str]) -> int:
     )
     sys.stdout.write(text + "\n")
     return 0
-

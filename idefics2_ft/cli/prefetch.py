@@ -46,7 +46,9 @@ def main(argv: list[str]) -> int:
     cfg = compose_config(argv)
     wanted = needs(cfg)
     if not wanted:
-        print(f"{cfg.name}: nothing to fetch (model.name_or_path={cfg.model.name_or_path}, data.source={cfg.data.source}).")
+        print(
+            f"{cfg.name}: nothing to fetch (model.name_or_path={cfg.model.name_or_path}, data.source={cfg.data.source})."
+        )
         return 0
     for need in wanted:
         print(f"fetching {need} ...", flush=True)
@@ -54,7 +56,10 @@ def main(argv: list[str]) -> int:
             print(f"  -> {fetch(need)}", flush=True)
         except Exception as err:  # no network, a wrong id or revision, a gated repo without a token
             print(f"prefetch failed on {need}: {type(err).__name__}: {str(err).splitlines()[0]}", file=sys.stderr)
-            print("prefetch needs the Hub: run it where there is internet (a login node), with HF_TOKEN for a gated repo.", file=sys.stderr)
+            print(
+                "prefetch needs the Hub: run it where there is internet (a login node), with HF_TOKEN for a gated repo.",
+                file=sys.stderr,
+            )
             return 1
     problems = []
     for need in wanted:

@@ -112,4 +112,3 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()  # only succeeds on an empty folder
     except OSError:
         pass
-

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count, islice
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -59,13 +60,12 @@ class RecordShape:
 
 def resized_size(width: int, height: int, longest_edge: int, shortest_edge: int) -> tuple[int, int]:
     """``(height, width)`` after the Idefics2 image processor's resize (longest edge capped, then
-    both edges at least ``shortest_edge``)."""
-    aspect = width / height
-    if width >= height and width > longest_edge:
-        width, height = longest_edge, int(longest_edge / aspect)
-    elif height > width and height > longest_edge:
-        height, width = longest_edge, int(longest_edge * aspect)
-    return max(height, shortest_edge), max(width, shortest_edge)
+    both edges at least ``shortest_edge``): the processor's own arithmetic, on the size alone."""
+    from transformers.image_utils import SizeDict
+    from transformers.models.idefics2.image_processing_pil_idefics2 import get_resize_output_image_size
+
+    shape_only = SimpleNamespace(shape=(height, width))  # it reads nothing but image.shape[-2:]
+    return get_resize_output_image_size(shape_only, SizeDict(shortest_edge=shortest_edge, longest_edge=longest_edge))
 
 
 def image_size(ref: Any) -> tuple[int, int] | None:

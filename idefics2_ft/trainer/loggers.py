@@ -146,20 +146,35 @@ class TrackerRecord(Callback):
 
                 columns = ["step", "image", "question", "prediction", "reference", "right", "type"]
                 data = [
-                    [step, wandb.Image(i["image"]) if i["image"] is not None else None, i["question"], i["prediction"],
-                     i["reference"], i["right"], i["type"]]
+                    [
+                        step,
+                        wandb.Image(i["image"]) if i["image"] is not None else None,
+                        i["question"],
+                        i["prediction"],
+                        i["reference"],
+                        i["right"],
+                        i["type"],
+                    ]
                     for i in items
                 ]
-                logger.experiment.log({"val/gallery": wandb.Table(columns=columns, data=data), "trainer/global_step": step})
+                logger.experiment.log(
+                    {"val/gallery": wandb.Table(columns=columns, data=data), "trainer/global_step": step}
+                )
             else:
                 import numpy as np
 
                 lines = ["| # | question | prediction | reference | right |", "|---|---|---|---|---|"]
                 for n, i in enumerate(items):
                     if i["image"] is not None:
-                        logger.experiment.add_image(f"val/gallery/{n:02d}", np.asarray(i["image"]), step, dataformats="HWC")
+                        logger.experiment.add_image(
+                            f"val/gallery/{n:02d}", np.asarray(i["image"]), step, dataformats="HWC"
+                        )
                     cells = [i["question"], i["prediction"], i["reference"]]
-                    lines.append(f"| {n:02d} | " + " | ".join(c.replace("|", "/") for c in cells) + f" | {'yes' if i['right'] else 'no'} |")
+                    lines.append(
+                        f"| {n:02d} | "
+                        + " | ".join(c.replace("|", "/") for c in cells)
+                        + f" | {'yes' if i['right'] else 'no'} |"
+                    )
                 logger.experiment.add_text("val/gallery", "\n".join(lines), step)
 
 
