@@ -2,7 +2,9 @@
 front door to :func:`idefics2_ft.train.train`."""
 
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -13,6 +15,8 @@ from omegaconf import DictConfig
 from idefics2_ft.config import CONF_DIR, ConfigError, register_configs
 
 register_configs()
+
+CLOSE_TIMEOUT_S = 60  # after a finished run, the longest a rank waits for the process group to close
 
 # Hydra's own flags that keep their meaning here (Hydra's --help would list our schemas as options)
 HYDRA_FLAGS = (
@@ -98,13 +102,27 @@ def _close_process_group() -> None:
     """Every rank waits for the others (rank 0 saves last), then the process group is closed.
 
     Left to interpreter shutdown, gloo's threads can outlive it: a SLURM rank was seen to abort
-    ("terminate called without an active exception") after a finished run, failing the job.
+    ("terminate called without an active exception") after a finished run, failing the job. Once a
+    rank was seen to hang in ``destroy_process_group`` after the others had exited (torch 2.6,
+    lightning 2.5.3, make test-min): after CLOSE_TIMEOUT_S it exits anyway.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        closed = threading.Event()
+
+        def watchdog() -> None:  # the run is saved: a teardown that hangs must not hold the job
+            if not closed.wait(CLOSE_TIMEOUT_S):
+                logging.getLogger("idefics2_ft").warning(
+                    "The process group did not close within %d s; exiting (the run had finished and is saved).",
+                    CLOSE_TIMEOUT_S,
+                )
+                os._exit(0)
+
+        threading.Thread(target=watchdog, daemon=True).start()
         dist.destroy_process_group()
+        closed.set()
 
 
 def _remove_if_empty(folder: Path) -> None:
