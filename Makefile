@@ -21,9 +21,9 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { test -n "$(PYTHON)" || { echo "make: no Python 3.11, 3.12 or 3.13 found; set PYTHON=/path/to/python3.x"; exit 1; }; \
 		echo "make: creating $(VENV) with $(PYTHON) ($$($(PYTHON) --version))"; $(PYTHON) -m venv $(VENV); }
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	@$(PY) -c "import sys, torch; print(f'make: {sys.executable} (Python {sys.version.split()[0]}), keeping torch {torch.__version__}')"
-	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/keep-torch.txt
+	@$(PY) -W ignore -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	@$(PY) -c "import sys; from importlib.metadata import version; print(f'make: {sys.executable} (Python {sys.version.split()[0]}), keeping torch {version(\"torch\")}')"
+	@$(PY) -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(VENV)/keep-torch.txt
 	$(PY) -m pip install $(PIP_FLAGS) -c $(VENV)/keep-torch.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
