@@ -188,8 +188,11 @@ def cached_model(need: Need) -> tuple[Path | None, list[str]]:
 def cached_dataset(need: Need) -> list[str]:
     """The splits of a Hub dataset that ``datasets`` has not prepared in its cache (no network)."""
     import datasets
+    from datasets.naming import camelcase_to_snakecase
 
-    root = Path(datasets.config.HF_DATASETS_CACHE) / need.repo_id.replace("/", "___")
+    # datasets' own cache naming for a Hub dataset: <namespace>___<name in snake case>/<config>/<version>/<hash>
+    namespace, _, name = need.repo_id.rpartition("/")
+    root = Path(datasets.config.HF_DATASETS_CACHE) / f"{namespace}___{camelcase_to_snakecase(name)}"
     infos = [json.loads(p.read_text()) for p in root.glob("*/*/*/dataset_info.json")] if root.is_dir() else []
     have = {split for info in infos for split in (info.get("splits") or {})}
     return [s for s in need.splits if s not in have]

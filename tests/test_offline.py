@@ -108,3 +108,18 @@ def test_prefetch_then_a_run_without_network_reads_the_cache_only(tmp_path, tiny
     # and with HF_HUB_OFFLINE=1 set, as the README says for the nodes
     out, _ = run(train_args(tmp_path / "run2"), env_for(hf_home, dead_endpoint(), HF_HUB_OFFLINE="1"))
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_prepared_dataset_is_found_where_datasets_keeps_it(tmp_path, monkeypatch):
+    """DocVQA prepared by ``datasets`` lies in <cache>/HuggingFaceM4___document_vqa/<config>/<version>/<hash>."""
+    import datasets
+
+    from idefics2_ft.hub import Need, cached_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    need = Need("dataset", "HuggingFaceM4/DocumentVQA", splits=("train", "validation"))
+    assert cached_dataset(need) == ["train", "validation"]
+    prepared = tmp_path / "HuggingFaceM4___document_vqa" / "default" / "0.0.0" / "0123abcd"
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text(json.dumps({"splits": {"train": {"num_examples": 39463}}}))
+    assert cached_dataset(need) == ["validation"]
