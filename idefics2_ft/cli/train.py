@@ -1,10 +1,9 @@
 """``idefics2-ft train recipe=NAME [key=value ...]`` (or ``python train.py ...`` in a checkout): Hydra's
 front door to :func:`idefics2_ft.train.train`."""
 
+import faulthandler
 import logging
-import os
 import sys
-import threading
 from pathlib import Path
 
 import hydra
@@ -102,27 +101,20 @@ def _close_process_group() -> None:
     """Every rank waits for the others (rank 0 saves last), then the process group is closed.
 
     Left to interpreter shutdown, gloo's threads can outlive it: a SLURM rank was seen to abort
-    ("terminate called without an active exception") after a finished run, failing the job. Once a
-    rank was seen to hang in ``destroy_process_group`` after the others had exited (torch 2.6,
-    lightning 2.5.3, make test-min): after CLOSE_TIMEOUT_S it exits anyway.
+    ("terminate called without an active exception") after a finished run, failing the job. Under
+    torch 2.6 and 2.7 (make test-min) a rank sometimes deadlocked in the gloo process group's
+    destructor (a mutex, with the GIL held) after the others had exited: after CLOSE_TIMEOUT_S it
+    exits anyway, with the stacks on stderr. The run is saved by then.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        closed = threading.Event()
-
-        def watchdog() -> None:  # the run is saved: a teardown that hangs must not hold the job
-            if not closed.wait(CLOSE_TIMEOUT_S):
-                logging.getLogger("idefics2_ft").warning(
-                    "The process group did not close within %d s; exiting (the run had finished and is saved).",
-                    CLOSE_TIMEOUT_S,
-                )
-                os._exit(0)
-
-        threading.Thread(target=watchdog, daemon=True).start()
+        # A C-level timer (it fires even while the gloo destructor holds the GIL): a teardown that
+        # deadlocks must not hold the job. It prints the stacks and exits with status 1.
+        faulthandler.dump_traceback_later(CLOSE_TIMEOUT_S, exit=True)
         dist.destroy_process_group()
-        closed.set()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _remove_if_empty(folder: Path) -> None:
