@@ -148,26 +148,18 @@ def _question(row) -> str:
     return message_text(users[-1]) if users else ""
 
 
-def gallery_items(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
-    """The gallery's picks as plain values for a tracker: the first image (a thumbnail, or None),
-    question, prediction, references, right or wrong, question type."""
-    from idefics2_ft.data.sources import load_image
-
+def _gallery_cards(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
+    """The gallery's picks with their record (None if not found) and their text: question,
+    prediction, references, right or wrong, question type."""
     by_id = {str(row.id): row for row in rows}
-    items = []
+    cards = []
     for p in pick_gallery(predictions, size):
         row = by_id.get(str(p["id"]))
-        image = None
-        if row is not None and row.images:
-            try:
-                image = load_image(row.images[0]).convert("RGB").copy()
-                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            except Exception:  # an unreadable image leaves its cell empty
-                image = None
         references = p.get("references", p.get("answers", []))
-        items.append(
+        cards.append(
             {
-                "image": image,
+                "p": p,
+                "row": row,
                 "question": _question(row) if row is not None else "?",
                 "prediction": str(p["prediction"]),
                 "reference": " | ".join(map(str, references)),
@@ -175,15 +167,33 @@ def gallery_items(predictions: Sequence[dict], rows: Iterable, size: int = GALLE
                 "type": str(p.get("question_type") or ""),
             }
         )
+    return cards
+
+
+def gallery_items(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
+    """The gallery's picks as plain values for a tracker: the first image (a thumbnail, or None),
+    question, prediction, references, right or wrong, question type."""
+    from idefics2_ft.data.sources import load_image
+
+    items = []
+    for card in _gallery_cards(predictions, rows, size):
+        row, image = card.pop("row"), None
+        card.pop("p")
+        if row is not None and row.images:
+            try:
+                image = load_image(row.images[0]).convert("RGB").copy()
+                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            except Exception:  # an unreadable image leaves its cell empty
+                image = None
+        items.append({"image": image, **card})
     return items
 
 
 def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> str:
     """Cards of image, question, prediction and references, marked right or wrong."""
-    by_id = {str(row.id): row for row in rows}
     cards = []
-    for p in pick_gallery(predictions):
-        row = by_id.get(str(p["id"]))
+    for card in _gallery_cards(predictions, rows):
+        p, row = card["p"], card["row"]
         pictures = ""
         if row is not None:
             for ref in row.images[:4]:
@@ -191,16 +201,15 @@ def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> st
                     pictures += f'<img src="{thumbnail(ref)}" alt="image of {html.escape(str(p["id"]))}">'
                 except Exception as err:  # an unreadable image is named, not fatal to the report
                     pictures += f'<p class="note">image unreadable: {html.escape(type(err).__name__)}</p>'
-        right = p["accuracy"] >= 1.0
-        references = p.get("references", p.get("answers", []))
+        right = card["right"]
         score = f" ({metric} {p[metric]:.2f})" if metric != "accuracy" and metric in p else ""
         cards.append(
             f'<div class="card {"right" if right else "wrong"}">{pictures}'
-            f"<div><b>Q:</b> {html.escape(_question(row) if row is not None else '?')}</div>"
-            f"<div><b>predicted:</b> {html.escape(str(p['prediction']))}</div>"
-            f"<div><b>reference:</b> {html.escape(' | '.join(map(str, references)))}</div>"
+            f"<div><b>Q:</b> {html.escape(card['question'])}</div>"
+            f"<div><b>predicted:</b> {html.escape(card['prediction'])}</div>"
+            f"<div><b>reference:</b> {html.escape(card['reference'])}</div>"
             f'<div class="mark">{"✓ right" if right else "✗ wrong"}{score}'
-            f"{' · ' + html.escape(str(p['question_type'])) if p.get('question_type') else ''}</div></div>"
+            f"{' · ' + html.escape(card['type']) if card['type'] else ''}</div></div>"
         )
     n_wrong = sum(1 for p in predictions if p["accuracy"] < 1.0)
     note = (

@@ -183,19 +183,14 @@ def test_kbit_preparation_keeps_frozen_weights_in_the_compute_dtype(tiny_base):
 def test_untested_versions_are_refused(monkeypatch):
     from idefics2_ft import versions
 
-    monkeypatch.setattr(
-        versions,
-        "version",
-        lambda name: "4.40.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6",
-    )
+    def installed(transformers: str):  # transformers as given; peft, lightning, torch, bitsandbytes in range
+        return lambda name: transformers if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6"
+
+    monkeypatch.setattr(versions, "version", installed("4.40.0"))
     with pytest.raises(RuntimeError, match=r"transformers 4\.40\.0 \(idefics2-ft needs transformers[^)]*>=5\.18"):
         versions.check_versions()
     # 5.19.0 is in range but cannot import Idefics2's image processor: refused by name
-    monkeypatch.setattr(
-        versions,
-        "version",
-        lambda name: "5.19.0" if name == "transformers" else "0.21.2" if name == "peft" else "2.6.6",
-    )
+    monkeypatch.setattr(versions, "version", installed("5.19.0"))
     with pytest.raises(RuntimeError, match=r"transformers 5\.19\.0"):
         versions.check_versions()
 

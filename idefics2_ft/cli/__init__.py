@@ -20,6 +20,18 @@ COMMANDS = {
 }
 
 
+def compose_config(overrides: list[str]):
+    """The config ``train`` would compose from these overrides, without a run folder (for the
+    commands that read a recipe but run nothing: ``plan``, ``prefetch``)."""
+    from hydra import compose, initialize_config_dir
+
+    from idefics2_ft.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
+
+
 def usage() -> str:
     lines = ["usage: idefics2-ft COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]

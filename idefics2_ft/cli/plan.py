@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from transformers import AutoConfig
 
-from idefics2_ft.config import CONF_DIR, register_configs
+from idefics2_ft.cli import compose_config
 from idefics2_ft.models.reference import idefics2_8b_config
 from idefics2_ft.plan import GPUS, format_plan, plan_run, setup_from_cfg, workload_from_cfg
 
@@ -48,9 +47,7 @@ def main(argv: list[str]) -> int:
             own[key] = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
+    cfg = compose_config(overrides)
     config = model_config(cfg)
     workload = workload_from_cfg(cfg, config, int(own["plan.text_tokens"]), int(own["plan.images"]))
     setup = setup_from_cfg(cfg, "cuda")

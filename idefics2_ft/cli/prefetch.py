@@ -13,17 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from hydra import compose, initialize_config_dir
-
-from idefics2_ft.config import CONF_DIR, register_configs
+from idefics2_ft.cli import compose_config
 from idefics2_ft.hub import MODEL_PATTERNS, Need, cached_dataset, cached_model, needs
-
-
-def compose_config(overrides: list[str]):
-    """The config ``train`` would compose from these overrides (without a run folder)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
 
 
 def fetch(need: Need) -> str:
