@@ -1,8 +1,9 @@
 """idefics2-ft: fine-tune Idefics2 with (Q)LoRA inside PyTorch Lightning.
 
-The public names below are importable from the top level (``from idefics2_ft import train``) and
-from their own room (``from idefics2_ft.data import Idefics2Collator``). They load on first use,
-so ``import idefics2_ft`` stays cheap and pulls in no torch.
+The public names below are importable from the top level (``from idefics2_ft import train`` gives
+the function ``train(cfg) -> metrics``) and from their own room (``from idefics2_ft.data import
+Idefics2Collator``). They load on first use, so ``import idefics2_ft`` stays cheap and pulls in no
+torch. ``docs/architecture.md`` maps the rooms.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# name -> the subpackage or module that defines it (lower rooms first: see README "Layers")
+# name -> the room that defines it (foundations first, then components, then tasks)
 _EXPORTS = {
     "ConfigError": "idefics2_ft.config",
     "TrainConfig": "idefics2_ft.config",
@@ -30,13 +31,16 @@ _EXPORTS = {
     "load_idefics2": "idefics2_ft.models",
     "load_processor": "idefics2_ft.models",
     "trainable_parameters": "idefics2_ft.models",
-    "Idefics2Module": "idefics2_ft.module",
-    "make_optimizer_factory": "idefics2_ft.optim",
-    "warmup_cosine": "idefics2_ft.optim",
-    "make_trainer": "idefics2_ft.trainer",
-    "export_run": "idefics2_ft.export",
-    "evaluate": "idefics2_ft.inference",
-    "load_run": "idefics2_ft.inference",
+    "Idefics2Module": "idefics2_ft.training",
+    "make_optimizer_factory": "idefics2_ft.training",
+    "warmup_cosine": "idefics2_ft.training",
+    "make_trainer": "idefics2_ft.training",
+    "train": "idefics2_ft.tasks",
+    "resolve_base": "idefics2_ft.models",
+    "register_stand_in": "idefics2_ft.models",
+    "export_run": "idefics2_ft.tasks",
+    "evaluate": "idefics2_ft.tasks",
+    "load_run": "idefics2_ft.tasks",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -45,9 +45,9 @@ from idefics2_ft.data import Idefics2DataModule, record_shapes
 from idefics2_ft.data.synthetic import write_docs
 from idefics2_ft.demo import ensure_tiny_base
 from idefics2_ft.models import apply_peft, load_idefics2, load_processor
-from idefics2_ft.module import MODEL_INPUTS, Idefics2Module
-from idefics2_ft.optim import make_optimizer_factory, make_schedule
-from idefics2_ft.trainer import make_trainer
+from idefics2_ft.training import make_trainer
+from idefics2_ft.training.lightning_module import MODEL_INPUTS, Idefics2Module
+from idefics2_ft.training.optim import make_optimizer_factory, make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "bench"

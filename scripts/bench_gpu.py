@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_8b import build  # noqa: E402
 
+from idefics2_ft.hardware import peak_tflops  # noqa: E402
 from idefics2_ft.models.random_checkpoint import default_cache_dir  # noqa: E402
-from idefics2_ft.plan import peak_tflops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from idefics2_ft.models.random_checkpoint import default_cache_dir
-from idefics2_ft.runs import BASE_RECORD, CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOG_DIR
+from idefics2_ft.run_folder import BASE_RECORD, CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOG_DIR
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.big8b

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from idefics2_ft.data.collator import IGNORE_INDEX, BadSample, BadSampleError, Idefics2Collator
+from idefics2_ft.data.collator import IGNORE_INDEX, Idefics2Collator
+from idefics2_ft.data.records import BadSample, BadSampleError
 
 
 def text(t):

@@ -119,7 +119,7 @@ def test_train_refuses_a_bad_config_before_loading_any_weight(tmp_path, monkeypa
 def test_config_yaml_redacts_secret_keys_only():
     from omegaconf import OmegaConf
 
-    from idefics2_ft.runs import redacted
+    from idefics2_ft.run_folder import redacted
 
     cfg = OmegaConf.create(
         {"eval": {"max_new_tokens": 16}, "hub": {"token": "hf_x", "repo_id": "me/m"}, "api_key": "k"}

@@ -9,9 +9,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from idefics2_ft.config import ConfigError, DataConfig, validate
-from idefics2_ft.data import BadSampleError, Idefics2Collator, Idefics2DataModule, check_sources, to_rgb
-from idefics2_ft.data.sources import RecordDataset, build_rows
-from idefics2_ft.train import train
+from idefics2_ft.data import Idefics2Collator, Idefics2DataModule, check_sources
+from idefics2_ft.data.dataset import RecordDataset
+from idefics2_ft.data.images import to_rgb
+from idefics2_ft.data.records import BadSampleError
+from idefics2_ft.data.sources import build_rows
+from idefics2_ft.tasks.train import train
 from tests.conftest import compose_config
 
 

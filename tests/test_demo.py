@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from idefics2_ft.train import train
+from idefics2_ft.tasks.train import train
 from tests.conftest import ROOT, compose_config
 
 

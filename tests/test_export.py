@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from idefics2_ft.export import NonFiniteWeights, ParityError, export_run, merge_and_check, parity_batch
+from idefics2_ft.cli.arguments import parse_overrides
 from idefics2_ft.hub import HubError, check_write_access, push_folder
-from idefics2_ft.inference import evaluate, load_run, parse_overrides
-from idefics2_ft.train import train
+from idefics2_ft.tasks.evaluate import evaluate, load_run
+from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run, merge_and_check, parity_batch
+from idefics2_ft.tasks.train import train
 from tests.conftest import ROOT
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890abcdefghijklmnopq"
@@ -191,7 +192,7 @@ def test_a_run_loads_the_exact_base_it_was_trained_on(run_dir, tmp_path):
     moved = tmp_path / "run"
     shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("export*", "checkpoints"))
     cfg = run_cfg(moved, "model.tiny.cache_dir=/nonexistent")  # no rebuild: the record wins
-    from idefics2_ft.inference import base_model_path
+    from idefics2_ft.tasks.evaluate import base_model_path
 
     assert base_model_path(cfg) == record["path"]
     record["fingerprint"] = "0" * 16
@@ -266,7 +267,7 @@ def test_the_cards_metadata_is_what_the_hub_reads(run_dir, tmp_path, monkeypatch
 def test_a_hub_base_and_dataset_are_named_in_the_card_metadata(run_dir):
     from huggingface_hub import ModelCard
 
-    from idefics2_ft.export import model_card
+    from idefics2_ft.tasks.export import model_card
 
     cfg = run_cfg(
         run_dir,

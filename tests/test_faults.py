@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from idefics2_ft.runs import run_outputs
+from idefics2_ft.run_folder import run_outputs
 from tests.conftest import ROOT, TINY_RUN
 
 pytestmark = pytest.mark.faults
@@ -209,7 +209,7 @@ def test_unreadable_validation_file_fails_before_any_training(case, content, say
 # ---------------------------------------------------------------- kills and resumes
 KILL_IN_SAVE = """
 import os, runpy, signal, sys, torch
-from idefics2_ft.trainer import checkpoints
+from idefics2_ft.training import checkpoints
 
 step = int(os.environ["KILL_AT_SAVE_OF_STEP"])
 real_save = torch.save

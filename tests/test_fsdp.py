@@ -71,8 +71,8 @@ def test_the_gathered_adapter_reproduces_the_sharded_model(runs, tmp_path):
     gathered adapter give the same loss over every supervised token and the same greedy answers."""
     from omegaconf import OmegaConf
 
-    from idefics2_ft.distributed import keep_cpu_4bit_layout
-    from idefics2_ft.inference import evaluate, load_run
+    from idefics2_ft.tasks.evaluate import evaluate, load_run
+    from idefics2_ft.training.strategies import keep_cpu_4bit_layout
 
     tmp, _ = runs
     run = tmp / "two"

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from idefics2_ft.train import train
+from idefics2_ft.tasks.train import train
 
 
 @pytest.mark.gpu

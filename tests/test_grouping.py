@@ -6,8 +6,10 @@ from collections import Counter
 import pytest
 import torch
 
-from idefics2_ft.data import Idefics2Collator, RecordDataset, Row, record_shapes, sort_keys
+from idefics2_ft.data import Idefics2Collator, record_shapes, sort_keys
+from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.grouping import GroupedBatchSampler, RecordShape, resized_size
+from idefics2_ft.data.records import Row
 from idefics2_ft.data.sources import jsonl_rows
 from idefics2_ft.data.synthetic import write_docs
 from idefics2_ft.models import build_processor
@@ -98,8 +100,8 @@ def test_group_by_trains_resumes_exactly_and_logs_where_time_goes(tiny_run_cfg, 
     uninterrupted run's adapter; the per-run perf metrics are in metrics.csv."""
     from safetensors.torch import load_file
 
-    from idefics2_ft.module import Idefics2Module
-    from idefics2_ft.train import train
+    from idefics2_ft.tasks.train import train
+    from idefics2_ft.training.lightning_module import Idefics2Module
 
     pages = ((760, 980), (980, 700))  # portrait and landscape: one batch at most holds both
     docs = write_docs(tmp_path / "docs", n_train=40, n_val=4, seed=5, sizes=pages, long_answers=True)
@@ -155,7 +157,7 @@ def test_group_by_trains_resumes_exactly_and_logs_where_time_goes(tiny_run_cfg, 
 def test_perf_metrics_reach_tensorboard(tiny_run_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from idefics2_ft.train import train
+    from idefics2_ft.tasks.train import train
 
     train(tiny_run_cfg("logger=tensorboard", "eval.at_end=false", "trainer.log_every_n_steps=2"))
     events = [p for p in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")]

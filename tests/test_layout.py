@@ -222,7 +222,7 @@ def test_the_name_checker_catches_a_missing_name():
         "idefics2_ft.config",
         "idefics2_ft.data",
         "idefics2_ft.models",
-        "idefics2_ft.trainer",
+        "idefics2_ft.training",
         "idefics2_ft.demo",
     ],
 )

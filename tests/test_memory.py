@@ -2,8 +2,8 @@
 
 import pytest
 
-from idefics2_ft.memory import NF4_PACKED, inventory, per_gpu_gb
 from idefics2_ft.models.reference import idefics2_8b_on_meta
+from idefics2_ft.planning.weights import NF4_PACKED, inventory, per_gpu_gb
 
 SKIP = ["model.vision_model", "model.connector", "lm_head"]
 

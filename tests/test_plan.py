@@ -23,7 +23,7 @@ from idefics2_ft.data.synthetic import write_docs
 from idefics2_ft.demo import tiny_config
 from idefics2_ft.models import write_random_checkpoint
 from idefics2_ft.models.reference import idefics2_8b_config
-from idefics2_ft.plan import Setup, Workload, plan_run
+from idefics2_ft.planning import Setup, Workload, plan_run
 from tests.conftest import ROOT
 
 MID = dict(vision_hidden=256, text_hidden=512, text_layers=4, patch_size=14, n_latents=64)

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from idefics2_ft.report import metric_table, pick_gallery
-from idefics2_ft.train import train
+from idefics2_ft.reporting import metric_table
+from idefics2_ft.reporting.gallery import pick_gallery
+from idefics2_ft.tasks.train import train
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from idefics2_ft.config import ConfigError
-from idefics2_ft.export import NonFiniteWeights, export_run
-from idefics2_ft.optim import warmup_cosine
-from idefics2_ft.train import train
-from idefics2_ft.trainer import Diverged, RehearsedCrash
+from idefics2_ft.tasks.export import NonFiniteWeights, export_run
+from idefics2_ft.tasks.train import train
+from idefics2_ft.training import Diverged, RehearsedCrash
+from idefics2_ft.training.optim import warmup_cosine
 from tests.conftest import run_train
 
 
@@ -118,7 +118,7 @@ def test_export_refuses_a_nan_adapter(tiny_run_cfg, tmp_path):
 
 KILL_MID_SAVE = """
 import os, signal, sys, torch
-from idefics2_ft.trainer import AtomicCheckpointIO
+from idefics2_ft.training import AtomicCheckpointIO
 
 real_save = torch.save
 def dying_save(obj, f, *a, **k):  # write half a checkpoint, then die as `kill -9` does
@@ -134,7 +134,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
     import subprocess
     import sys
 
-    from idefics2_ft.trainer import AtomicCheckpointIO, remove_stale_temp_files
+    from idefics2_ft.training import AtomicCheckpointIO, remove_stale_temp_files
 
     folder, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "other_tmp"
     elsewhere.mkdir()
@@ -151,7 +151,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
 
 
 def _saved_steps(monkeypatch):
-    from idefics2_ft.trainer import AtomicCheckpointIO
+    from idefics2_ft.training import AtomicCheckpointIO
 
     steps: list[int] = []
     real = AtomicCheckpointIO.save_checkpoint

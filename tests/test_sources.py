@@ -8,8 +8,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from idefics2_ft.config import DataConfig
-from idefics2_ft.data.collator import BadSample
-from idefics2_ft.data.sources import RecordDataset, build_rows
+from idefics2_ft.data.dataset import RecordDataset
+from idefics2_ft.data.records import BadSample
+from idefics2_ft.data.sources import build_rows
 
 
 def data_cfg(**kw):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from idefics2_ft.config import ConfigError, accumulation, validate
-from idefics2_ft.distributed import deepspeed_config, make_strategy, quant_storage_for
-from idefics2_ft.optim import make_optimizer_factory
+from idefics2_ft.training.optim import make_optimizer_factory
+from idefics2_ft.training.strategies import deepspeed_config, make_strategy, quant_storage_for
 from tests.conftest import ROOT, compose_config
 
 # the module, not the `validate` function the package exports under the same name
@@ -126,7 +126,7 @@ def test_the_fsdp_units_are_the_repeated_layers_of_the_real_8b():
     """The wrapped classes exist in idefics2-8b, once per layer (meta device, no download)."""
     from collections import Counter
 
-    from idefics2_ft.distributed import WRAP_CLASSES
+    from idefics2_ft.models import WRAP_CLASSES
     from idefics2_ft.models.reference import idefics2_8b_on_meta
 
     counts = Counter(type(m).__name__ for m in idefics2_8b_on_meta().modules())

@@ -94,7 +94,7 @@ def test_stage1_describes_the_training_images_without_asking_the_tasks_questions
     import random
     import re
 
-    from idefics2_ft.data.collator import message_text
+    from idefics2_ft.data.records import message_text
     from idefics2_ft.data.sources import easyvqa_rows
     from idefics2_ft.demo.stage1 import caption_row, image_attributes
 

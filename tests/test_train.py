@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from idefics2_ft.data.collator import BadSampleError
-from idefics2_ft.train import train
+from idefics2_ft.data.records import BadSampleError
+from idefics2_ft.tasks.train import train
 
 RUN_FILES = {"config.yaml", "metrics.json", "predictions.jsonl", "checkpoints", "adapter", "logs", "train.log"}
 
@@ -68,7 +68,7 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tiny_run_cfg, tmp_path, mo
     straight = tiny_run_cfg(*common, run_dir=tmp_path / "straight")
     train(straight)
 
-    from idefics2_ft.module import Idefics2Module
+    from idefics2_ft.training.lightning_module import Idefics2Module
 
     original = Idefics2Module.training_step
 

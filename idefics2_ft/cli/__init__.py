@@ -1,7 +1,7 @@
 """The ``idefics2-ft`` command (a console script of the wheel): ``idefics2-ft COMMAND [key=value ...]``.
 
-Each command is a module here with a ``main``; ``train.py`` and ``scripts/*.py`` in a checkout are
-the same commands under their old names.
+Each command is a module here with a ``main``. ``python train.py`` in a checkout is
+``idefics2-ft train`` (Hydra's ``-m`` sweeps use it).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ def compose_config(overrides: list[str]):
         return compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
 
 
+def register_demo() -> None:
+    """``model.name_or_path=tiny`` is the demo's tiny base for every command."""
+    from idefics2_ft import demo
+
+    demo.register()
+
+
 def usage() -> str:
     lines = ["usage: idefics2-ft COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idefics2-ft {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    register_demo()
     if command not in COMMANDS:
         print(f"idefics2-ft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2

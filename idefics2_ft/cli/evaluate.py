@@ -11,7 +11,8 @@ RUN/eval/<split>).
 import sys
 from pathlib import Path
 
-from idefics2_ft.inference import evaluate, format_table, load_run, parse_overrides, setup_logging
+from idefics2_ft.cli.arguments import parse_overrides, setup_logging
+from idefics2_ft.tasks.evaluate import evaluate, format_table, load_run
 
 
 def main(argv: list[str]) -> int:

@@ -12,10 +12,10 @@ The token comes from HF_TOKEN or `huggingface-cli login` and is written nowhere.
 import json
 import sys
 
+from idefics2_ft.cli.arguments import parse_overrides, setup_logging
 from idefics2_ft.config import ConfigError, validate
-from idefics2_ft.export import NonFiniteWeights, ParityError, export_run
 from idefics2_ft.hub import HubError, check_write_access, push_targets
-from idefics2_ft.inference import parse_overrides, setup_logging
+from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ Plans the largest batch the data settings allow (square pages at ``data.longest_
 (default 24) unless the strategy and ``trainer.devices`` say more. Prints the model by part, every
 term, the verdict with the cheapest change that makes it fit, and a table for common GPUs. Nothing
 is loaded: the shapes come from the config (``model.name_or_path``'s config.json when it is a
-folder; the published idefics2-8b's for its Hub id).
+folder; the published idefics2-8b's for its Hub id; a stand-in's own).
 """
 
 from __future__ import annotations
@@ -16,26 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from idefics2_ft.cli import compose_config
-from idefics2_ft.models.reference import idefics2_8b_config
-from idefics2_ft.plan import GPUS, format_plan, plan_run, setup_from_cfg, workload_from_cfg
+from idefics2_ft.hardware import GPUS
+from idefics2_ft.models import base_config
+from idefics2_ft.planning import format_plan, plan_run, setup_from_cfg, workload_from_cfg
 
 OWN = {"plan.gpu_gb": 24.0, "plan.text_tokens": 128, "plan.images": 1, "plan.json": None}
-
-
-def model_config(cfg):
-    name = cfg.model.name_or_path
-    if name == "tiny":
-        from idefics2_ft.demo import tiny_config_of
-
-        return tiny_config_of(cfg)
-    if Path(name).is_dir():
-        return AutoConfig.from_pretrained(name)
-    if name.rstrip("/").lower() == "huggingfacem4/idefics2-8b":
-        return idefics2_8b_config()
-    return AutoConfig.from_pretrained(name, revision=cfg.model.revision)  # a Hub id: its config.json
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +34,7 @@ def main(argv: list[str]) -> int:
         else:
             overrides.append(arg)
     cfg = compose_config(overrides)
-    config = model_config(cfg)
+    config = base_config(cfg)
     workload = workload_from_cfg(cfg, config, int(own["plan.text_tokens"]), int(own["plan.images"]))
     setup = setup_from_cfg(cfg, "cuda")
     plan = plan_run(config, workload, setup, float(own["plan.gpu_gb"]))

@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from idefics2_ft.data.sources import load_image
-from idefics2_ft.inference import answer, load_run, parse_overrides, setup_logging
+from idefics2_ft.cli.arguments import parse_overrides, setup_logging
+from idefics2_ft.data.images import load_image
+from idefics2_ft.tasks.evaluate import answer, load_run
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
 """``idefics2-ft train recipe=NAME [key=value ...]`` (or ``python train.py ...`` in a checkout): Hydra's
-front door to :func:`idefics2_ft.train.train`."""
+front door to :func:`idefics2_ft.tasks.train.train`."""
 
 import faulthandler
 import logging
@@ -75,10 +75,10 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from idefics2_ft.data import DataError
+    from idefics2_ft.data.records import DataError
     from idefics2_ft.hub import HubError
-    from idefics2_ft.train import train
-    from idefics2_ft.trainer import Diverged, Preempted
+    from idefics2_ft.tasks.train import train
+    from idefics2_ft.training import Diverged, Preempted
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>

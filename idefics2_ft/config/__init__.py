@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from idefics2_ft.config.derived import accumulation, num_devices, optimizer_name, strategy_variant
 from idefics2_ft.config.schema import (
     DataConfig,
     DebugConfig,
@@ -17,7 +18,7 @@ from idefics2_ft.config.schema import (
     TrainerConfig,
     register_configs,
 )
-from idefics2_ft.config.validate import ConfigError, accumulation, num_devices, strategy_variant, validate
+from idefics2_ft.config.validate import ConfigError, validate
 
 # The Hydra config tree: conf/train.yaml, the groups, and the recipes in conf/recipe/. It ships in the
 # wheel; the checkout's conf/ and recipes/ are links to it.
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "accumulation",
     "num_devices",
+    "optimizer_name",
     "strategy_variant",
     "DataConfig",
     "DebugConfig",

@@ -6,8 +6,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
+
+from idefics2_ft.config.derived import cuda_available, num_devices, strategy_variant
 
 LORA_TARGETS = ("text", "text+connector", "all")
 PEFT_METHODS = ("lora", "dora", "full")
@@ -37,42 +38,6 @@ class ConfigError(ValueError):
 def _choice(problems: list[str], key: str, value, allowed) -> None:
     if value not in allowed:
         problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def strategy_variant(cfg: DictConfig) -> str:
-    """The strategy as ``conf/strategy/`` names it: ``deepspeed_zero3_offload`` for DeepSpeed, else its name."""
-    s = cfg.strategy
-    if s.name != "deepspeed":
-        return s.name
-    return f"deepspeed_zero{s.zero_stage}" + ("_offload" if s.offload_optimizer or s.offload_params else "")
-
-
-def num_devices(cfg: DictConfig) -> int:
-    """Devices per node as the trainer will use them."""
-    devices = cfg.trainer.devices
-    if isinstance(devices, int) or str(devices).lstrip("-").isdigit():
-        n = int(devices)
-        if n > 0:
-            return n
-    elif not isinstance(devices, str):  # a list of device ids
-        return len(devices)
-    # "auto" or -1: every GPU, or one process on the CPU
-    on_gpu = cuda_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    return torch.cuda.device_count() if on_gpu else 1
-
-
-def accumulation(cfg: DictConfig) -> int:
-    """Micro-batches per optimizer step: ``trainer.accumulate_grad_batches``, or what keeps
-    ``trainer.global_batch_size`` fixed across devices and nodes (``validate`` checks it divides)."""
-    t = cfg.trainer
-    if t.global_batch_size is None:
-        return t.accumulate_grad_batches
-    per_step = cfg.data.batch_size * num_devices(cfg) * t.num_nodes
-    return max(1, t.global_batch_size // per_step)
 
 
 def _strategy_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:

@@ -19,33 +19,15 @@ text and token ids, conversation by conversation (``tests/test_collator.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # what transformers' cross-entropy ignores (not image_token_id: see PITFALLS 1)
+from idefics2_ft.data.records import BadSample, BadSampleError, count_images, message_text
 
-
-@dataclass  # not frozen: Lightning rebuilds dataclasses when it moves a batch to the device
-class BadSample:
-    """A record that cannot be trained on, with its dataset index and the reason."""
-
-    index: int
-    reason: str
-    kind: str = "other"  # a short key for counting: missing_image, empty_answer, too_long, ...
-    origin: str | None = None  # where the record came from: "train.jsonl:12", "easy-vqa[test] question 7"
-
-    def where(self) -> str:
-        return self.origin or f"record {self.index}"
-
-
-class DataError(ValueError):
-    """The data cannot be read as configured: the message names the file (and line) and the fix."""
-
-
-class BadSampleError(DataError):
-    """Raised for a bad record when ``data.on_bad_sample=raise``."""
+# What transformers' cross-entropy ignores. Not image_token_id: early Idefics2 code ignored that id
+# in the loss, and old notebooks padded labels with it; transformers uses -100.
+IGNORE_INDEX = -100
 
 
 def _expand_images(text: str, image_str: str, fake: str, image: str) -> str:
@@ -287,21 +269,6 @@ def padding_stats(attention_mask: torch.Tensor, pixel_mask: torch.Tensor | None,
         stats["pixels"] = int(pixel_mask.count_nonzero())  # 8x faster than sum() on a bool mask
         stats["pixel_slots"] = pictures * pixel_mask.shape[-2] * pixel_mask.shape[-1]
     return stats
-
-
-def message_text(message: dict) -> str:
-    """The text of one message (its text parts joined; images left out)."""
-    content = message.get("content", "")
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
-def count_images(messages: list[dict]) -> int:
-    """How many ``{"type": "image"}`` placeholders the messages hold."""
-    return sum(
-        1 for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image"
-    )
 
 
 def format_labels(batch: dict, tokenizer: Any, limit: int = 2) -> str:

@@ -11,14 +11,11 @@ import lightning as L
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
-from idefics2_ft.data.collator import BadSample, DataError, Idefics2Collator
-from idefics2_ft.data.grouping import (
-    GroupedBatchSampler,
-    index_stream,
-    record_shapes,
-    sort_keys,
-)
-from idefics2_ft.data.sources import RecordDataset, build_rows
+from idefics2_ft.data.collator import Idefics2Collator
+from idefics2_ft.data.dataset import RecordDataset
+from idefics2_ft.data.grouping import GroupedBatchSampler, index_stream, record_shapes, sort_keys
+from idefics2_ft.data.records import BadSample, DataError
+from idefics2_ft.data.sources import build_rows
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
-from idefics2_ft.data.sources import Row, check_row
+from idefics2_ft.data.records import Row, check_row
 
 log = logging.getLogger(__name__)
 

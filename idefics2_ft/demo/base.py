@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from idefics2_ft.data.sources import build_rows
 from idefics2_ft.demo.model import build_tiny_model, tiny_config
 from idefics2_ft.demo.stage1 import pretrain_tiny_base
-from idefics2_ft.distributed import is_rank_zero
 from idefics2_ft.models.processor import build_processor
+from idefics2_ft.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,11 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from idefics2_ft.data.collator import BadSampleError, DataError, Idefics2Collator
-from idefics2_ft.data.sources import RecordDataset, Row, load_image
-from idefics2_ft.trainer.progress import LineTicker, on_a_terminal
+from idefics2_ft.console import LineTicker, on_a_terminal
+from idefics2_ft.data.collator import Idefics2Collator
+from idefics2_ft.data.dataset import RecordDataset
+from idefics2_ft.data.images import load_image
+from idefics2_ft.data.records import BadSampleError, DataError, Row
 
 # What stage 1b asks for (None: the image alone), and the phrasings of the description. Each
 # image is described with the phrasings that use all it is known to show (its colour and shape,

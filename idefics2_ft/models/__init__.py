@@ -1,10 +1,10 @@
 """Model builders: load (quantization, dtype, attention), attach adapters, the chat template, the
 processor, the 8B's shapes and a random-init checkpoint of them."""
 
+from idefics2_ft.models.architecture import COMPONENTS, LORA_PRESETS, WRAP_CLASSES, lora_target_regex
+from idefics2_ft.models.bases import StandIn, base_config, register_stand_in, resolve_base, stand_in
 from idefics2_ft.models.chat_template import IDEFICS2_CHAT_TEMPLATE
 from idefics2_ft.models.loading import (
-    COMPONENTS,
-    LORA_PRESETS,
     apply_peft,
     build_quantization_config,
     dequantized_weights,
@@ -12,7 +12,6 @@ from idefics2_ft.models.loading import (
     load_full_precision,
     load_idefics2,
     load_processor,
-    lora_target_regex,
     non_finite_parameters,
     resolve_dtype,
     trainable_parameters,
@@ -23,6 +22,12 @@ from idefics2_ft.models.reference import idefics2_8b_config, idefics2_8b_on_meta
 
 __all__ = [
     "COMPONENTS",
+    "StandIn",
+    "WRAP_CLASSES",
+    "base_config",
+    "register_stand_in",
+    "resolve_base",
+    "stand_in",
     "SPECIAL_TOKENS",
     "IDEFICS2_CHAT_TEMPLATE",
     "LORA_PRESETS",

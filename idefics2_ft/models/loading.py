@@ -13,30 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForConditionalGeneration
 
+from idefics2_ft.models.architecture import COMPONENTS, lora_target_regex
 from idefics2_ft.models.chat_template import IDEFICS2_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
-
-# Module-name regexes (full match, relative to Idefics2ForConditionalGeneration) per component.
-_TEXT = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-_CONNECTOR = r"model\.connector\.(modality_projection|perceiver_resampler\.layers\.\d+\.(self_attn|mlp))\.\w+_proj"
-_VISION = r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
-LORA_PRESETS = {
-    "text": (_TEXT,),
-    "text+connector": (_TEXT, _CONNECTOR),
-    "all": (_TEXT, _CONNECTOR, _VISION),
-}
-COMPONENTS = (
-    ("vision", "model.vision_model."),
-    ("connector", "model.connector."),
-    ("text", "model.text_model."),
-    ("head", "lm_head."),
-)
-
-
-def lora_target_regex(preset: str) -> str:
-    """The PEFT ``target_modules`` regex for a preset (``text``, ``text+connector``, ``all``)."""
-    return "|".join(f"(?:{r})" for r in LORA_PRESETS[preset])
 
 
 def resolve_dtype(name: str, on_gpu: bool | None = None) -> torch.dtype:

@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from idefics2_ft.models import WRAP_CLASSES, resolve_dtype
 
-# The repeated blocks of Idefics2: one FSDP unit each (gradient checkpointing, when on, also
-# recomputes the decoder and encoder layers one at a time; the perceiver's are not checkpointable).
-WRAP_CLASSES = ("MistralDecoderLayer", "Idefics2EncoderLayer", "Idefics2PerceiverLayer")
+log = logging.getLogger(__name__)
 
 
 def is_sharded(cfg: DictConfig) -> bool:
@@ -43,8 +41,6 @@ def quant_storage_for(cfg: DictConfig) -> str | None:
         return cfg.peft.quant_storage
     if cfg.peft.quantize is None or not is_sharded(cfg):
         return None
-    from idefics2_ft.models.loading import resolve_dtype
-
     return str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")
 
 
@@ -112,15 +108,6 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             tensor = tensor.full_tensor()
         state[name] = tensor.to("cpu", copy=True)
     return state
-
-
-# ---------------------------------------------------------------------------- ranks
-def is_rank_zero() -> bool:
-    """True on the global rank 0. Lightning's own rank: read from the launcher's environment (RANK,
-    LOCAL_RANK, SLURM_PROCID) before any Trainer exists, then set by the strategy."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return rank_zero_only.rank == 0
 
 
 def _world_size() -> int:

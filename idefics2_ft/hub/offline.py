@@ -1,9 +1,4 @@
-"""The Hugging Face Hub: check write access before any work, push a folder in one commit, and
-without a network, check that the cache holds what a run needs (``preflight``) before anything loads.
-
-The token comes from ``HF_TOKEN`` or the user's ``huggingface-cli login``; it is passed to
-``huggingface_hub`` and never written anywhere by this toolkit.
-"""
+"""Without a network: check that the cache holds what a run needs (``preflight``) before anything loads."""
 
 from __future__ import annotations
 
@@ -19,99 +14,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from idefics2_ft.hub.push import HubError
+
 log = logging.getLogger(__name__)
 
 
-class HubError(RuntimeError):
-    """The Hub cannot be used as configured; the message says why and what to do, in one line."""
-
-
-def _token() -> str:
-    from huggingface_hub import get_token
-
-    token = get_token()
-    if not token:
-        raise HubError(
-            "export.push_to_hub=true but no Hugging Face token was found: run `huggingface-cli login` "
-            "or set HF_TOKEN (a token with write access), or set export.push_to_hub=false."
-        )
-    return token
-
-
-def _network_error(err: Exception) -> bool:
-    import requests
-
-    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
-    return isinstance(err, (requests.ConnectionError, requests.Timeout, OSError)) or bool(
-        names & {"ConnectError", "ConnectTimeout", "ConnectionError", "OfflineModeIsEnabled"}
-    )
-
-
-def check_write_access(repo_id: str) -> str:
-    """Fail fast if ``repo_id`` cannot be written with the available token. Returns the user name.
-
-    Raises:
-        HubError: no token, an invalid token, no write access, or no network.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
-    token = _token()
-    api = HfApi(token=token)
-    try:
-        user = api.whoami()["name"]
-    except HfHubHTTPError as err:
-        raise HubError(f"The Hugging Face token was refused ({err.response.status_code}): log in again.") from err
-    except Exception as err:
-        if _network_error(err):
-            raise HubError(f"Cannot reach the Hugging Face Hub ({type(err).__name__}): no network?") from err
-        raise
-    try:
-        api.auth_check(repo_id, write=True)
-    except RepositoryNotFoundError:
-        namespace = repo_id.split("/")[0]
-        if namespace != user:
-            log.info("%s does not exist yet; it will be created under %s.", repo_id, namespace)
-    except HfHubHTTPError as err:
-        raise HubError(f"The token of {user} cannot write to {repo_id} ({err.response.status_code}).") from err
-    return user
-
-
-def push_targets(export_cfg) -> list[str]:
-    """The repos an export pushes to: ``hub.repo_id`` for what ``export.adapter_only`` picks, and with
-    ``export.with_adapter`` the adapter to ``hub.adapter_repo_id`` (default ``REPO-adapter``) too."""
-    repos = [export_cfg.hub.repo_id]
-    if export_cfg.with_adapter and not export_cfg.adapter_only:
-        repos.append(export_cfg.hub.adapter_repo_id or f"{export_cfg.hub.repo_id}-adapter")
-    return repos
-
-
-def push_folder(folder: Path, repo_id: str, private: bool, commit_message: str, revision: str | None = None) -> str:
-    """Create the repo if needed and upload ``folder`` in one commit. Returns the commit URL.
-
-    Raises:
-        HubError: no token or no network; the folder stays on disk either way.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=_token())
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, revision=revision
-        )
-    except Exception as err:
-        if _network_error(err):
-            raise HubError(
-                f"Cannot reach the Hugging Face Hub ({type(err).__name__}); the export stays in {folder}."
-            ) from err
-        raise
-    return str(getattr(info, "commit_url", info))
-
-
-# ---------------------------------------------------------------- offline: the cache before the network
 # What a model folder must hold to train and export (a repo may hold more: we never fetch it).
 MODEL_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 REQUIRED_MODEL_FILES = ("config.json", "tokenizer_config.json")

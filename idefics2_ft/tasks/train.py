@@ -1,8 +1,8 @@
 """``train(cfg) -> metrics``: validate, build the data, build the model, fit, evaluate, save.
 
 Orchestration only: each step is a call into the room that owns it (``config``, ``data``,
-``models``, ``optim``, ``trainer``, ``runs``, ``distributed``, and ``demo`` for the tiny base).
-The root ``train.py`` wraps this in ``@hydra.main``.
+``models``, ``training``, ``planning``, ``reporting``, ``hub``, ``run_folder``). The root
+``train.py`` and ``idefics2-ft train`` wrap it in ``@hydra.main``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import shlex
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +20,51 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig
 
-from idefics2_ft.config import accumulation, validate
+from idefics2_ft.config import ConfigError, accumulation, validate
 from idefics2_ft.data import Idefics2DataModule, check_sources, format_labels
-from idefics2_ft.demo import ensure_tiny_base
-from idefics2_ft.distributed import (
-    check_ranks_in_sync,
-    full_trainable_state,
-    is_rank_zero,
-    make_shard_fn,
-    quant_storage_for,
-)
+from idefics2_ft.hardware import available_gb
 from idefics2_ft.models import (
     apply_peft,
     frozen_fingerprint,
     load_idefics2,
     load_processor,
     non_finite_parameters,
+    resolve_base,
     trainable_parameters,
 )
-from idefics2_ft.module import Idefics2Module
-from idefics2_ft.optim import make_optimizer_factory, make_schedule
-from idefics2_ft.phases import Phases
-from idefics2_ft.plan import Plan, available_gb, format_parts, plan_run, setup_from_cfg, workload_from_batch
-from idefics2_ft.runs import (
-    claim_run_dir,
+from idefics2_ft.models.bases import base_record
+from idefics2_ft.planning import Phases, Plan, format_parts, plan_run, setup_from_cfg, workload_from_batch
+from idefics2_ft.ranks import is_rank_zero
+from idefics2_ft.reporting import TrackerRecord
+from idefics2_ft.run_folder import (
+    RunFolder,
     log_to_file,
-    record_base,
-    recorded_base,
+    read_base_record,
+    remove_outputs,
     resume_checkpoint,
+    run_outputs,
     save_config,
-    weights_dir,
+    slurm_restarted,
+    write_base_record,
     write_results,
 )
-from idefics2_ft.trainer import (
+from idefics2_ft.training import (
     Diverged,
+    Idefics2Module,
     Preempted,
     describe_run,
     log_adapter_artifact,
+    make_optimizer_factory,
+    make_schedule,
     make_trainer,
     offline_sync_hint,
     requeue_slurm_job,
+)
+from idefics2_ft.training.strategies import (
+    check_ranks_in_sync,
+    full_trainable_state,
+    make_shard_fn,
+    quant_storage_for,
 )
 from idefics2_ft.versions import check_versions
 
@@ -98,24 +104,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
-    with log_to_file(run_dir):
+    if is_rank_zero():
+        save_config(cfg, run_dir)
+    with log_to_file(run_dir) if is_rank_zero() else nullcontext():
         return _run(cfg, run_dir)
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    phases = Phases(run_dir / "phases.json" if is_rank_zero() else None)  # wall time and peak memory of each
+    phases = Phases(RunFolder(run_dir).phases if is_rank_zero() else None)  # wall time and peak memory of each
 
     # 2. the base and the data: a first batch collated before any weight loads
-    with phases("base"):  # the tiny base's stage 1 when it is built just now; else nothing
+    with phases("base"):  # a stand-in base built just now (the demo's stage 1); else nothing
         model_path = base_path(cfg)
     base_s = time.perf_counter() - started
-    # Seeded after the base: the run then starts from the same random state whether the tiny base
+    # Seeded after the base: the run then starts from the same random state whether a stand-in base
     # was just built in this process or read from its cache (same seed, same adapter).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if is_rank_zero():
-        record_base(cfg, model_path)
+        write_base_record(run_dir, base_record(cfg, model_path))
     with phases("data"):
         processor = load_processor(model_path, cfg.data, cfg.model.revision)
         datamodule = Idefics2DataModule(
@@ -147,11 +154,12 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         max_new_tokens=cfg.eval.max_new_tokens,
         shard=make_shard_fn(cfg),
     )
-    trainer = make_trainer(cfg, run_dir, plan.flops_per_token if plan is not None else None)
+    flops = plan.flops_per_token if plan is not None else None
+    trainer = make_trainer(cfg, run_dir, flops, callbacks=[TrackerRecord(cfg, run_dir)])
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
-    stage1 = Path(model_path) / "stage1.json"
-    if stage1.is_file():
-        metrics.update(json.loads(stage1.read_text()))
+    built = Path(model_path) / "stage1.json"  # what building a stand-in base measured (the demo's stage 1)
+    if built.is_file():
+        metrics.update(json.loads(built.read_text()))
 
     # 4. fit, with a validation pass before (fresh runs) and after
     resume_from = resume_checkpoint(cfg, run_dir)
@@ -189,7 +197,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # 5. save: one ordinary adapter whatever the strategy, the metrics, the predictions; export
     if trainer.is_global_zero:
         with phases("save"):
-            out = weights_dir(run_dir, cfg.peft.method)
+            out = RunFolder(run_dir).weights(full=cfg.peft.method == "full")
             module.model.save_pretrained(out, state_dict=trained)
             processor.save_pretrained(out)
             write_results(run_dir, metrics, getattr(module, "val_predictions", None))
@@ -200,7 +208,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if hint:
             log.info(hint)
         if cfg.export.at_end or cfg.export.push_to_hub:
-            from idefics2_ft.export import export_run
+            from idefics2_ft.tasks.export import export_run
 
             with phases("export"):
                 folder, report = export_run(cfg, metrics)
@@ -227,12 +235,34 @@ def prefetch_command(cfg: DictConfig) -> str:
 
 
 def base_path(cfg: DictConfig) -> str:
-    """The base to train on: the run's recorded base when resuming, else the Hub id or folder,
-    or the demo's tiny base (built and cached if needed)."""
-    recorded = recorded_base(cfg) if cfg.resume else None
-    if recorded is not None:
-        return recorded
-    return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+    """The base to train on: the run's recorded base when resuming, else what
+    ``model.name_or_path`` resolves to (a stand-in is built and cached if needed)."""
+    return resolve_base(cfg, read_base_record(cfg.run_dir) if cfg.resume else None)
+
+
+def claim_run_dir(cfg: DictConfig) -> None:
+    """Make ``run_dir`` this run's: refuse a folder that holds another run, unless told.
+
+    ``resume=true`` (or a SLURM restart) continues the run in it; ``overwrite=true`` removes that
+    run's outputs first (rank 0). Nothing is written to the folder before this passes.
+
+    Raises:
+        ConfigError: the folder holds a run and neither ``resume=true`` nor ``overwrite=true`` was given.
+    """
+    run_dir = Path(cfg.run_dir)
+    found = run_outputs(run_dir)
+    if not found or cfg.resume or slurm_restarted():
+        return
+    if not cfg.overwrite:
+        raise ConfigError(
+            [
+                f"run_dir={run_dir} already holds a run ({', '.join(found)}): add resume=true to continue it, "
+                "overwrite=true to replace it, or choose another run_dir."
+            ]
+        )
+    if is_rank_zero():
+        remove_outputs(run_dir)
+        log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir, ", ".join(found))
 
 
 def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan | None:
@@ -247,7 +277,7 @@ def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan 
     log.info("Plan (first batch): %s; %s", plan.verdict, plan.fix or "details in plan.json")
     log.info("The model by part:\n%s", format_parts(plan))
     if is_rank_zero():
-        (run_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+        RunFolder(run_dir).plan.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return plan
 
 
@@ -264,7 +294,7 @@ def _measured_against_plan(plan: Plan | None, phases: Phases, run_dir: Path) -> 
     )
     if is_rank_zero():
         record = {**plan.to_json(), "measured_gb": measured}
-        (run_dir / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+        RunFolder(run_dir).plan.write_text(json.dumps(record, indent=2) + "\n")
     return {"memory/planned_gb": round(planned, 3), "memory/measured_gb": measured}
 
 
@@ -278,7 +308,7 @@ def _unchanged(before: dict, after: dict) -> bool:
 
 def _report(cfg: DictConfig, run_dir: Path, metrics: dict, module: Idefics2Module, datamodule) -> None:
     """Write report.html; a failure there is logged, never lost weights (they are saved before)."""
-    from idefics2_ft.report import training_report
+    from idefics2_ft.reporting import training_report
 
     try:
         path = training_report(cfg, run_dir, metrics, getattr(module, "val_predictions", None), datamodule.val_set.rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from idefics2_ft.distributed import is_rank_zero
+from idefics2_ft.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 

@@ -8,29 +8,19 @@ and at the first and the last step, instead.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from idefics2_ft.console import duration
+
 log = logging.getLogger(__name__)
-
-
-def on_a_terminal() -> bool:
-    """True when stdout is a terminal (a progress bar can redraw in place)."""
-    return sys.stdout.isatty()
 
 
 def on_cuda(trainer) -> bool:
     """True when the trainer's device is a CUDA GPU (Lightning 2 has no ``trainer.on_gpu``)."""
     return trainer.strategy.root_device.type == "cuda"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class LineProgress(Callback):
@@ -67,28 +57,11 @@ class LineProgress(Callback):
             f"loss {float(loss):.4f}" if loss is not None else "loss -",
             f"lr {lr:.3g}",
             f"{done * self.samples_per_step / elapsed:.2f} samples/s" if elapsed > 0 else "",
-            f"ETA {_duration((trainer.max_steps - step) * elapsed / done)}" if done else "",
+            f"ETA {duration((trainer.max_steps - step) * elapsed / done)}" if done else "",
         ]
         if on_cuda(trainer):
             parts.append(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
         log.info("  ".join(p for p in parts if p))
-
-
-class LineTicker:
-    """The same for a plain loop (the demo's stage 1): ``tick(step, loss)`` logs at most every ``every_s``."""
-
-    def __init__(self, name: str, total: int, every_s: float = 30.0) -> None:
-        self.name, self.total, self.every_s = name, total, every_s
-        self._start = self._last = time.perf_counter()
-
-    def tick(self, step: int, loss: float) -> None:
-        now = time.perf_counter()
-        if step not in (1, self.total) and now - self._last < self.every_s:
-            return
-        self._last = now
-        rate = step / (now - self._start) if now > self._start else 0.0
-        eta = _duration((self.total - step) / rate) if rate else "-"
-        log.info("%s: step %d/%d  loss %.4f  %.2f steps/s  ETA %s", self.name, step, self.total, loss, rate, eta)
 
 
 class PerfMetrics(Callback):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-from idefics2_ft.distributed import is_rank_zero
-from idefics2_ft.runs import HISTORY_FILE, read_history
+from idefics2_ft.ranks import is_rank_zero
+from idefics2_ft.run_folder import HISTORY_FILE, read_history
 
 TRAIN_KEYS = ("train/loss", "train/lr")
 

@@ -12,19 +12,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-
-def optimizer_name(cfg: DictConfig, on_gpu: bool | None = None) -> str:
-    """The optimizer ``optim.optimizer`` resolves to for this strategy and machine (``on_gpu``:
-    this machine has CUDA when None)."""
-    name = cfg.optim.optimizer
-    if name == "auto":
-        # paged 8-bit AdamW on one GPU or DDP; FSDP and ZeRO shard a plain AdamW's state instead
-        replicated = cfg.strategy.name in ("auto", "ddp")
-        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-        name = "paged_adamw_8bit" if on_gpu and replicated else "adamw"
-    if cfg.strategy.name == "deepspeed" and cfg.strategy.offload_optimizer:
-        name = "deepspeed_cpu_adam"  # the optimizer step runs where the offloaded state lives
-    return name
+from idefics2_ft.config import optimizer_name
 
 
 def make_optimizer_factory(cfg: DictConfig) -> Callable[[list], torch.optim.Optimizer]:

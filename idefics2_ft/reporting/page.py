@@ -8,24 +8,20 @@ as base64 PNG; the page loads nothing else and runs no script.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
 import logging
-import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from idefics2_ft.runs import HISTORY_FILE, REPORT_FILE, read_history, redacted
+from idefics2_ft.reporting.gallery import gallery_cards, png_data_uri, thumbnail
+from idefics2_ft.run_folder import HISTORY_FILE, REPORT_FILE, RunFolder, read_history, read_metrics, redacted
 
 log = logging.getLogger(__name__)
-
-GALLERY_SIZE = 16
-THUMBNAIL_PX = 160
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -40,24 +36,6 @@ th { text-align: left; } td.n { text-align: right; font-variant-numeric: tabular
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #666; font-size: 0.9em; }
 """
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def thumbnail(ref: Any, size: int = THUMBNAIL_PX) -> str:
-    """An image reference (path, bytes, PIL image, ``datasets`` dict) as an inline PNG, ``size`` px wide at most."""
-    from idefics2_ft.data.sources import load_image
-
-    image = load_image(ref).copy()
-    image.thumbnail((size, size))
-    if image.width < size // 2:  # tiny pictures (easy-VQA's 64 px) are shown larger, pixel for pixel
-        factor = size // image.width
-        image = image.resize((image.width * factor, image.height * factor), resample=0)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return png_data_uri(buffer.getvalue())
 
 
 def curves_png(history: Sequence[dict]) -> bytes | None:
@@ -129,70 +107,10 @@ def metric_table(columns: Sequence[tuple[str, dict[str, Any]]], metric: str) -> 
     return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
 
 
-def pick_gallery(predictions: Sequence[dict], size: int = GALLERY_SIZE, seed: int = 0) -> list[dict]:
-    """Up to ``size`` predictions: half among the wrong ones (all of them if fewer), the rest right; in order."""
-    rng = random.Random(seed)
-    wrong = [p for p in predictions if p["accuracy"] < 1.0]
-    right = [p for p in predictions if p["accuracy"] >= 1.0]
-    n_wrong = min(len(wrong), size // 2)
-    n_right = min(len(right), size - n_wrong)
-    n_wrong = min(len(wrong), size - n_right)  # fewer right ones than half: more of the wrong ones
-    chosen = {id(p) for p in rng.sample(wrong, n_wrong) + rng.sample(right, n_right)}
-    return [p for p in predictions if id(p) in chosen]
-
-
-def _question(row) -> str:
-    from idefics2_ft.data.collator import message_text
-
-    users = [m for m in row.messages if m.get("role") == "user"]
-    return message_text(users[-1]) if users else ""
-
-
-def _gallery_cards(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
-    """The gallery's picks with their record (None if not found) and their text: question,
-    prediction, references, right or wrong, question type."""
-    by_id = {str(row.id): row for row in rows}
-    cards = []
-    for p in pick_gallery(predictions, size):
-        row = by_id.get(str(p["id"]))
-        references = p.get("references", p.get("answers", []))
-        cards.append(
-            {
-                "p": p,
-                "row": row,
-                "question": _question(row) if row is not None else "?",
-                "prediction": str(p["prediction"]),
-                "reference": " | ".join(map(str, references)),
-                "right": p["accuracy"] >= 1.0,
-                "type": str(p.get("question_type") or ""),
-            }
-        )
-    return cards
-
-
-def gallery_items(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
-    """The gallery's picks as plain values for a tracker: the first image (a thumbnail, or None),
-    question, prediction, references, right or wrong, question type."""
-    from idefics2_ft.data.sources import load_image
-
-    items = []
-    for card in _gallery_cards(predictions, rows, size):
-        row, image = card.pop("row"), None
-        card.pop("p")
-        if row is not None and row.images:
-            try:
-                image = load_image(row.images[0]).convert("RGB").copy()
-                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            except Exception:  # an unreadable image leaves its cell empty
-                image = None
-        items.append({"image": image, **card})
-    return items
-
-
 def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> str:
     """Cards of image, question, prediction and references, marked right or wrong."""
     cards = []
-    for card in _gallery_cards(predictions, rows):
+    for card in gallery_cards(predictions, rows):
         p, row = card["p"], card["row"]
         pictures = ""
         if row is not None:
@@ -263,7 +181,7 @@ def write_report(
         if png
         else f'<p class="note">No curves: {HISTORY_FILE} holds no logged step (trainer.log_every_n_steps).</p>'
     )
-    plan_path = run_dir / "plan.json"
+    plan_path = RunFolder(run_dir).plan
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     header = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (facts or {}).items()
@@ -333,8 +251,6 @@ def training_report(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], pre
 
 def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], predictions, rows, model: str) -> Path:
     """``out_dir/report.html`` of an evaluation, beside the run's own validation when it was on the same split."""
-    from idefics2_ft.runs import read_metrics
-
     run = read_metrics(Path(cfg.run_dir))
     split = metrics.get("eval/split")
     columns = _run_columns(run, "run: ") if split == cfg.data.val_split else []

@@ -6,12 +6,17 @@ gathered at one time. Activations, the CUDA context and allocator fragmentation 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
+from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
-from idefics2_ft.models.loading import lora_target_regex
+from idefics2_ft.models import COMPONENTS, WRAP_CLASSES, lora_target_regex
+from idefics2_ft.planning.shapes import Setup
 
 GB = 1e9
 # NF4 with double quantization: 4 bits per weight, plus one 8-bit absmax per 64 weights and one
@@ -34,8 +39,6 @@ class Inventory:
 def inventory(model: torch.nn.Module, skip_modules: list[str], target: str, r: int, prefix: str = "") -> Inventory:
     """Count parameters by role on a (meta-device) Idefics2, for LoRA rank ``r`` on ``target``;
     with ``prefix``, only those of the modules under it (``model.vision_model.``)."""
-    from idefics2_ft.distributed import WRAP_CLASSES
-
     pattern = re.compile(lora_target_regex(target))
     quantizable = frozen_other = lora = 0
     for name, module in model.named_modules():
@@ -93,3 +96,48 @@ def per_gpu_gb(
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return total / GB
+
+
+def _meta_model(config: Idefics2Config) -> Idefics2ForConditionalGeneration:
+    """The model on the meta device, built once per config (a plan and its candidate fixes share it)."""
+    return _meta_model_of(config.to_json_string())
+
+
+@lru_cache(maxsize=4)
+def _meta_model_of(config_json: str) -> Idefics2ForConditionalGeneration:
+    with torch.device("meta"):
+        return Idefics2ForConditionalGeneration(Idefics2Config.from_dict(json.loads(config_json)))
+
+
+def parts_summary(config: Idefics2Config, setup: Setup) -> list[dict[str, Any]]:
+    """Per part: parameters, how they are stored, bytes. What Lightning's summary gets wrong at
+    this size (it counts packed 4-bit bytes as parameters and sizes everything as fp32)."""
+    model = _meta_model(config)
+    frozen_bytes = setup.act_bytes
+    rows = []
+    for part, prefix in COMPONENTS:
+        inv = inventory(model, list(setup.skip_modules) if setup.quantize else [], setup.target, setup.r, prefix)
+        if setup.method == "full":
+            params = inv.quantizable + inv.frozen_other
+            rows.append({"part": part, "params": params, "storage": "fp32, trainable", "bytes": params * 4})
+            continue
+        nf4 = inv.quantizable if setup.quantize else 0
+        plain = inv.quantizable + inv.frozen_other - nf4
+        dtype = {"float16": "fp16", "float32": "fp32"}.get(setup.dtype, "bf16" if frozen_bytes == 2 else "fp32")
+        storage = ", ".join(
+            s
+            for s in (
+                f"{nf4 / 1e6:,.0f} M NF4" if nf4 else "",
+                f"{plain / 1e6:,.1f} M {dtype} frozen" if plain else "",
+                f"{inv.lora / 1e6:,.1f} M fp32 trainable" if inv.lora else "",
+            )
+            if s
+        )
+        nbytes = nf4 * (NF4_PACKED + NF4_STATE) + plain * frozen_bytes + inv.lora * 4
+        rows.append({"part": part, "params": nf4 + plain + inv.lora, "storage": storage, "bytes": int(nbytes)})
+    return rows
+
+
+# Activations saved for backward, per token (elements of the activation dtype, ``a`` bytes), counted
+# from transformers' modelling code with autograd's rules: a frozen linear saves nothing for its
+# weight, a LoRA branch saves its (dropped-out) input, RMSNorm saves its fp32 input.

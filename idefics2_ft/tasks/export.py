@@ -18,10 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.data.collator import Idefics2Collator
-from idefics2_ft.data.sources import RecordDataset, build_rows
-from idefics2_ft.inference import base_model_path
+from idefics2_ft.data.dataset import RecordDataset
+from idefics2_ft.data.sources import build_rows
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
-from idefics2_ft.runs import read_metrics, redacted, weights_dir
+from idefics2_ft.models.bases import describe_base
+from idefics2_ft.run_folder import RunFolder, read_metrics, redacted
+from idefics2_ft.tasks.evaluate import base_model_path
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
     model, library, license, task, datasets, tags, and a ``model-index`` with the validation metric."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    base = cfg.model.name_or_path
+    _, base_id = describe_base(cfg.model.name_or_path)
     data = cfg.data.path or cfg.data.source
     metric = cfg.data.metric
     split = metrics.get("eval/split", cfg.data.val_split)
@@ -156,7 +158,7 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
             )
         ]
     return ModelCardData(
-        base_model=None if base == "tiny" else base,  # the demo's tiny base is on no Hub
+        base_model=base_id,  # None for a stand-in: it is on no Hub
         library_name="peft" if adapter_only else "transformers",
         license="apache-2.0",
         pipeline_tag="image-text-to-text",
@@ -170,7 +172,7 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
 def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any], adapter_only: bool) -> str:
     """A Hub model card: base, data, recipe and resolved config, image settings, metrics, usage."""
     base = cfg.model.name_or_path
-    base_id = "a tiny random-init Idefics2 (idefics2-ft's CPU demo)" if base == "tiny" else base
+    base_id, _ = describe_base(base)
     data = cfg.data.path or cfg.data.source
     evals = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
     split = metrics.get("eval/split", cfg.data.val_split)
@@ -293,11 +295,11 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     if the push fails.
     """
     e = cfg.export
-    run_dir = Path(cfg.run_dir)
-    out = Path(e.out_dir) if e.out_dir else run_dir / "export"
+    run = RunFolder(cfg.run_dir)
+    out = Path(e.out_dir) if e.out_dir else run.export
     if metrics is None:
-        metrics = read_metrics(run_dir)
-    adapter_dir = weights_dir(run_dir, "lora")
+        metrics = read_metrics(run.root)
+    adapter_dir = run.adapter
     check_adapter_is_finite(adapter_dir)
     # what to write: the merged model or the adapter; with export.with_adapter, the adapter beside it too
     exports = [("adapter" if e.adapter_only else "merged", out)]

@@ -14,7 +14,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from idefics2_ft.models import non_finite_parameters
-from idefics2_ft.trainer.callbacks import Diverged
+from idefics2_ft.training.callbacks import Diverged
 
 log = logging.getLogger(__name__)
 

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from idefics2_ft.config import accumulation
-from idefics2_ft.distributed import is_rank_zero, make_strategy
-from idefics2_ft.plan import peak_tflops
-from idefics2_ft.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
-from idefics2_ft.trainer.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
-from idefics2_ft.trainer.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
-from idefics2_ft.trainer.history import History
-from idefics2_ft.trainer.loggers import TrackerRecord, TrimReplayedRows, make_logger
-from idefics2_ft.trainer.progress import LineProgress, PerfMetrics, on_a_terminal, on_cuda
+from idefics2_ft.console import on_a_terminal
+from idefics2_ft.hardware import peak_tflops
+from idefics2_ft.ranks import is_rank_zero
+from idefics2_ft.run_folder import LAST_CHECKPOINT, RunFolder
+from idefics2_ft.training.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
+from idefics2_ft.training.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
+from idefics2_ft.training.history import History
+from idefics2_ft.training.loggers import TrimReplayedRows, make_logger
+from idefics2_ft.training.progress import LineProgress, PerfMetrics, on_cuda
+from idefics2_ft.training.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,11 @@ def resolve_precision(name: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, flops_per_token: float | None = None) -> L.Trainer:
-    """A ``Trainer`` writing checkpoints and logs into ``run_dir``.
+def make_trainer(
+    cfg: DictConfig, run_dir: Path, flops_per_token: float | None = None, callbacks: Sequence[Callback] = ()
+) -> L.Trainer:
+    """A ``Trainer`` writing checkpoints and logs into ``run_dir``, with our callbacks and ``callbacks``
+    (the train task adds the trackers' gallery).
 
     Checkpoints: ``checkpoints/last.ckpt`` every ``trainer.checkpoint_every_n_steps`` and every
     ``trainer.checkpoint_every_n_minutes``, written atomically, at the end,
@@ -42,7 +49,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, flops_per_token: float | None =
     """
     t = cfg.trainer
     accumulate = accumulation(cfg)
-    checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
+    checkpoint_dir = RunFolder(run_dir).checkpoints
     if is_rank_zero():
         remove_stale_temp_files(checkpoint_dir)
     checkpoint = GuardedCheckpoint(
@@ -62,7 +69,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, flops_per_token: float | None =
         TrimReplayedRows(),
         PerfMetrics(flops_per_token, peak * 1e12 if peak else None),
         History(run_dir),
-        TrackerRecord(cfg, run_dir),
+        *callbacks,
     ]
     if cfg.debug.crash_at_step:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))

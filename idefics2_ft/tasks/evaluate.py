@@ -1,70 +1,25 @@
-"""Load a finished run (adapter or merged model) and evaluate or answer questions with it."""
+"""Load a finished run (adapter or merged model) and evaluate it on a split, or answer one question."""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from idefics2_ft.config import TrainConfig
-from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_dtype
-from idefics2_ft.runs import CONFIG_FILE, recorded_base, weights_dir
+from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
+from idefics2_ft.run_folder import RunFolder, read_base_record
 
 log = logging.getLogger(__name__)
 
 
-def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
-    """``key=value`` arguments as ``train.py`` takes them: ``run_dir`` and config keys, plus the
-    script's own keys (``script_keys`` with their defaults).
-
-    Returns the run's config (``run_dir/config.yaml`` with the overrides, checked against the
-    schema) and the script's values.
-
-    Raises:
-        SystemExit: with a usage line for a missing ``run_dir`` or a malformed argument.
-    """
-    pairs = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"arguments are key=value (got {arg!r}); e.g. run_dir=outputs/easyvqa_tiny/demo")
-        key, value = arg.split("=", 1)
-        pairs[key] = value
-    if "run_dir" not in pairs:
-        raise SystemExit("run_dir=PATH is required: the folder of a finished training run.")
-    run_dir = Path(pairs.pop("run_dir"))
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise SystemExit(f"{run_dir}/{CONFIG_FILE} not found: run_dir must be a folder that train.py wrote.")
-    own = dict(script_keys)
-    for key in list(pairs):
-        if key in script_keys:
-            own[key] = pairs.pop(key)
-    schema = OmegaConf.structured(TrainConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(run_dir / CONFIG_FILE))
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]))
-    cfg.run_dir = str(run_dir)
-    return cfg, own
-
-
 def base_model_path(cfg: DictConfig) -> str:
     """The base the run trained on (``run_dir/base_model.json``), so its adapter fits; without a
-    record, ``model.name_or_path`` (the demo's tiny base is built and cached if needed).
-
-    Raises:
-        FileNotFoundError / RuntimeError: the recorded tiny base is gone or was replaced.
-    """
-    recorded = recorded_base(cfg)
-    if recorded is not None:
-        return recorded
-    if cfg.model.name_or_path == "tiny":
-        from idefics2_ft.demo import ensure_tiny_base
-
-        return str(ensure_tiny_base(cfg))
-    return cfg.model.name_or_path
+    record, what ``model.name_or_path`` resolves to."""
+    return resolve_base(cfg, read_base_record(cfg.run_dir))
 
 
 def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | None = None):
@@ -76,9 +31,9 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     """
     from peft import PeftModel
 
-    run_dir = Path(cfg.run_dir)
-    if model_dir is None and weights_dir(run_dir, "full").is_dir():
-        model_dir = str(weights_dir(run_dir, "full"))
+    run = RunFolder(cfg.run_dir)
+    if model_dir is None and run.full_model.is_dir():
+        model_dir = str(run.full_model)
     if model_dir is not None:
         from transformers import Idefics2ForConditionalGeneration
 
@@ -87,7 +42,7 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
         )
         processor = load_processor(model_dir, cfg.data)
     else:
-        adapter = weights_dir(run_dir, "lora")
+        adapter = run.adapter
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}/adapter_config.json not found: did the run finish?")
         if full_precision:  # the base as an export holds it (export.merge_into), with the adapter on top
@@ -114,7 +69,7 @@ def evaluate(
     import lightning as L
 
     from idefics2_ft.data.datamodule import Idefics2DataModule
-    from idefics2_ft.module import Idefics2Module
+    from idefics2_ft.training.lightning_module import Idefics2Module
 
     data_cfg = OmegaConf.merge(cfg.data, {"val_split": split})
     datamodule = Idefics2DataModule(data_cfg, processor)
@@ -155,7 +110,7 @@ def evaluate(
                 + "\n"
             )
     (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    from idefics2_ft.report import evaluation_report
+    from idefics2_ft.reporting import evaluation_report
 
     report = evaluation_report(
         cfg,
@@ -198,14 +153,3 @@ def answer(
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def setup_logging() -> None:
-    """Our own messages on stderr (Lightning and transformers keep their own handlers)."""
-    logger = logging.getLogger("idefics2_ft")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logging.getLogger("transformers").setLevel(logging.ERROR)

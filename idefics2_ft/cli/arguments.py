@@ -1,0 +1,56 @@
+"""What the commands that read a finished run share: ``key=value`` arguments and console logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from idefics2_ft.config import TrainConfig
+from idefics2_ft.run_folder import RunFolder
+
+
+def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
+    """``key=value`` arguments as ``train.py`` takes them: ``run_dir`` and config keys, plus the
+    script's own keys (``script_keys`` with their defaults).
+
+    Returns the run's config (``run_dir/config.yaml`` with the overrides, checked against the
+    schema) and the script's values.
+
+    Raises:
+        SystemExit: with a usage line for a missing ``run_dir`` or a malformed argument.
+    """
+    pairs = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"arguments are key=value (got {arg!r}); e.g. run_dir=outputs/easyvqa_tiny/demo")
+        key, value = arg.split("=", 1)
+        pairs[key] = value
+    if "run_dir" not in pairs:
+        raise SystemExit("run_dir=PATH is required: the folder of a finished training run.")
+    run_dir = Path(pairs.pop("run_dir"))
+    if not RunFolder(run_dir).config.is_file():
+        raise SystemExit(f"{RunFolder(run_dir).config} not found: run_dir must be a folder that train.py wrote.")
+    own = dict(script_keys)
+    for key in list(pairs):
+        if key in script_keys:
+            own[key] = pairs.pop(key)
+    schema = OmegaConf.structured(TrainConfig)
+    cfg = OmegaConf.merge(schema, OmegaConf.load(RunFolder(run_dir).config))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]))
+    cfg.run_dir = str(run_dir)
+    return cfg, own
+
+
+def setup_logging() -> None:
+    """Our own messages on stderr (Lightning and transformers keep their own handlers)."""
+    logger = logging.getLogger("idefics2_ft")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logging.getLogger("transformers").setLevel(logging.ERROR)

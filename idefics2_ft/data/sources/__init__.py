@@ -1,0 +1,66 @@
+"""Sources -> rows. One module per source; ``build_rows`` picks one by ``data.source``.
+
+A source yields *rows*: cheap references (question, answers, an image reference).
+``RecordDataset`` turns a row into a record when it is indexed, so images load lazily, one at a
+time, and a bad row becomes a counted ``BadSample`` instead of a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from idefics2_ft.data.records import BadSampleError, DataError, Row, check_row
+from idefics2_ft.data.sources.easyvqa import easyvqa_question_type, easyvqa_rows
+from idefics2_ft.data.sources.hub import HubRows
+from idefics2_ft.data.sources.jsonl import jsonl_rows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HubRows", "build_rows", "check_sources", "easyvqa_question_type", "easyvqa_rows", "jsonl_rows"]
+
+
+def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
+    """The rows of ``data.train_split`` (``split_key="train"``) or ``data.val_split`` (``"val"``)."""
+    split = data_cfg.train_split if split_key == "train" else data_cfg.val_split
+    if data_cfg.source == "easyvqa":
+        return easyvqa_rows(split, data_cfg.system_prompt)
+    if data_cfg.source == "jsonl":
+        return jsonl_rows(data_cfg.train_file if split_key == "train" else data_cfg.val_file)
+    if data_cfg.source in ("docvqa", "hub"):
+        return HubRows(data_cfg, split)
+    raise DataError(f"data.source={data_cfg.source!r} is not one of easyvqa, docvqa, jsonl, hub.")
+
+
+def check_sources(data_cfg: DictConfig) -> dict[str, int]:
+    """Read both splits and check every record before anything trains (stage 1 included).
+
+    Reading parses the files (a bad JSON or non-UTF-8 line, a missing split fail here, with the file
+    and line); checking applies ``check_row`` and looks for image files on disk, without opening
+    them. Returns the bad records per ``<split>/<kind>``.
+
+    Raises:
+        BadSampleError: with ``data.on_bad_sample=raise``, at the first bad record, naming where it is.
+    """
+    counts: dict[str, int] = {}
+    for split_key, limit in (("train", data_cfg.max_train_samples), ("val", data_cfg.max_val_samples)):
+        rows = build_rows(data_cfg, split_key)
+        for index in range(len(rows) if limit is None else min(limit, len(rows))):
+            row = rows[index]
+            problem = check_row(row)
+            missing = [ref for ref in row.images if isinstance(ref, str) and not Path(ref).is_file()]
+            if problem is None and missing:
+                problem = ("missing_image", f"image not found: {missing[0]}")
+            if problem is None:
+                continue
+            if data_cfg.on_bad_sample == "raise":
+                where = row.origin or f"{split_key} record {index}"
+                raise BadSampleError(f"{where}: {problem[1]} (set data.on_bad_sample=skip to skip such records)")
+            key = f"{split_key}/{problem[0]}"
+            counts[key] = counts.get(key, 0) + 1
+    if counts:
+        log.warning("Data check: %d bad record(s) will be skipped: %s", sum(counts.values()), counts)
+    return counts

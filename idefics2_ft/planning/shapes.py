@@ -1,0 +1,99 @@
+"""The shapes a plan reads: one micro-batch (``Workload``) and how the run trains (``Setup``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+from transformers import Idefics2Config
+
+from idefics2_ft.config import accumulation, num_devices, optimizer_name, strategy_variant
+from idefics2_ft.data.images import pictures_per_image
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shapes of one micro-batch."""
+
+    batch: int  # samples
+    images: int  # images in the batch after splitting (crops count as images)
+    patches: int  # patches per image, padded: (H // patch) * (W // patch)
+    seq_len: int  # tokens per sample, image tokens included (padded)
+    crops: int = 1  # images per picture: 5 with do_image_splitting (4 crops and the whole)
+    longest_edge: int = 980
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the run trains, as far as memory and time are concerned."""
+
+    device: str = "cuda"  # cuda | cpu
+    dtype: str = "auto"  # the compute dtype (model.dtype): auto is bfloat16 on CUDA, float32 on the CPU
+    quantize: bool = True
+    method: str = "lora"  # lora | dora | full
+    target: str = "text+connector"
+    r: int = 8
+    dropout: bool = True
+    skip_modules: tuple[str, ...] = ("model.vision_model", "model.connector", "lm_head")
+    checkpointing: bool = True
+    attn: str = "sdpa"  # eager | sdpa | flash_attention_2
+    optimizer: str = "paged_adamw_8bit"  # adamw | paged_adamw_8bit | deepspeed_cpu_adam
+    strategy: str = "ddp"  # ddp (one device too) | fsdp | deepspeed_zero2(_offload) | deepspeed_zero3(_offload)
+    gpus: int = 1
+    accumulate: int = 1
+
+    @property
+    def act_bytes(self) -> int:  # activations and the unquantized weights: the compute dtype's size
+        if self.dtype == "auto":
+            return 2 if self.device == "cuda" else 4
+        return 4 if self.dtype == "float32" else 2
+
+
+def setup_from_cfg(cfg: DictConfig, device: str) -> Setup:
+    """The ``Setup`` a training config gives on ``device`` (cuda | cpu)."""
+    strategy = strategy_variant(cfg)
+    if strategy == "auto":
+        strategy = "ddp"
+    return Setup(
+        device=device,
+        dtype=cfg.model.dtype,
+        quantize=bool(cfg.peft.quantize) and cfg.peft.method != "full",
+        method=cfg.peft.method,
+        target=cfg.peft.target,
+        r=cfg.peft.r,
+        dropout=cfg.peft.dropout > 0,
+        skip_modules=tuple(cfg.peft.skip_modules),
+        checkpointing=cfg.model.gradient_checkpointing,
+        attn=cfg.model.attn_implementation,
+        optimizer=optimizer_name(cfg, on_gpu=device == "cuda"),
+        strategy=strategy,
+        gpus=num_devices(cfg) * cfg.trainer.num_nodes,
+        accumulate=accumulation(cfg),
+    )
+
+
+def workload_from_cfg(cfg: DictConfig, config: Idefics2Config, text_tokens: int = 128, images: int = 1) -> Workload:
+    """The largest batch the data settings allow: square pages at ``longest_edge``, ``images`` per
+    sample, and ``text_tokens`` of text besides the image tokens (capped by ``max_length``)."""
+    d = cfg.data
+    crops = pictures_per_image(d.do_image_splitting)
+    side = d.longest_edge // config.vision_config.patch_size
+    image_tokens = images * crops * config.perceiver_config.resampler_n_latents
+    seq = image_tokens + text_tokens
+    if d.max_length:
+        seq = min(seq, d.max_length)
+    return Workload(d.batch_size, d.batch_size * images * crops, side * side, seq, crops, d.longest_edge)
+
+
+def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) -> Workload:
+    """The shapes of a collated batch (its padded sizes, as the model sees them)."""
+    pixels = batch["pixel_values"]  # (batch, images, 3, H, W), padded
+    patch = config.vision_config.patch_size
+    real = int((pixels.flatten(2).abs().sum(-1) > 0).sum())  # the model drops all-zero padding images
+    patches = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)  # the patch embedding's stride
+    crops = pictures_per_image(cfg.data.do_image_splitting)
+    return Workload(pixels.shape[0], real, patches, batch["input_ids"].shape[1], crops, cfg.data.longest_edge)
