@@ -80,7 +80,7 @@ bench-gpu: $(VENV)/.installed ## on a CUDA GPU: the 8B's measured memory, tokens
 	$(PY) scripts/bench_gpu.py
 
 plan: $(VENV)/.installed ## will docvqa_qlora fit? memory and time per step on common GPUs (RECIPE=, GPU_GB=)
-	$(PY) scripts/plan.py recipe=$(or $(RECIPE),docvqa_qlora) plan.gpu_gb=$(or $(GPU_GB),24)
+	$(VENV)/bin/idefics2-ft plan recipe=$(or $(RECIPE),docvqa_qlora) plan.gpu_gb=$(or $(GPU_GB),24)
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

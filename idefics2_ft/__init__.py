@@ -35,12 +35,12 @@ _EXPORTS = {
     "make_optimizer_factory": "idefics2_ft.training",
     "warmup_cosine": "idefics2_ft.training",
     "make_trainer": "idefics2_ft.training",
-    "train": "idefics2_ft.tasks",
+    "train": "idefics2_ft.tasks.train",
     "resolve_base": "idefics2_ft.models",
     "register_stand_in": "idefics2_ft.models",
-    "export_run": "idefics2_ft.tasks",
-    "evaluate": "idefics2_ft.tasks",
-    "load_run": "idefics2_ft.tasks",
+    "export_run": "idefics2_ft.tasks.export",
+    "evaluate": "idefics2_ft.tasks.evaluate",
+    "load_run": "idefics2_ft.tasks.evaluate",
 }
 
 __all__ = ["__version__", *_EXPORTS]

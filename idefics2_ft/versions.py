@@ -1,4 +1,4 @@
-"""Fail loudly on library versions outside the ranges this release declares (PITFALLS 13).
+"""Fail loudly on library versions outside the ranges this release declares: a transformers range once ignored Idefics2's images without a word.
 
 The ranges are the package's own requirements (pyproject.toml, as installed: ``importlib.metadata``),
 so the guard and pip never disagree. Their lower bounds are what ``make test-min`` runs on.

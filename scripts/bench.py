@@ -40,11 +40,11 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from idefics2_ft import demo
 from idefics2_ft.config import CONF_DIR, accumulation, register_configs
 from idefics2_ft.data import Idefics2DataModule, record_shapes
 from idefics2_ft.data.synthetic import write_docs
-from idefics2_ft.demo import ensure_tiny_base
-from idefics2_ft.models import apply_peft, load_idefics2, load_processor
+from idefics2_ft.models import apply_peft, load_idefics2, load_processor, resolve_base
 from idefics2_ft.training import make_trainer
 from idefics2_ft.training.lightning_module import MODEL_INPUTS, Idefics2Module
 from idefics2_ft.training.optim import make_optimizer_factory, make_schedule
@@ -76,10 +76,6 @@ def compose_cfg(args: argparse.Namespace, extra: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides + extra)
-
-
-def base_of(cfg) -> str:
-    return str(ensure_tiny_base(cfg)) if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
 
 
 def fresh_model(cfg, path: str, device: str) -> torch.nn.Module:
@@ -238,7 +234,7 @@ def spread(values: list[float]) -> str:
 
 def three_loops(args, extra) -> str:
     cfg = compose_cfg(args, extra)
-    path = base_of(cfg)
+    path = resolve_base(cfg)
     processor = load_processor(path, cfg.data, cfg.model.revision)
     datamodule = Idefics2DataModule(cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps)
     datamodule.setup("fit")
@@ -316,7 +312,7 @@ def mixed(args, extra) -> str:
         write_docs(docs_dir, args.n_train, 64, seed=1, long_answers=True)
     docs = {"train": docs_dir / "train.jsonl", "val": docs_dir / "val.jsonl"}
     base = compose_cfg(args, mixed_overrides(docs, args) + extra)
-    path = base_of(base)
+    path = resolve_base(base)
     processor = load_processor(path, base.data, base.model.revision)
     plain = Idefics2DataModule(base.data, processor, seed=base.seed, max_steps=base.trainer.max_steps)
     plain.setup("fit")
@@ -408,6 +404,7 @@ def run_hf_grouped(cfg, path, device, clock, datamodule, shapes) -> torch.nn.Mod
 
 
 def main(argv: list[str]) -> int:
+    demo.register()  # model.name_or_path=tiny
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", help="a checkpoint folder or Hub id (default: the recipe's model)")

@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def bench(tmp_path, *args: str) -> str:

@@ -5,7 +5,7 @@ processor) is built once into the cache by `scripts/build_8b.py`, with DocVQA-li
 Then `python train.py recipe=docvqa_qlora` runs on it, unchanged but for the sizes a CPU can
 afford: NF4 double-quant text model, LoRA on text+connector, gradient checkpointing, 2 optimizer
 steps at batch 1 with a checkpoint after each, generation-based validation on 2 questions, and
-`scripts/export.py export.adapter_only=true`. A second run starts from the first run's step-1
+`idefics2-ft export export.adapter_only=true`. A second run starts from the first run's step-1
 checkpoint and must end with the same adapter, bit for bit. About 25 minutes on 2 cores; each
 run's log is written beside its run folder (printed at the start).
 """
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from idefics2_ft.models.random_checkpoint import default_cache_dir
 from idefics2_ft.run_folder import BASE_RECORD, CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOG_DIR
-from tests.conftest import ROOT
+from tests.helpers import IDEFICS2_FT, ROOT
 
 pytestmark = pytest.mark.big8b
 
@@ -109,9 +109,7 @@ def run_a(built, tmp_path_factory, report):
     args = [sys.executable, "train.py", "recipe=docvqa_qlora", *built, *CPU_SIZES, f"run_dir={run_dir}"]
     report["run A"] = run_dir
     out = command(args, root / "run_a.log")
-    command(
-        [sys.executable, "scripts/export.py", f"run_dir={run_dir}", "export.adapter_only=true"], root / "export.log"
-    )
+    command([IDEFICS2_FT, "export", f"run_dir={run_dir}", "export.adapter_only=true"], root / "export.log")
     return run_dir, out
 
 

@@ -8,7 +8,7 @@ import sys
 
 from idefics2_ft.cli import COMMANDS, main
 from idefics2_ft.config import CONF_DIR
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def train_py(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from idefics2_ft.config import ConfigError, validate
 from idefics2_ft.demo import build_tiny_model, tiny_config
 from idefics2_ft.models import apply_peft, trainable_parameters
 from idefics2_ft.models.reference import idefics2_8b_on_meta
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 RECIPES = sorted(p.relative_to(ROOT / "recipes").with_suffix("").as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
 
@@ -103,13 +103,13 @@ def test_validation_lists_every_problem_with_its_fix(tmp_path, monkeypatch):
 
 
 def test_train_refuses_a_bad_config_before_loading_any_weight(tmp_path, monkeypatch):
-    from idefics2_ft import train as train_module
+    from idefics2_ft.tasks import train as train_module
 
     def fail(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr(train_module, "load_idefics2", fail)
-    monkeypatch.setattr(train_module, "ensure_tiny_base", fail)
+    monkeypatch.setattr(train_module, "resolve_base", fail)
     cfg = compose_config([f"run_dir={tmp_path}", "peft=full", "peft.quantize=nf4"])
     with pytest.raises(ConfigError):
         train_module.train(cfg)

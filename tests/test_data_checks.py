@@ -15,7 +15,7 @@ from idefics2_ft.data.images import to_rgb
 from idefics2_ft.data.records import BadSampleError
 from idefics2_ft.data.sources import build_rows
 from idefics2_ft.tasks.train import train
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def data_cfg(**kw):
@@ -136,15 +136,13 @@ def test_an_answer_cut_by_max_length_is_skipped_unless_asked(processor, red):
 
 
 def test_sources_are_checked_before_stage_1_trains(pictures, tiny_run_cfg, tmp_path, monkeypatch):
-    from idefics2_ft import train as train_module
+    from idefics2_ft.tasks import train as train_module
 
     train_file = write_jsonl(
         pictures / "train.jsonl", [{"images": ["red.png"], "messages": [user(IMG, q("C?")), answer("red")]}]
     )
     (pictures / "val.jsonl").write_text('{"messages": [}\n')  # a broken validation file
-    monkeypatch.setattr(
-        train_module, "ensure_tiny_base", lambda cfg: (_ for _ in ()).throw(AssertionError("stage 1 ran"))
-    )
+    monkeypatch.setattr(train_module, "resolve_base", lambda cfg: (_ for _ in ()).throw(AssertionError("stage 1 ran")))
     cfg = tiny_run_cfg("data=jsonl", f"data.train_file={train_file}", f"data.val_file={pictures / 'val.jsonl'}")
     with pytest.raises(ValueError, match=r"val\.jsonl:1: not valid JSON"):
         train_module.train(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_RUN, run_train
+from tests.helpers import TINY_RUN, run_train
 
 
 @pytest.mark.parametrize("group_by", ["none", "length"])

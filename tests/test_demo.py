@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from idefics2_ft.tasks.train import train
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 
 @pytest.mark.slow

@@ -14,14 +14,14 @@ from idefics2_ft.hub import HubError, check_write_access, push_folder
 from idefics2_ft.tasks.evaluate import evaluate, load_run
 from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run, merge_and_check, parity_batch
 from idefics2_ft.tasks.train import train
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890abcdefghijklmnopq"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from tests.conftest import TINY_RUN, compose_config
+    from tests.helpers import TINY_RUN, compose_config
 
     root = tmp_path_factory.mktemp("export")
     cfg = compose_config(
@@ -158,11 +158,11 @@ def test_push_without_a_token_fails_fast(monkeypatch, tmp_path):
 
 
 def test_training_with_push_checks_the_token_before_any_weight_loads(tiny_run_cfg, monkeypatch, tmp_path):
-    from idefics2_ft import train as train_module
+    from idefics2_ft.tasks import train as train_module
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(train_module, "ensure_tiny_base", lambda cfg: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(train_module, "resolve_base", lambda cfg: (_ for _ in ()).throw(AssertionError("loaded")))
     cfg = tiny_run_cfg("export.push_to_hub=true", "export.hub.repo_id=me/model")
     with pytest.raises(HubError, match="no Hugging Face token"):
         train_module.train(cfg)

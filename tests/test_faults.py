@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from idefics2_ft.run_folder import run_outputs
-from tests.conftest import ROOT, TINY_RUN
+from tests.helpers import ROOT, TINY_RUN
 
 pytestmark = pytest.mark.faults
 

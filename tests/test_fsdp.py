@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_RUN, run_train
+from tests.helpers import TINY_RUN, run_train
 
 TWO_RANKS = ["strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2"]
 

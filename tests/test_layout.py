@@ -16,18 +16,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "idefics2_ft"
 
-# The layers, lowest first. A room may import its own layer and the ones below, never above.
-# The README's "Layers" section says the same, one line each (tested below).
+# The layers, lowest first. A room (a first-level module or folder of the package) imports only
+# rooms of lower layers; arrows inside a layer are forbidden unless listed in SIDEWAYS. The
+# architecture page (docs/architecture.md) lists the same layers, one line each (tested below).
 LAYERS = [
-    ("foundation", {"config", "versions", "metrics", "phases"}),
-    ("data and models", {"data", "models"}),
-    ("training pieces", {"module", "optim", "distributed", "memory", "plan"}),
-    ("the run and the trainer", {"runs", "trainer", "hub", "report"}),
-    ("the demo", {"demo"}),
-    ("entry points", {"inference", "export", "train"}),
-    ("the command line", {"cli"}),
+    (
+        "foundations",
+        {"config", "data", "models", "metrics", "versions", "ranks", "hardware", "console", "run_folder"},
+    ),
+    ("components", {"training", "planning", "reporting", "hub", "demo"}),
+    ("tasks", {"tasks"}),
+    ("entry points", {"cli"}),
 ]
 LAYER_OF = {room: i for i, (_, rooms) in enumerate(LAYERS) for room in rooms}
+SIDEWAYS: set[tuple[str, str]] = set()  # (from, to) arrows allowed inside a layer: none today
+MAX_DEPTH = 4  # entry points -> tasks -> components -> foundations
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
 def module_name(path: Path) -> str:
@@ -129,23 +133,51 @@ def test_every_room_has_a_layer():
     assert rooms <= set(LAYER_OF), f"rooms without a layer in LAYERS: {sorted(rooms - set(LAYER_OF))}"
 
 
-def test_imports_only_point_down():
-    upward = []
-    for module, targets in import_graph().items():
+def room_graph(graph: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    """Which rooms import which (a room's imports of itself left out)."""
+    rooms: dict[str, set[str]] = {}
+    for module, targets in (graph or import_graph()).items():
         if room(module) is None:
             continue  # the top-level __init__ re-exports lazily, by name
-        for target in targets:
-            if room(target) is not None and LAYER_OF[room(target)] > LAYER_OF[room(module)]:
-                upward.append(f"{module} -> {target}")
-    assert upward == []
+        rooms.setdefault(room(module), set()).update(
+            room(t) for t in targets if room(t) is not None and room(t) != room(module)
+        )
+    return rooms
+
+
+def depth(rooms: dict[str, set[str]]) -> int:
+    """The longest chain of rooms, counted in rooms (a room that imports none is 1 deep)."""
+    memo: dict[str, int] = {}
+
+    def of(r: str) -> int:
+        if r not in memo:
+            memo[r] = 1 + max((of(t) for t in rooms.get(r, ())), default=0)
+        return memo[r]
+
+    return max(of(r) for r in rooms)
+
+
+def test_imports_only_point_down():
+    wrong = [
+        f"{a} -> {b}"
+        for a, targets in room_graph().items()
+        for b in targets
+        if LAYER_OF[b] > LAYER_OF[a] or (LAYER_OF[b] == LAYER_OF[a] and (a, b) not in SIDEWAYS)
+    ]
+    assert wrong == []
+
+
+def test_imports_are_at_most_four_rooms_deep():
+    assert depth(room_graph()) <= MAX_DEPTH
+
+
+def test_the_depth_counts_a_chain_of_rooms():
+    assert depth({"cli": {"tasks"}, "tasks": {"training"}, "training": {"models"}, "models": set()}) == 4
+    assert depth({"a": {"b"}, "b": {"c"}, "c": {"d"}, "d": {"e"}, "e": set()}) == 5
 
 
 def test_the_library_never_imports_the_demo():
-    allowed = {
-        "demo",
-        *LAYERS[-2][1],
-        *LAYERS[-1][1],
-    }  # only the demo itself and the entry points ask for the tiny base
+    allowed = {"demo", *LAYERS[-1][1]}  # only the demo itself and the entry points (which register it)
     offenders = [
         f"{m} -> {t}"
         for m, targets in import_graph().items()
@@ -155,14 +187,25 @@ def test_the_library_never_imports_the_demo():
     assert offenders == []
 
 
-def test_readme_lists_the_layers_as_the_test_holds_them():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Layers", 1)[1].split("\n#", 1)[0]
+def test_the_architecture_page_lists_the_layers_as_the_test_holds_them():
+    section = ARCHITECTURE.read_text().split("## Layers", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if re.match(r"^\d+\. ", line)]
     assert len(lines) == len(LAYERS)
     for line, (_, rooms) in zip(lines, LAYERS, strict=True):
         named = set(re.findall(r"`(\w+)`", line.split(":", 1)[0]))
         assert named == rooms, line
+
+
+def test_the_core_never_compares_a_model_name_with_the_demos():
+    """``model.name_or_path`` reaches the demo's base only through the stand-in registry."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in PACKAGE.rglob("*.py")
+        if "demo" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"""[=!]=\s*["']tiny["']|["']tiny["']\s*[=!]=""", line)
+    ]
+    assert offenders == []
 
 
 # ---------------------------------------------------------------- documented names
@@ -171,8 +214,9 @@ FROM_IMPORT = re.compile(r"from\s+(idefics2_ft(?:\.\w+)*)\s+import\s+(?:\(([^)]*
 
 
 def documented_names() -> set[str]:
-    """Every ``idefics2_ft...`` name in the README and scripts/: dotted paths and ``from X import a, b``."""
+    """Every ``idefics2_ft...`` name in the README, docs/ and scripts/: dotted paths and ``from X import a, b``."""
     texts = [(ROOT / "README.md").read_text()]
+    texts += [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
     texts += [p.read_text() for p in sorted((ROOT / "scripts").rglob("*.py"))]
     texts += [(ROOT / "train.py").read_text()]
     names: set[str] = set()
@@ -232,10 +276,9 @@ def test_public_names_import_from_the_package(package):
         assert getattr(module, name) is not None, f"{package}.{name}"
 
 
-def test_readme_layout_table_matches_the_folders():
-    """Every path the README's layout table names exists, and every module of the package is in it."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("## Layout", 1)[1].split("###", 1)[0]
+def test_the_layout_table_matches_the_folders():
+    """Every path the architecture page's layout table names exists, and every module of the package is in it."""
+    table = ARCHITECTURE.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
     listed: set[Path] = set()
     for line in table.splitlines():
         if not line.startswith("| `"):
@@ -245,9 +288,9 @@ def test_readme_layout_table_matches_the_folders():
         folder = Path(paths[0]).parent if not paths[0].endswith("/") else Path(paths[0])
         for i, p in enumerate(paths):
             path = Path(p) if i == 0 or "/" in p else folder / p  # `a/b.py`, `c.py` = a/b.py, a/c.py
-            assert (ROOT / path).exists(), f"README layout names {path}, which does not exist"
+            assert (ROOT / path).exists(), f"the layout table names {path}, which does not exist"
             listed.add(path)
     for module in PACKAGE.rglob("*.py"):
         rel = module.relative_to(ROOT)
         covered = rel in listed or any(parent in listed for parent in rel.parents) or rel.name == "__init__.py"
-        assert covered, f"{rel} is in no row of the README's layout table"
+        assert covered, f"{rel} is in no row of the layout table in docs/architecture.md"

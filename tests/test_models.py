@@ -9,7 +9,7 @@ from idefics2_ft.config import PeftConfig
 from idefics2_ft.demo import ensure_tiny_base
 from idefics2_ft.models import apply_peft, load_idefics2, trainable_parameters
 from idefics2_ft.models.reference import idefics2_8b_on_meta
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def peft_cfg(**kw):
@@ -52,7 +52,7 @@ def test_modules_to_save_puts_the_head_in_training():
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from tests.conftest import TINY_RUN, compose_config
+    from tests.helpers import TINY_RUN, compose_config
 
     cache = tmp_path_factory.mktemp("tiny")
     # LoRA on the connector too (as docvqa_qlora has it): its gradients cross every 4-bit text layer
@@ -171,7 +171,7 @@ def test_full_finetuning_trains_everything(tiny_base):
 
 
 def test_kbit_preparation_keeps_frozen_weights_in_the_compute_dtype(tiny_base):
-    """No blanket fp32 upcast (PITFALLS 6): the vision tower stays in bf16 when the base is bf16."""
+    """No blanket fp32 upcast (prepare_model_for_kbit_training's raises memory a lot): the vision tower stays in bf16 when the base is bf16."""
     cfg, path = tiny_base
     model_cfg = OmegaConf.merge(cfg.model, {"dtype": "bfloat16"})
     model = apply_peft(load_idefics2(path, model_cfg, cfg.peft), cfg.peft, gradient_checkpointing=True)

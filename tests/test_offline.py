@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN
 from tests.fake_hub import FakeHub
+from tests.helpers import ROOT, TINY_RUN
 
 REPO = "local/tiny-idefics2"
 
@@ -45,7 +45,7 @@ def run(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProce
 def tiny_repo(tmp_path_factory):
     """The tiny base (no stage 1) saved as a model folder, as a Hub repo would hold it."""
     from idefics2_ft.demo import ensure_tiny_base
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     cache = tmp_path_factory.mktemp("tiny_base")
     cfg = compose_config([*TINY_RUN, f"model.tiny.cache_dir={cache}", "run_dir=unused"])
@@ -105,7 +105,7 @@ def test_prefetch_then_a_run_without_network_reads_the_cache_only(tmp_path, tiny
     assert json.loads((run_dir / "base_model.json").read_text())  # the base is recorded as for any run
     assert len(hub.requests) == served  # the server is down; nothing else was asked of it
 
-    # and with HF_HUB_OFFLINE=1 set, as the README says for the nodes
+    # and with HF_HUB_OFFLINE=1 set, as docs/scaling-out.md says for the nodes
     out, _ = run(train_args(tmp_path / "run2"), env_for(hf_home, dead_endpoint(), HF_HUB_OFFLINE="1"))
     assert out.returncode == 0, out.stderr[-3000:]
 

@@ -1,5 +1,5 @@
 """The plan: checked against measured peaks on the CPU, its verdicts and fixes, the model by part,
-`scripts/plan.py` (the README's table) and the dry run of `scripts/bench_gpu.py`.
+`idefics2-ft plan` (the table in docs/memory.md) and the dry run of `scripts/bench_gpu.py`.
 
 The measured peak is the fit's peak RSS above what the process held before the weights loaded,
 with `MALLOC_MMAP_THRESHOLD_=65536` so that glibc returns freed tensors at once and RSS follows
@@ -24,7 +24,7 @@ from idefics2_ft.demo import tiny_config
 from idefics2_ft.models import write_random_checkpoint
 from idefics2_ft.models.reference import idefics2_8b_config
 from idefics2_ft.planning import Setup, Workload, plan_run
-from tests.conftest import ROOT
+from tests.helpers import IDEFICS2_FT, ROOT
 
 MID = dict(vision_hidden=256, text_hidden=512, text_layers=4, patch_size=14, n_latents=64)
 TEXT_HEAVY = dict(vision_hidden=128, text_hidden=1024, text_layers=8, patch_size=14, n_latents=64)
@@ -148,9 +148,9 @@ def test_the_model_by_part_stores_the_8b_as_qlora_does():
     assert 6.0 < total_gb < 7.0  # not Lightning's "19,745 MB" (packed bytes counted as fp32 parameters)
 
 
-def test_the_readme_table_is_the_scripts():
+def test_the_memory_pages_table_is_the_commands():
     out = subprocess.run(
-        [sys.executable, "scripts/plan.py", "recipe=docvqa_qlora"],
+        [IDEFICS2_FT, "plan", "recipe=docvqa_qlora"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -159,9 +159,9 @@ def test_the_readme_table_is_the_scripts():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(("| A100-40 ", "| H100 ", "| RTX 4090 "))]
     assert len(rows) == 3
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "memory.md").read_text()
     for row in rows:
-        assert row in readme, row
+        assert row in page, row
     assert "Verdict: fits" in out.stdout
 
 

@@ -2,7 +2,7 @@
 
 import re
 
-from tests.conftest import TINY_RUN, run_train
+from tests.helpers import TINY_RUN, run_train
 
 
 def test_a_piped_run_logs_lines_not_a_bar(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from idefics2_ft.reporting import metric_table
 from idefics2_ft.reporting.gallery import pick_gallery
 from idefics2_ft.tasks.train import train
-from tests.conftest import ROOT
+from tests.helpers import IDEFICS2_FT, ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from screenshot_report import browser_paths  # noqa: E402
@@ -55,7 +55,7 @@ def test_the_metric_table_reads_every_prefix_and_question_type():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_cache):
-    from tests.conftest import TINY_RUN, compose_config
+    from tests.helpers import TINY_RUN, compose_config
 
     run_dir = tmp_path_factory.mktemp("report") / "run"
     cfg = compose_config(
@@ -86,7 +86,7 @@ def test_evaluate_writes_its_own_report(trained):
     run_dir, _ = trained
     out = run_dir / "eval" / "test"
     done = subprocess.run(
-        [sys.executable, "scripts/evaluate.py", f"run_dir={run_dir}", "data.split=test", f"out_dir={out}"],
+        [IDEFICS2_FT, "evaluate", f"run_dir={run_dir}", "data.split=test", f"out_dir={out}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

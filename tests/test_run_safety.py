@@ -14,7 +14,7 @@ from idefics2_ft.tasks.export import NonFiniteWeights, export_run
 from idefics2_ft.tasks.train import train
 from idefics2_ft.training import Diverged, RehearsedCrash
 from idefics2_ft.training.optim import warmup_cosine
-from tests.conftest import run_train
+from tests.helpers import run_train
 
 
 def snapshot(folder):

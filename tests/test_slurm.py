@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN, run_train
+from tests.helpers import ROOT, TINY_RUN, run_train
 
 CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"
 

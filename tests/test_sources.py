@@ -61,7 +61,7 @@ def docvqa_folder(tmp_path):
 
 
 def test_docvqa_trains_on_the_first_answer_and_keeps_all_for_anls(docvqa_folder):
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     cfg = compose_config(["data=docvqa", f"data.path={docvqa_folder}", "run_dir=/tmp/unused"])
     dataset = RecordDataset(build_rows(cfg.data, "val"))

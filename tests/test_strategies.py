@@ -10,7 +10,7 @@ import torch
 from idefics2_ft.config import ConfigError, accumulation, validate
 from idefics2_ft.training.optim import make_optimizer_factory
 from idefics2_ft.training.strategies import deepspeed_config, make_strategy, quant_storage_for
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 # the module, not the `validate` function the package exports under the same name
 validate_module = importlib.import_module("idefics2_ft.config.validate")

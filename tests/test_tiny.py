@@ -56,7 +56,7 @@ def test_stage1_builds_once_and_trains_the_random_base(tmp_path):
     from safetensors.torch import load_file
 
     from idefics2_ft.demo import ensure_tiny_base, tiny_base_key
-    from tests.conftest import TINY_RUN, compose_config
+    from tests.helpers import TINY_RUN, compose_config
 
     overrides = [
         *TINY_RUN,

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, TINY_RUN
+from tests.helpers import ROOT, TINY_RUN
 
 
 def train_in_subprocess(tmp_path, *overrides: str, **env: str) -> subprocess.CompletedProcess:

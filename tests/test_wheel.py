@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN
+from tests.helpers import ROOT, TINY_RUN
 
 pytestmark = pytest.mark.wheel
 

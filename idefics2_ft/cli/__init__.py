@@ -42,7 +42,7 @@ def register_demo() -> None:
 def usage() -> str:
     lines = ["usage: idefics2-ft COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
-    lines += ["", "idefics2-ft COMMAND --help says more for train and prefetch; README.md has the rest."]
+    lines += ["", "idefics2-ft COMMAND --help says more for train and prefetch; docs/ in the repository has the rest."]
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ def help_text(prog: str = "idefics2-ft train") -> str:
         "",
         "a recipe of your own, outside the package: put it in DIR/recipe/NAME.yaml and run",
         f"  {prog} recipe=NAME 'hydra.searchpath=[file://DIR]'",
-        f"(start from {CONF_DIR / 'recipe'}; README.md, 'Configuration', has the rest)",
+        f"(start from {CONF_DIR / 'recipe'}; docs/configuration.md has the rest)",
     ]
     return "\n".join(lines)
 

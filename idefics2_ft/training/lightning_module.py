@@ -1,7 +1,7 @@
 """The LightningModule: it receives a built Idefics2 (with adapters) and an optimizer factory.
 
-It does not load models, processors or datasets, nor read the config: ``idefics2_ft.train`` builds
-those and injects them (the optimizer factory and schedule come from ``idefics2_ft.optim``).
+It does not load models, processors or datasets, nor read the config: ``idefics2_ft.tasks.train`` builds
+those and injects them (the optimizer factory and schedule come from ``idefics2_ft.training.optim``).
 """
 
 from __future__ import annotations
