@@ -9,6 +9,28 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from idefics2_ft.config.choices import (
+    Attention,
+    Backend,
+    DataSource,
+    DType,
+    GroupBy,
+    LoggerType,
+    LoraTarget,
+    MergeInto,
+    Metric,
+    OnBadSample,
+    Optimizer,
+    PeftMethod,
+    Precision,
+    QuantStorage,
+    QuantType,
+    Scheduler,
+    Strategy,
+    ZeroStage,
+    choice,
+)
+
 
 @dataclass
 class TinyConfig:
@@ -48,31 +70,32 @@ class TinyConfig:
 class ModelConfig:
     name_or_path: str = MISSING  # a Hub id, a local folder, or "tiny"
     revision: str | None = None
-    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    dtype: str = choice("auto", DType)  # compute dtype: auto is bf16 on CUDA, fp32 on the CPU
+    attn_implementation: str = choice("sdpa", Attention)
     gradient_checkpointing: bool = False
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
 @dataclass
 class PeftConfig:
-    method: str = "lora"  # lora | dora | full
-    quantize: str | None = "nf4"  # nf4 | fp4 | None: load the frozen base in 4 bits (QLoRA)
+    method: str = choice("lora", PeftMethod)
+    quantize: str | None = choice("nf4", QuantType, optional=True)  # None: no 4-bit base (not QLoRA)
     double_quant: bool = True
-    quant_storage: str | None = None  # None: uint8, or the compute dtype under strategy=fsdp (automatic)
+    # None: uint8, or the compute dtype under strategy=fsdp (automatic)
+    quant_storage: str | None = choice(None, QuantStorage, optional=True)
     # Modules kept in full precision when the base is quantized (as published 4-bit Idefics2 does).
     # transformers 5 matches these from the start of the module name, up to a dot.
     skip_modules: list[str] = field(default_factory=lambda: ["model.vision_model", "model.connector", "lm_head"])
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target: str = "text+connector"  # text | text+connector | all
+    target: str = choice("text+connector", LoraTarget)
     modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DataConfig:
-    source: str = MISSING  # easyvqa | docvqa | jsonl | hub
+    source: str = choice(MISSING, DataSource)
     path: str | None = None  # Hub dataset id or local dataset folder (source=hub / docvqa)
     name: str | None = None  # Hub dataset config name
     train_split: str = "train"
@@ -92,35 +115,35 @@ class DataConfig:
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     max_length: int | None = 2048
-    on_bad_sample: str = "skip"  # skip | raise
+    on_bad_sample: str = choice("skip", OnBadSample)
     # an answer that max_length cuts before its <end_of_utterance>: skipped and counted, or trained on
     train_on_truncated: bool = False
     batch_size: int = 4
     eval_batch_size: int = 8
     num_workers: int | None = None  # loader workers; null: up to 4 per GPU rank with cores to spare, 0 on the CPU
     # batches of alike records: none | length (tokens) | aspect (image count and size, then tokens)
-    group_by: str = "none"
-    metric: str = "accuracy"  # accuracy | anls
+    group_by: str = choice("none", GroupBy)
+    metric: str = choice("accuracy", Metric)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "auto"  # auto (paged 8-bit AdamW on CUDA, AdamW on CPU) | adamw | paged_adamw_8bit
+    optimizer: str = choice("auto", Optimizer)  # auto: paged 8-bit AdamW on CUDA, AdamW on the CPU
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 50
-    scheduler: str = "cosine"  # cosine | constant
+    scheduler: str = choice("cosine", Scheduler)
     min_lr_ratio: float = 0.0
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp | fsdp | deepspeed (conf/strategy/*.yaml name the variants)
-    process_group_backend: str | None = None  # None: nccl on CUDA, gloo on the CPU
+    name: str = choice("auto", Strategy)  # conf/strategy/*.yaml name the variants
+    process_group_backend: str | None = choice(None, Backend, optional=True)  # None: nccl on CUDA, gloo on the CPU
     find_unused_parameters: bool = False  # ddp
     reshard_after_forward: bool = True  # fsdp: free gathered layers after forward (ZeRO-3-like); false: ZeRO-2-like
-    zero_stage: int = 2  # deepspeed: 2 (optimizer state + gradients sharded) | 3 (+ weights)
+    zero_stage: int = choice(2, ZeroStage)  # deepspeed: 2 (optimizer state + gradients sharded), 3 (+ weights)
     offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed ZeRO-3: weights in CPU memory
     bucket_size: int = 200_000_000  # deepspeed: elements per communication bucket
@@ -131,7 +154,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
+    precision: str = choice("auto", Precision)  # auto: bf16-mixed on CUDA, 32-true on CPU
     max_steps: int = 1000
     accumulate_grad_batches: int = 1
     # Set it to keep the global batch fixed whatever the devices and nodes: accumulation becomes
@@ -158,7 +181,7 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    type: str = "csv"  # csv | tensorboard | wandb | none
+    type: str = choice("csv", LoggerType)
     project: str = "idefics2-ft"
     entity: str | None = None
     log_model: bool = False  # W&B: upload the adapter as a model artifact at the end
@@ -180,10 +203,10 @@ class ExportConfig:
     adapter_only: bool = False  # export just the PEFT adapter (with its own card), no merge
     with_adapter: bool = False  # both: the merged model and, beside it (<out_dir>-adapter), the adapter
     out_dir: str | None = None  # default: <run_dir>/export
-    dtype: str = "auto"  # the full-precision base to merge into: auto = bf16 on CUDA, fp32 on the CPU
+    dtype: str = choice("auto", DType)  # the full-precision base to merge into: auto = bf16 on CUDA, fp32 on the CPU
     # QLoRA: merge into the dequantized NF4 weights the adapter was trained against (the export then
     # answers as the trained model did), or into the original full-precision base weights
-    merge_into: str = "dequantized"  # dequantized | original
+    merge_into: str = choice("dequantized", MergeInto)
     parity_samples: int = 4  # validation records the merged and unmerged models must agree on
     parity_atol: float | None = None  # max |logit difference|; None: 1e-3 in fp32, 0.1 in bf16/fp16
     max_shard_size: str = "2GB"

@@ -6,21 +6,11 @@ import importlib.util
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from idefics2_ft.config.choices import choices_of
 from idefics2_ft.config.derived import cuda_available, num_devices, strategy_variant
-
-LORA_TARGETS = ("text", "text+connector", "all")
-PEFT_METHODS = ("lora", "dora", "full")
-QUANT_TYPES = ("nf4", "fp4")
-ATTN = ("eager", "sdpa", "flash_attention_2")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-SOURCES = ("easyvqa", "docvqa", "jsonl", "hub")
-OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed")
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
-STORAGE = (None, "uint8", "bfloat16", "float16", "float32")
+from idefics2_ft.config.schema import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -35,17 +25,22 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
 
 
-def _choice(problems: list[str], key: str, value, allowed) -> None:
-    if value not in allowed:
-        problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+def choice_problems(cfg: DictConfig) -> list[str]:
+    """Every key declared with ``choice`` in the schema whose value is not one of its choices."""
+    problems = []
+    for key, (allowed, optional) in choices_of(TrainConfig).items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and optional:
+            continue
+        if value not in allowed and str(value) not in map(str, allowed):
+            listed = ", ".join(map(str, allowed)) + (", or null" if optional else "")
+            problems.append(f"{key}={value!r} is not one of {listed}.")
+    return problems
 
 
 def _strategy_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
     problems: list[str] = []
     s, p, o = cfg.strategy, cfg.peft, cfg.optim
-    _choice(problems, "strategy.name", s.name, STRATEGIES)
-    _choice(problems, "strategy.process_group_backend", s.process_group_backend, (None, "nccl", "gloo"))
-    _choice(problems, "peft.quant_storage", p.quant_storage, STORAGE)
     if s.name in ("fsdp", "deepspeed") and o.optimizer == "paged_adamw_8bit":
         problems.append(
             f"optim.optimizer=paged_adamw_8bit with strategy={s.name}: the strategy shards the optimizer "
@@ -54,7 +49,6 @@ def _strategy_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
     if s.name != "deepspeed":
         return problems
     variant = strategy_variant(cfg)
-    _choice(problems, "strategy.zero_stage", s.zero_stage, (2, 3))
     if s.offload_params and s.zero_stage != 3:
         problems.append("strategy.offload_params=true needs ZeRO-3: use strategy=deepspeed_zero3_offload.")
     if s.zero_stage == 3 and p.quantize is not None:
@@ -108,10 +102,6 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     each with the nearest valid key."""
     import difflib
 
-    from omegaconf import OmegaConf
-
-    from idefics2_ft.config.schema import TrainConfig
-
     problems: list[str] = []
 
     def walk(node: DictConfig, schema: DictConfig, prefix: str) -> None:
@@ -135,20 +125,10 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     return [p for p in problems if not p.startswith("hydra")]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check everything that can be checked before any weight loads.
-
-    Raises:
-        ConfigError: listing every problem found, each with what to do.
-    """
-    problems: list[str] = unknown_keys(cfg)
-    m, p, d, o, t = cfg.model, cfg.peft, cfg.data, cfg.optim, cfg.trainer
-    on_gpu = cuda_available() and t.accelerator in ("auto", "gpu", "cuda")
-
-    _choice(problems, "peft.method", p.method, PEFT_METHODS)
-    _choice(problems, "peft.target", p.target, LORA_TARGETS)
+def _peft_problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
+    p = cfg.peft
     if p.quantize is not None:
-        _choice(problems, "peft.quantize", p.quantize, QUANT_TYPES)
         if p.method == "full":
             problems.append(
                 "peft.method=full with peft.quantize="
@@ -161,9 +141,12 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"peft.r={p.r}: the LoRA rank must be positive (e.g. peft.r=8).")
     if not 0.0 <= p.dropout < 1.0:
         problems.append(f"peft.dropout={p.dropout}: must be in [0, 1).")
+    return problems
 
-    _choice(problems, "model.dtype", m.dtype, DTYPES)
-    _choice(problems, "model.attn_implementation", m.attn_implementation, ATTN)
+
+def _model_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
+    problems: list[str] = []
+    m = cfg.model
     if m.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             problems.append(
@@ -175,15 +158,16 @@ def validate(cfg: DictConfig) -> None:
                 "model.attn_implementation=flash_attention_2 needs a CUDA GPU, and none is used here: "
                 "use model.attn_implementation=sdpa."
             )
+    if m.name_or_path.startswith((".", "/")) and not Path(m.name_or_path).is_dir():
+        problems.append(f"model.name_or_path={m.name_or_path!r}: no such folder.")
+    return problems
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
+    d = cfg.data
     if d.longest_edge <= 0 or d.shortest_edge <= 0:
         problems.append("data.longest_edge and data.shortest_edge must be positive pixel counts.")
-    if m.name_or_path != "tiny" and m.name_or_path.startswith((".", "/")) and not Path(m.name_or_path).is_dir():
-        problems.append(f"model.name_or_path={m.name_or_path!r}: no such folder.")
-
-    _choice(problems, "data.source", d.source, SOURCES)
-    _choice(problems, "data.on_bad_sample", d.on_bad_sample, ("skip", "raise"))
-    _choice(problems, "data.metric", d.metric, ("accuracy", "anls"))
-    _choice(problems, "data.group_by", d.group_by, ("none", "length", "aspect"))
     if d.num_workers is not None and d.num_workers < 0:
         problems.append(f"data.num_workers={d.num_workers}: must be 0 or more, or null for the machine's default.")
     if d.source == "jsonl":
@@ -200,20 +184,28 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if d[key] <= 0:
             problems.append(f"data.{key}={d[key]}: must be positive.")
+    return problems
 
-    _choice(problems, "optim.optimizer", o.optimizer, OPTIMIZERS)
+
+def _optim_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
+    problems: list[str] = []
+    o = cfg.optim
     if o.optimizer == "paged_adamw_8bit" and not on_gpu:
         problems.append("optim.optimizer=paged_adamw_8bit needs a CUDA GPU: use optim.optimizer=adamw (or auto).")
-    _choice(problems, "optim.scheduler", o.scheduler, ("cosine", "constant"))
     if o.lr <= 0:
         problems.append(f"optim.lr={o.lr}: must be positive.")
+    if o.warmup_steps >= cfg.trainer.max_steps:
+        problems.append(
+            f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={cfg.trainer.max_steps}: lower the warm-up."
+        )
+    return problems
 
-    _choice(problems, "trainer.precision", str(t.precision), PRECISIONS)
+
+def _trainer_problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
+    t, d = cfg.trainer, cfg.data
     if t.max_steps <= 0:
         problems.append(f"trainer.max_steps={t.max_steps}: must be positive.")
-    if o.warmup_steps >= t.max_steps:
-        problems.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={t.max_steps}: lower the warm-up.")
-
     if t.global_batch_size is not None:
         per_step = d.batch_size * num_devices(cfg) * t.num_nodes
         if t.global_batch_size <= 0 or t.global_batch_size % per_step:
@@ -222,28 +214,37 @@ def validate(cfg: DictConfig) -> None:
                 f"nodes = {d.batch_size} x {num_devices(cfg)} x {t.num_nodes} = {per_step}: use a multiple of "
                 f"{per_step}, or change data.batch_size."
             )
-    problems += _strategy_problems(cfg, on_gpu)
+    return problems
 
-    _choice(problems, "logger.type", cfg.logger.type, LOGGERS)
-    if cfg.logger.type == "wandb":
-        if importlib.util.find_spec("wandb") is None:
-            problems.append("logger.type=wandb needs wandb: pip install wandb, or use logger=csv.")
-        elif not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled")):
-            netrc = Path.home() / ".netrc"
-            if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
-                problems.append(
-                    "logger=wandb but no W&B credentials were found: run `wandb login`, set WANDB_API_KEY, "
-                    "set WANDB_MODE=offline, or use logger=csv."
-                )
 
+def _logger_problems(cfg: DictConfig) -> list[str]:
+    if cfg.logger.type != "wandb":
+        return []
+    if importlib.util.find_spec("wandb") is None:
+        return ["logger.type=wandb needs wandb: pip install wandb, or use logger=csv."]
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return []
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return []
+    return [
+        "logger=wandb but no W&B credentials were found: run `wandb login`, set WANDB_API_KEY, "
+        "set WANDB_MODE=offline, or use logger=csv."
+    ]
+
+
+def _export_problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
     e = cfg.export
     if e.push_to_hub and not e.hub.repo_id:
         problems.append("export.push_to_hub=true needs export.hub.repo_id=USER/NAME.")
-    if e.adapter_only and p.method == "full":
+    if e.adapter_only and cfg.peft.method == "full":
         problems.append("export.adapter_only=true with peft.method=full: there is no adapter; drop adapter_only.")
-    _choice(problems, "export.dtype", e.dtype, DTYPES)
-    _choice(problems, "export.merge_into", e.merge_into, ("dequantized", "original"))
+    return problems
 
+
+def _run_problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
     if cfg.resume and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file():
         problems.append(
             f"resume=true but {cfg.run_dir}/checkpoints/last.ckpt does not exist: point run_dir at the "
@@ -253,6 +254,30 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             "resume=true and overwrite=true: continue the run (resume) or replace it (overwrite), not both."
         )
-    problems += slurm_problems(cfg)
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check everything that can be checked before any weight loads: unknown keys, every choice,
+    then each group, then a SLURM allocation against the config.
+
+    Raises:
+        ConfigError: listing every problem found, each with what to do.
+    """
+    on_gpu = cuda_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    problems = [
+        *unknown_keys(cfg),
+        *choice_problems(cfg),
+        *_peft_problems(cfg),
+        *_model_problems(cfg, on_gpu),
+        *_data_problems(cfg),
+        *_optim_problems(cfg, on_gpu),
+        *_trainer_problems(cfg),
+        *_strategy_problems(cfg, on_gpu),
+        *_logger_problems(cfg),
+        *_export_problems(cfg),
+        *_run_problems(cfg),
+        *slurm_problems(cfg),
+    ]
     if problems:
         raise ConfigError(problems)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from idefics2_ft.data.images import pictures_per_image
 from idefics2_ft.data.records import BadSample, BadSampleError, count_images, message_text
 
 # What transformers' cross-entropy ignores. Not image_token_id: early Idefics2 code ignored that id
@@ -89,7 +90,7 @@ class Idefics2Collator:
         self.image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eou = str(processor.end_of_utterance_token)
         self.eou_id = self.tokenizer.convert_tokens_to_ids(self.eou)
-        splits = 5 if getattr(processor.image_processor, "do_image_splitting", False) else 1
+        splits = pictures_per_image(getattr(processor.image_processor, "do_image_splitting", False))
         self.crops = splits  # pictures per image given to the vision tower
         self.tokens_per_image = processor.image_seq_len * splits
         self.image_str = (self.fake_token + self.image_token * processor.image_seq_len + self.fake_token) * splits

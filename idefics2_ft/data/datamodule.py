@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.grouping import GroupedBatchSampler, index_stream, record_shapes, sort_keys
+from idefics2_ft.data.images import pictures_per_image
 from idefics2_ft.data.records import BadSample, DataError
 from idefics2_ft.data.sources import build_rows
 
@@ -94,7 +95,7 @@ class Idefics2DataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = RecordDataset(build_rows(self.cfg, "train"), self.cfg.max_train_samples)
-            crops = 5 if self.cfg.do_image_splitting else 1
+            crops = pictures_per_image(self.cfg.do_image_splitting)
             per_crop = self.processor.image_seq_len
             log.info(
                 "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",

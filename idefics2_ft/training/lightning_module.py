@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from idefics2_ft.data.collator import IGNORE_INDEX
 from idefics2_ft.metrics import anls, exact_match
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Idefics2Module(L.LightningModule):
             # Normalise by the supervised tokens of the global batch, not of this rank's share:
             # DDP averages the ranks' gradients, so each rank divides its summed loss by
             # total/world, and the step equals one process over the whole batch.
-            total = (batch["labels"][:, 1:] != -100).sum().float()
+            total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
             dist.all_reduce(total)
             inputs["num_items_in_batch"] = total.clamp(min=1) / world
         out = self.model(**inputs)
@@ -175,7 +176,7 @@ class Idefics2Module(L.LightningModule):
             return
         inputs = batch["loss_inputs"]
         out = self.model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
-        supervised = int((inputs["labels"][:, 1:] != -100).sum())
+        supervised = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         self._val_loss.append((float(out.loss) * supervised, supervised))
         predictions = self.generate(batch["gen_inputs"])
         for pred, refs, qtype, rid in zip(

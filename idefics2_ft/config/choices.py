@@ -1,0 +1,45 @@
+"""The allowed values of every key that takes one of a few, declared once.
+
+The schema gives each such key ``choice(default, Allowed)``; ``validate`` checks every one of them
+from the schema, and its message lists the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, get_args
+
+PeftMethod = Literal["lora", "dora", "full"]
+QuantType = Literal["nf4", "fp4"]
+QuantStorage = Literal["uint8", "bfloat16", "float16", "float32"]
+LoraTarget = Literal["text", "text+connector", "all"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+Attention = Literal["eager", "sdpa", "flash_attention_2"]
+DataSource = Literal["easyvqa", "docvqa", "jsonl", "hub"]
+OnBadSample = Literal["skip", "raise"]
+Metric = Literal["accuracy", "anls"]
+GroupBy = Literal["none", "length", "aspect"]
+Optimizer = Literal["auto", "adamw", "paged_adamw_8bit"]
+Scheduler = Literal["cosine", "constant"]
+Precision = Literal["auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"]
+Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
+Backend = Literal["nccl", "gloo"]
+ZeroStage = Literal[2, 3]
+LoggerType = Literal["csv", "tensorboard", "wandb", "none"]
+MergeInto = Literal["dequantized", "original"]
+
+
+def choice(default: Any, allowed: Any, *, optional: bool = False) -> Any:
+    """A dataclass field whose value must be one of ``allowed`` (a ``Literal``), or None if ``optional``."""
+    return dataclasses.field(default=default, metadata={"choices": get_args(allowed), "optional": optional})
+
+
+def choices_of(schema: type, prefix: str = "") -> dict[str, tuple[tuple, bool]]:
+    """``{"peft.method": (("lora", "dora", "full"), False), ...}`` for every choice field under ``schema``."""
+    found: dict[str, tuple[tuple, bool]] = {}
+    for f in dataclasses.fields(schema):
+        if "choices" in f.metadata:
+            found[prefix + f.name] = (f.metadata["choices"], f.metadata["optional"])
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            found.update(choices_of(f.default_factory, f"{prefix}{f.name}."))
+    return found
