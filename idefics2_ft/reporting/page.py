@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,19 +24,7 @@ from idefics2_ft.run_folder import HISTORY_FILE, REPORT_FILE, RunFolder, read_hi
 
 log = logging.getLogger(__name__)
 
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; } td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #eee; }
-th { text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 0.8em; }
-.card { border: 2px solid; border-radius: 6px; padding: 0.5em; font-size: 0.9em; }
-.card.right { border-color: #2a9d4a; } .card.wrong { border-color: #d1495b; }
-.card img { max-width: 100%; image-rendering: pixelated; display: block; margin-bottom: 0.3em; }
-.mark { font-weight: bold; } .right .mark { color: #2a9d4a; } .wrong .mark { color: #d1495b; }
-pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
-.note { color: #666; font-size: 0.9em; }
-"""
+TEMPLATES = Path(__file__).with_name("templates")
 
 
 def curves_png(history: Sequence[dict]) -> bytes | None:
@@ -186,24 +175,16 @@ def write_report(
     header = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (facts or {}).items()
     )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<link rel="icon" href="data:,"><style>{CSS}</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<table>{header}</table>
-<h2>Metrics</h2>
-{metric_table(columns, metric)}
-<h2>Curves</h2>
-{curves}
-<h2>Examples</h2>
-{gallery_html(predictions, rows, metric)}
-<h2>Plan</h2>
-{plan_html(plan)}
-<h2>Config</h2>
-<pre>{html.escape(OmegaConf.to_yaml(redacted(cfg)))}</pre>
-</body></html>
-"""
+    page = Template((TEMPLATES / "report.html").read_text(encoding="utf-8")).substitute(
+        title=html.escape(title),
+        css=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
+        header=header,
+        metrics=metric_table(columns, metric),
+        curves=curves,
+        gallery=gallery_html(predictions, rows, metric),
+        plan=plan_html(plan),
+        config=html.escape(OmegaConf.to_yaml(redacted(cfg))),
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / REPORT_FILE
     tmp = path.with_suffix(".html.tmp")

@@ -12,6 +12,7 @@ import logging
 import platform
 import shutil
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.sources import build_rows
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.models.bases import describe_base
+from idefics2_ft.reporting.page import TEMPLATES
 from idefics2_ft.run_folder import RunFolder, read_metrics, redacted
 from idefics2_ft.tasks.evaluate import base_model_path
 
@@ -170,96 +172,57 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
 
 
 def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any], adapter_only: bool) -> str:
-    """A Hub model card: base, data, recipe and resolved config, image settings, metrics, usage."""
+    """A Hub model card (``reporting/templates/model_card.md``): base, data, recipe and resolved
+    config, image settings, metrics, the merge check, usage."""
     base = cfg.model.name_or_path
-    base_id, _ = describe_base(base)
-    data = cfg.data.path or cfg.data.source
+    p = cfg.peft
     evals = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
-    split = metrics.get("eval/split", cfg.data.val_split)
     hardware = metrics.get("hardware") or (
         torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
         else f"CPU ({platform.processor() or platform.machine()})"
     )
-    meta = card_metadata(cfg, metrics, adapter_only)
-    usage_load = (
-        f'base = Idefics2ForConditionalGeneration.from_pretrained("{base}")\n'
-        'model = PeftModel.from_pretrained(base, "REPO_OR_FOLDER")'
-        if adapter_only
-        else 'model = Idefics2ForConditionalGeneration.from_pretrained("REPO_OR_FOLDER")'
-    )
-    lines = [
-        "---",
-        meta.to_yaml(),
-        "---",
-        "",
-        f"# {cfg.name}: Idefics2 fine-tuned with idefics2-ft",
-        "",
-        f"- **Base model:** {base_id}",
-        f"- **Data:** {data} (train split `{cfg.data.train_split}`, evaluated on `{split}`)",
-        f"- **Method:** {cfg.peft.method}"
-        + (f" on a {cfg.peft.quantize.upper()} 4-bit base (QLoRA)" if cfg.peft.quantize else "")
-        + (
-            f", r={cfg.peft.r}, alpha={cfg.peft.alpha}, targets `{cfg.peft.target}`"
-            if cfg.peft.method != "full"
-            else ""
-        ),
-        f"- **This repository holds:** {'the adapter only' if adapter_only else 'the adapter merged into the full-precision base'}",
-        f"- **Images:** `do_image_splitting={cfg.data.do_image_splitting}`, `longest_edge={cfg.data.longest_edge}`",
-        f"- **Training:** {metrics.get('train/steps', '?')} steps, {metrics.get('train/wall_s', float('nan')):.0f} s on {hardware}",
-        "- **License:** Apache-2.0 (the base model's license applies to the weights)",
-        "",
-        "## Evaluation",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| `{k}` | {v:.4f} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in sorted(evals.items())],
-        "",
-        f"Split: `{split}`.",
-        "",
-    ]
+    method = p.method + (f" on a {p.quantize.upper()} 4-bit base (QLoRA)" if p.quantize else "")
+    if p.method != "full":
+        method += f", r={p.r}, alpha={p.alpha}, targets `{p.target}`"
+    merge_check = ""
     if report:
         into = report.get("parity/merged_into", "original")
-        lines += [
-            "## Merge check",
-            "",
-            f"The adapter was merged into the {'dequantized 4-bit weights it was trained against' if into == 'dequantized' else 'original full-precision base weights'}.",
-            "`parity/*` compares the merged model with the unmerged adapter on that same base (it must agree, or",
-            "nothing is exported); `parity/trained_4bit_vs_merged_*` compares it with the model as trained,",
-            "the adapter on its 4-bit base: how far this export answers from what was evaluated in training.",
-            "",
-            "| check | value |",
-            "|---|---|",
-            *[f"| `{k}` | {v} |" for k, v in report.items()],
-            "",
-        ]
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "from PIL import Image",
-        "from transformers import AutoProcessor, Idefics2ForConditionalGeneration",
-        *(["from peft import PeftModel"] if adapter_only else []),
-        "",
-        'processor = AutoProcessor.from_pretrained("REPO_OR_FOLDER")',
-        usage_load,
-        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the total?"}]}]',
-        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
-        'inputs = processor(text=[prompt], images=[[Image.open("page.png")]], return_tensors="pt")',
-        "out = model.generate(**inputs, max_new_tokens=32)",
-        'print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])',
-        "```",
-        "",
-        "## Recipe and resolved config",
-        "",
-        f"Recipe: `{cfg.name}`",
-        "",
-        "```yaml",
-        OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))).rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+        merge_check = _template("model_card_merge.md").substitute(
+            merged_into="dequantized 4-bit weights it was trained against"
+            if into == "dequantized"
+            else "original full-precision base weights",
+            rows="\n".join(f"| `{k}` | {v} |" for k, v in report.items()),
+        )
+    return _template("model_card.md").substitute(
+        metadata=card_metadata(cfg, metrics, adapter_only).to_yaml(),
+        name=cfg.name,
+        base=describe_base(base)[0],
+        data=cfg.data.path or cfg.data.source,
+        train_split=cfg.data.train_split,
+        split=metrics.get("eval/split", cfg.data.val_split),
+        method=method,
+        holds="the adapter only" if adapter_only else "the adapter merged into the full-precision base",
+        splitting=cfg.data.do_image_splitting,
+        longest_edge=cfg.data.longest_edge,
+        steps=metrics.get("train/steps", "?"),
+        wall_s=f"{metrics.get('train/wall_s', float('nan')):.0f}",
+        hardware=hardware,
+        eval_rows="\n".join(
+            f"| `{k}` | {v:.4f} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in sorted(evals.items())
+        ),
+        merge_check=merge_check,
+        peft_import="from peft import PeftModel\n" if adapter_only else "",
+        load=f'base = Idefics2ForConditionalGeneration.from_pretrained("{base}")\n'
+        'model = PeftModel.from_pretrained(base, "REPO_OR_FOLDER")'
+        if adapter_only
+        else 'model = Idefics2ForConditionalGeneration.from_pretrained("REPO_OR_FOLDER")',
+        config=OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))).rstrip(),
+    )
+
+
+def _template(name: str) -> Template:
+    return Template((TEMPLATES / name).read_text(encoding="utf-8"))
 
 
 def _write_export(cfg: DictConfig, kind: str, out: Path, adapter_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
