@@ -32,6 +32,18 @@ def tiny_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_cache):
+    """One tiny run trained once for the session, for the tests that only read it (they write
+    their evaluations and exports into folders of their own or beside it): ``(run_dir, metrics)``."""
+    from idefics2_ft.tasks.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    overrides = [*TINY_RUN, f"model.tiny.cache_dir={tiny_cache}", f"run_dir={run_dir}", "name=t"]
+    overrides += ["trainer.max_steps=6", "optim.lr=5e-3", "eval.before_training=true"]
+    return run_dir, train(compose_config(overrides))
+
+
+@pytest.fixture(scope="session")
 def processor():
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return build_processor(image_seq_len=4, longest_edge=64)

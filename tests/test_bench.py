@@ -1,4 +1,5 @@
-"""scripts/bench.py runs (3 steps per loop) so that it cannot rot; its numbers are measured by make bench."""
+"""The benchmarks run (a few steps each) so that they cannot rot; their numbers are measured by make bench
+and make bench-mixed."""
 
 import re
 import subprocess
@@ -7,12 +8,12 @@ import sys
 from tests.helpers import ROOT
 
 
-def bench(tmp_path, *args: str) -> str:
+def bench(tmp_path, script: str, *args: str) -> str:
     out = tmp_path / "bench.md"
     run = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
+            str(ROOT / "scripts" / "benchmarks" / script),
             "--warmup",
             "1",
             "--repeats",
@@ -36,7 +37,7 @@ def rate(table: str, row: str) -> float:
 
 
 def test_three_loops_print_samples_and_tokens_per_second_and_the_ratios(tmp_path):
-    table = bench(tmp_path, "--steps", "3")
+    table = bench(tmp_path, "loops.py", "--steps", "3")
     for loop in ("ours", "bare", "hf"):
         assert rate(table, loop) > 0
     ratios = re.search(r"ours/bare = ([\d.]+), ours/hf = ([\d.]+)", table)
@@ -44,7 +45,7 @@ def test_three_loops_print_samples_and_tokens_per_second_and_the_ratios(tmp_path
 
 
 def test_mixed_pages_compare_group_by_with_hf_group_by_length(tmp_path):
-    table = bench(tmp_path, "--mixed", "--steps", "2", "--n-train", "32", "--batch-size", "4", "--longest-edge", "64")
+    table = bench(tmp_path, "mixed_pages.py", "--steps", "2", "--n-train", "32", "--batch-size", "4", "--longest-edge", "64")
     rows = ("group_by=none", "group_by=length", "group_by=aspect", "HF Trainer, group_by_length")
     for row in rows:
         line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))

@@ -13,29 +13,14 @@ from idefics2_ft.cli.arguments import parse_overrides
 from idefics2_ft.hub import HubError, check_write_access, push_folder
 from idefics2_ft.tasks.evaluate import evaluate, load_run
 from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run, merge_and_check, parity_batch
-from idefics2_ft.tasks.train import train
 from tests.helpers import ROOT
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890abcdefghijklmnopq"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from tests.helpers import TINY_RUN, compose_config
-
-    root = tmp_path_factory.mktemp("export")
-    cfg = compose_config(
-        [
-            *TINY_RUN,
-            f"model.tiny.cache_dir={root / 'tiny'}",
-            f"run_dir={root / 'run'}",
-            "name=t",
-            "trainer.max_steps=6",
-            "optim.lr=5e-3",
-        ]
-    )
-    train(cfg)
-    return root / "run"
+@pytest.fixture
+def run_dir(trained_run):
+    return trained_run[0]
 
 
 def run_cfg(run_dir, *overrides):

@@ -12,7 +12,6 @@ import pytest
 
 from idefics2_ft.reporting import metric_table
 from idefics2_ft.reporting.gallery import pick_gallery
-from idefics2_ft.tasks.train import train
 from tests.helpers import IDEFICS2_FT, ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -53,23 +52,16 @@ def test_the_metric_table_reads_every_prefix_and_question_type():
     assert "anls" not in table
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_cache):
-    from tests.helpers import TINY_RUN, compose_config
-
-    run_dir = tmp_path_factory.mktemp("report") / "run"
-    cfg = compose_config(
-        [*TINY_RUN, f"model.tiny.cache_dir={tiny_cache}", f"run_dir={run_dir}", "eval.before_training=true"]
-    )
-    metrics = train(cfg)
-    return run_dir, metrics
+@pytest.fixture
+def trained(trained_run):
+    return trained_run
 
 
 def test_training_writes_a_self_contained_report_with_curves_table_gallery_and_config(trained):
     run_dir, metrics = trained
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in history if "train/loss" in row] == [1, 2, 3, 4]  # log_every_n_steps=1
-    assert [row["step"] for row in history if "val/loss" in row] == [0, 4]  # before and after training
+    assert [row["step"] for row in history if "train/loss" in row] == [1, 2, 3, 4, 5, 6]  # log_every_n_steps=1
+    assert [row["step"] for row in history if "val/loss" in row] == [0, 6]  # before and after training
     page = (run_dir / "report.html").read_text()
     assert 'alt="loss and learning rate curves"' in page
     n_questions = int(metrics["val/n_questions"])
@@ -78,7 +70,7 @@ def test_training_writes_a_self_contained_report_with_curves_table_gallery_and_c
     assert page.count('class="card wrong"') == min(wrong, 8) or page.count('class="card right"') == n_questions - wrong
     assert f"{metrics['val/accuracy']:.1%}" in page and f"{metrics['before/val/accuracy']:.1%}" in page
     assert "before training" in page and "after training" in page
-    assert "<pre>" in page and "max_steps: 4" in page  # the config
+    assert "<pre>" in page and "max_steps: 6" in page  # the config
     assert re.search(r"(src|href)=\"(?!data:)", page) is None  # nothing is fetched: every image is inline
 
 

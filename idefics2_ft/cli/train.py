@@ -75,11 +75,13 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from idefics2_ft.cli import register_demo
     from idefics2_ft.data.records import DataError
     from idefics2_ft.hub import HubError
     from idefics2_ft.tasks.train import train
     from idefics2_ft.training import Diverged, Preempted
 
+    register_demo()  # here, not at import: a sweep's job runs this function in a process of its own
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one folder per job: <sweep dir>/<job number>
     try:

@@ -76,7 +76,7 @@ class PerfMetrics(Callback):
       GPU's bf16 peak).
 
     Sums are kept per batch and logged once per window: ``LightningModule.log`` costs about 0.7 ms a
-    call on the CPU (cProfile over ``scripts/bench.py``), too much to pay for six values every step.
+    call on the CPU (cProfile over ``scripts/benchmarks/loops.py``), too much to pay for six values every step.
     The batch after validation is timed from the validation's end; the one after a checkpoint save
     is not timed.
     """

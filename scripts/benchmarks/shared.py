@@ -1,0 +1,227 @@
+"""What both benchmarks share: the config, a fresh model, the clocks, and our loop, a bare loop and
+HF Trainer on the same batches. ``loops.py`` and ``mixed_pages.py`` are the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from idefics2_ft.config import CONF_DIR, register_configs
+from idefics2_ft.models import apply_peft, load_idefics2, load_processor
+from idefics2_ft.training import make_trainer
+from idefics2_ft.training.lightning_module import MODEL_INPUTS, Idefics2Module
+from idefics2_ft.training.optim import make_optimizer_factory, make_schedule
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "outputs" / "bench"
+LOOPS = ("ours", "bare", "hf")
+log = logging.getLogger("bench")
+
+
+def compose_cfg(args: argparse.Namespace, extra: list[str]):
+    overrides = [
+        f"recipe={args.recipe}",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        f"optim.warmup_steps={min(args.warmup, args.warmup + args.steps - 1)}",
+        "trainer.val_check_interval=null",
+        "trainer.limit_val_batches=0",
+        "eval.at_end=false",
+        "eval.before_training=false",
+        "logger=csv",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"run_dir={OUT / 'run'}",
+    ]
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    elif args.recipe == "easyvqa_tiny":  # speed does not depend on what stage 1 taught: skip it
+        overrides += ["model.tiny.vision_pretrain_steps=0", "model.tiny.pretrain_steps=0"]
+        overrides.append(f"model.tiny.cache_dir={OUT / 'tiny'}")
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides + extra)
+
+
+def fresh_model(cfg, path: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = apply_peft(load_idefics2(path, cfg.model, cfg.peft), cfg.peft, cfg.model.gradient_checkpointing)
+    if next(model.parameters()).device.type != device:  # a 4-bit base on CUDA is placed at load
+        model.to(device)
+    return model.train()
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+class Clock:
+    """Times steps ``first + 1 .. last`` (CUDA synchronized at the two marks), and within them the
+    time from the end of a step to the start of the next: the loop waiting on its loader."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.marks: dict[int, float] = {}
+        self.wait = 0.0
+        self._end = 0.0
+        self.stats: list[dict] = []  # each step's padding counts, in the loop's process (workers or not)
+
+    def begin(self, step: int) -> None:  # step: the steps done before this one
+        if self.first <= step < self.last:
+            self.wait += time.perf_counter() - self._end
+
+    def tick(self, step: int) -> None:  # step: the steps done after this one
+        if step in (self.first, self.last):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks[step] = time.perf_counter()
+        self._end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.marks[self.last] - self.marks.get(self.first, self.marks[self.last])
+
+
+class LightningClock(Callback):
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.begin(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.stats.append(batch["stats"])
+        self.clock.tick(trainer.global_step)
+
+
+# ---------------------------------------------------------------------------------------- loops
+def run_ours(cfg, path, device, clock, batches=None, datamodule=None) -> torch.nn.Module:
+    processor_tokenizer = load_processor(path, cfg.data, cfg.model.revision).tokenizer
+    model = fresh_model(cfg, path, device)
+    module = Idefics2Module(model, processor_tokenizer, make_optimizer_factory(cfg), make_schedule(cfg))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(cfg, Path(run_dir))
+        trainer.callbacks.append(LightningClock(clock))
+        if datamodule is not None:
+            trainer.fit(module, datamodule=datamodule)
+        else:
+            trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return model
+
+
+def run_bare(cfg, path, device, clock, batches) -> torch.nn.Module:
+    model = fresh_model(cfg, path, device)
+    optimizer = make_optimizer_factory(cfg)([p for p in model.parameters() if p.requires_grad])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(cfg))
+    bf16 = device == "cuda"
+    for step, batch in enumerate(batches, 1):
+        inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick(step)
+    return model
+
+
+def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extra):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class HFClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # called once the batch is fetched
+            clock.begin(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick(state.global_step)
+
+    o, t = cfg.optim, cfg.trainer
+    args = TrainingArguments(
+        output_dir=run_dir,
+        per_device_train_batch_size=extra.pop("batch_size", 1),
+        max_steps=t.max_steps,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        warmup_steps=o.warmup_steps,
+        lr_scheduler_type="cosine" if o.scheduler == "cosine" else "constant_with_warmup",
+        optim="adamw_torch",
+        max_grad_norm=t.gradient_clip_val or 0.0,
+        logging_steps=t.log_every_n_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        dataloader_num_workers=extra.pop("workers", 0),
+        dataloader_persistent_workers=False,
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stdout.isatty(),
+        seed=cfg.seed,
+        **extra,
+    )
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if "stats" in inputs:
+                clock.stats.append(inputs.pop("stats"))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = CountingTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[HFClock()]
+    )
+    trainer.train()
+    return model
+
+
+def run_hf(cfg, path, device, clock, batches) -> torch.nn.Module:
+    model = fresh_model(cfg, path, device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        # one pre-collated batch per item, in order
+        return hf_trainer(
+            cfg,
+            model,
+            device,
+            clock,
+            batches,
+            lambda items: model_inputs(items[0]),
+            run_dir,
+            train_sampling_strategy="sequential",
+        )
+
+
+# ---------------------------------------------------------------------------------------- reports
+def spread(values: list[float]) -> str:
+    return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
+
+
+def write_table(table: str, out: Path, argv: list[str], script: str, started: float) -> None:
+    """The table with the date, the wall time and the command, to ``out`` and stdout."""
+    stamp = f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - started:.0f} s"
+    text = f"{table}\n\n({stamp}; python scripts/benchmarks/{script} {' '.join(argv)})\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"Written to {out}")
+
+
+def common_arguments(description: str, out: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", help="a checkpoint folder or Hub id (default: the recipe's model)")
+    parser.add_argument("--recipe", default="easyvqa_tiny")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(out))
+    return parser
