@@ -15,7 +15,15 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised reference, else 0.0."""
+    """1.0 if the normalised prediction equals any normalised reference, else 0.0.
+
+    Args:
+        prediction: the model's answer.
+        references: the accepted answers.
+
+    Returns:
+        1.0 or 0.0.
+    """
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(ref) for ref in references))
 
@@ -40,6 +48,14 @@ def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> 
     the normalized distance is ``NL = distance / max(len)``; the score is ``1 - NL`` where
     ``NL < threshold`` and 0 otherwise (so a distance of exactly half scores 0, as in the published
     definition, Biten et al. 2019); the question's score is the best over its references.
+
+    Args:
+        prediction: the model's answer.
+        references: the accepted answers.
+        threshold: normalized distances at or above it score 0.
+
+    Returns:
+        The score in [0, 1].
     """
     pred = " ".join(prediction.lower().split())
     best = 0.0

@@ -45,7 +45,9 @@ def test_three_loops_print_samples_and_tokens_per_second_and_the_ratios(tmp_path
 
 
 def test_mixed_pages_compare_group_by_with_hf_group_by_length(tmp_path):
-    table = bench(tmp_path, "mixed_pages.py", "--steps", "2", "--n-train", "32", "--batch-size", "4", "--longest-edge", "64")
+    table = bench(
+        tmp_path, "mixed_pages.py", "--steps", "2", "--n-train", "32", "--batch-size", "4", "--longest-edge", "64"
+    )
     rows = ("group_by=none", "group_by=length", "group_by=aspect", "HF Trainer, group_by_length")
     for row in rows:
         line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))

@@ -261,6 +261,9 @@ def validate(cfg: DictConfig) -> None:
     """Check everything that can be checked before any weight loads: unknown keys, every choice,
     then each group, then a SLURM allocation against the config.
 
+    Args:
+        cfg: the composed config.
+
     Raises:
         ConfigError: listing every problem found, each with what to do.
     """

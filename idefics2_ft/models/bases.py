@@ -32,7 +32,12 @@ _STAND_INS: dict[str, StandIn] = {}
 
 
 def register_stand_in(name: str, stand_in: StandIn) -> None:
-    """Make ``model.name_or_path=<name>`` mean this stand-in (registering the same name again replaces it)."""
+    """Make ``model.name_or_path=<name>`` mean this stand-in (registering the same name again replaces it).
+
+    Args:
+        name: the value of ``model.name_or_path`` that asks for it.
+        stand_in: how to build it, its config, and how a card names it.
+    """
     _STAND_INS[name] = stand_in
 
 
@@ -52,6 +57,13 @@ def fingerprint(folder: Path) -> str:
 def resolve_base(cfg: DictConfig, recorded: dict | None = None) -> str:
     """The base to load: the run's recorded base when there is one (checked), else a stand-in's
     folder (built if needed), else ``model.name_or_path`` as given (a Hub id or a folder).
+
+    Args:
+        cfg: the config (``model.name_or_path``, and what a stand-in is built from).
+        recorded: the run's ``base_model.json``, when resuming or reading a finished run.
+
+    Returns:
+        A Hub id or a folder for ``from_pretrained``.
 
     Raises:
         FileNotFoundError: the recorded stand-in is gone (its adapter only fits that base).

@@ -43,7 +43,16 @@ def build_quantization_config(peft_cfg: DictConfig, compute_dtype: torch.dtype) 
 
 
 def load_processor(path: str, data_cfg: DictConfig, revision: str | None = None):
-    """``AutoProcessor.from_pretrained`` with the image settings of ``data.*`` and the chat template."""
+    """``AutoProcessor.from_pretrained`` with the image settings of ``data.*`` and the chat template.
+
+    Args:
+        path: a Hub id or a folder holding the processor files.
+        data_cfg: the ``data`` group: ``do_image_splitting``, ``longest_edge``, ``shortest_edge``.
+        revision: the Hub revision (``model.revision``).
+
+    Returns:
+        An ``Idefics2Processor`` whose chat template is the published Idefics2 one.
+    """
     processor = AutoProcessor.from_pretrained(path, revision=revision)
     image_processor = processor.image_processor
     image_processor.do_image_splitting = data_cfg.do_image_splitting
@@ -63,7 +72,17 @@ def load_idefics2(
     peft_cfg: DictConfig,
     device_map: dict | str | None = None,
 ) -> Idefics2ForConditionalGeneration:
-    """Load Idefics2 from the Hub or a folder, 4-bit quantized when ``peft.quantize`` is set."""
+    """Load Idefics2 from the Hub or a folder, 4-bit quantized when ``peft.quantize`` is set.
+
+    Args:
+        path: a Hub id or a folder (``resolve_base`` gives it).
+        model_cfg: the ``model`` group: revision, dtype, attention implementation.
+        peft_cfg: the ``peft`` group: quantization type, storage, and the modules kept unquantized.
+        device_map: passed to ``from_pretrained``; None keeps the model on the CPU until Lightning moves it.
+
+    Returns:
+        The model, in eval mode as ``from_pretrained`` returns it (``train`` puts it in train mode).
+    """
     dtype = resolve_dtype(model_cfg.dtype)
     quantization = build_quantization_config(peft_cfg, dtype)
     if quantization is not None and device_map is None and torch.cuda.is_available():
@@ -104,7 +123,17 @@ def _outputs_require_grad(module: torch.nn.Module, inputs, output: torch.Tensor)
 
 
 def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gradient_checkpointing: bool):
-    """Attach LoRA / DoRA adapters (or unfreeze everything for ``full``) and return the model."""
+    """Attach LoRA / DoRA adapters (or unfreeze everything for ``full``) and return the model.
+
+    Args:
+        model: the base, as ``load_idefics2`` returns it (4-bit for QLoRA).
+        peft_cfg: the ``peft`` group: method, rank, alpha, dropout, target preset, modules to save.
+        gradient_checkpointing: recompute the decoder and encoder layers in the backward
+            (non-reentrant, with input gradients so that adapters below a frozen layer still learn).
+
+    Returns:
+        The PEFT model (the same model unwrapped for ``peft=full``).
+    """
     if gradient_checkpointing:
         # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not require
         # grad, which is every input of a frozen PEFT base.
@@ -133,7 +162,15 @@ def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gr
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable parameter counts per component (vision / connector / text / head) and in total."""
+    """Trainable parameter counts per component.
+
+    Args:
+        model: any Idefics2, wrapped by PEFT or not.
+
+    Returns:
+        ``{"vision": n, "connector": n, "text": n, "head": n, "total": n}``, with ``"other"`` when
+        anything outside those trains.
+    """
     counts: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -28,6 +28,17 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     ``model_dir`` (a merged export or ``run_dir/model``) loads as a plain checkpoint. Otherwise the
     base is loaded as it was trained (4-bit for QLoRA), or in full precision as an export holds it
     with ``full_precision=True`` (``export.merge_into``), and the run's ``adapter/`` goes on top.
+
+    Args:
+        cfg: the run's config.
+        full_precision: load the base in full precision, as an export holds it.
+        model_dir: a folder holding a whole model (a merged export).
+
+    Returns:
+        ``(model, processor)``, the model in eval mode with its cache on.
+
+    Raises:
+        FileNotFoundError: the run has no adapter (it did not finish).
     """
     from peft import PeftModel
 
@@ -64,7 +75,17 @@ def evaluate(
     """Greedy answers on ``split`` (left-padded batches); writes predictions.jsonl, metrics JSON and
     report.html (``label`` says there which model answered).
 
-    Returns flat metrics: ``eval/accuracy``, ``eval/anls``, ``eval/<metric>/<question type>``, ``eval/loss``.
+    Args:
+        cfg: the run's config.
+        model: the model to evaluate (``load_run`` gives it).
+        processor: its processor.
+        split: the split to answer.
+        out_dir: where predictions.jsonl, eval_metrics.json and report.html go.
+        label: which model answered, for the report.
+
+    Returns:
+        Flat metrics: ``eval/accuracy``, ``eval/anls``, ``eval/<metric>/<question type>``, ``eval/loss``,
+        ``eval/split``.
     """
     import lightning as L
 

@@ -253,9 +253,17 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     """Merge (or copy the adapter), check parity, save with a card; with ``export.with_adapter`` also
     the adapter beside it (``OUT-adapter``); push each if ``export.push_to_hub``.
 
-    Returns the export folder and the report. Raises NonFiniteWeights (a NaN or infinite adapter) or
-    ParityError (the merged model does not match) before writing anything; HubError (folder kept)
-    if the push fails.
+    Args:
+        cfg: the run's config (``run_dir/config.yaml`` with any ``export.*`` overrides).
+        metrics: the run's metrics for the card; None reads ``metrics.json``.
+
+    Returns:
+        The export folder and the report (parity figures, and the Hub commits when pushed).
+
+    Raises:
+        NonFiniteWeights: the adapter holds a NaN or an infinity; nothing is written.
+        ParityError: the merged model does not reproduce the adapter model; nothing is written.
+        HubError: the push failed; the export folder is kept.
     """
     e = cfg.export
     run = RunFolder(cfg.run_dir)

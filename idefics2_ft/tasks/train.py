@@ -74,6 +74,12 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune as the config says and return the final metrics (also written to metrics.json).
 
+    Args:
+        cfg: a config composed from ``idefics2_ft/conf`` (``train.yaml``, a recipe, overrides).
+
+    Returns:
+        The final metrics, flat: ``val/*``, ``train/*``, ``params/trainable/*``, ``memory/*``, ...
+
     Raises:
         ConfigError: before any weight loads, listing every problem in the config.
         DataError: a source cannot be read, or (``data.on_bad_sample=raise``) a record is bad, naming

@@ -16,7 +16,14 @@ from idefics2_ft.config import optimizer_name
 
 
 def make_optimizer_factory(cfg: DictConfig) -> Callable[[list], torch.optim.Optimizer]:
-    """``params -> optimizer`` for ``optim.*`` (AdamW, paged 8-bit AdamW, DeepSpeed's CPU Adam)."""
+    """The optimizer ``optim.*`` asks for, as a factory the LightningModule calls with its parameters.
+
+    Args:
+        cfg: the whole config (the optimizer resolves by strategy and machine: ``optimizer_name``).
+
+    Returns:
+        ``params -> torch.optim.Optimizer`` (AdamW, paged 8-bit AdamW, or DeepSpeed's CPU Adam).
+    """
     o = cfg.optim
     name = optimizer_name(cfg)
 
@@ -36,7 +43,17 @@ def make_optimizer_factory(cfg: DictConfig) -> Callable[[list], torch.optim.Opti
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, cosine: bool = True) -> Callable:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` (or constant)."""
+    """The learning-rate multiplier of a step: linear warm-up to 1, then cosine decay to ``min_ratio``.
+
+    Args:
+        warmup_steps: steps of linear warm-up.
+        total_steps: the last step (``trainer.max_steps``).
+        min_ratio: the multiplier the decay ends at.
+        cosine: False keeps the multiplier at 1 after the warm-up.
+
+    Returns:
+        ``step -> multiplier``.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -46,6 +46,15 @@ def make_trainer(
     and on any exception (nothing lost on a crash, Ctrl-C or preemption), but never with non-finite
     weights: a non-finite loss or gradient norm stops the run at once (``Diverged``). Under SLURM, our
     step-boundary stop (``StopOnSlurmSignal``) replaces Lightning's in-handler checkpoint and requeue.
+
+    Args:
+        cfg: the whole config.
+        run_dir: the run folder (checkpoints, logs, history).
+        flops_per_token: from the plan, to log the model-FLOPs utilisation; None leaves it out.
+        callbacks: more callbacks, after ours.
+
+    Returns:
+        The ``Trainer``.
     """
     t = cfg.trainer
     accumulate = accumulation(cfg)

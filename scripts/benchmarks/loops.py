@@ -23,25 +23,22 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from shared import (
     LOOPS,
-    OUT,
     ROOT,
     Clock,
     common_arguments,
     compose_cfg,
+    run,
     run_bare,
     run_hf,
     run_ours,
     spread,
-    write_table,
 )
 
-from idefics2_ft import demo
 from idefics2_ft.data import Idefics2DataModule
 from idefics2_ft.models import load_processor, resolve_base
 
@@ -91,14 +88,8 @@ def three_loops(args, extra) -> str:
 
 
 def main(argv: list[str]) -> int:
-    demo.register()  # model.name_or_path=tiny
     parser = common_arguments(__doc__.split("\n")[0], ROOT / "outputs" / "bench.md")
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    OUT.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    write_table(three_loops(args, extra), Path(args.out), argv, "loops.py", started)
-    return 0
+    return run(parser, argv, three_loops, "loops.py")
 
 
 if __name__ == "__main__":

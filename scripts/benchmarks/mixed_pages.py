@@ -15,7 +15,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,12 +27,11 @@ from shared import (
     fresh_model,
     hf_trainer,
     model_inputs,
+    run,
     run_ours,
     spread,
-    write_table,
 )
 
-from idefics2_ft import demo
 from idefics2_ft.config import accumulation
 from idefics2_ft.data import Idefics2DataModule, record_shapes
 from idefics2_ft.data.synthetic import write_docs
@@ -171,7 +169,6 @@ def run_hf_grouped(cfg, path, device, clock, datamodule, shapes) -> torch.nn.Mod
 
 
 def main(argv: list[str]) -> int:
-    demo.register()  # model.name_or_path=tiny
     parser = common_arguments(__doc__.split("\n")[0], ROOT / "outputs" / "bench_mixed.md")
     parser.add_argument("--n-train", type=int, default=1024, help="training pages")
     parser.add_argument("--batch-size", type=int, default=8, help="records per batch")
@@ -179,12 +176,7 @@ def main(argv: list[str]) -> int:
         "--longest-edge", type=int, default=256, help="pixels (the tiny vision tower reads 8-px patches)"
     )
     parser.add_argument("--workers", type=int, default=0, help="loader workers (ours and HF's)")
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    OUT.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    write_table(mixed(args, extra), Path(args.out), argv, "mixed_pages.py", started)
-    return 0
+    return run(parser, argv, mixed, "mixed_pages.py")
 
 
 if __name__ == "__main__":

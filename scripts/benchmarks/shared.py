@@ -205,14 +205,25 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
 
 
-def write_table(table: str, out: Path, argv: list[str], script: str, started: float) -> None:
-    """The table with the date, the wall time and the command, to ``out`` and stdout."""
+def run(parser: argparse.ArgumentParser, argv: list[str], benchmark, script: str) -> int:
+    """Parse the arguments, run ``benchmark(args, extra_overrides) -> table`` and write the table
+    with the date, the wall time and the command, to ``--out`` and stdout."""
+    from idefics2_ft import demo
+
+    demo.register()  # model.name_or_path=tiny
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    table = benchmark(args, extra)
     stamp = f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - started:.0f} s"
     text = f"{table}\n\n({stamp}; python scripts/benchmarks/{script} {' '.join(argv)})\n"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
     print(f"Written to {out}")
+    return 0
 
 
 def common_arguments(description: str, out: Path) -> argparse.ArgumentParser:

@@ -24,7 +24,18 @@ __all__ = ["HubRows", "build_rows", "check_sources", "easyvqa_question_type", "e
 
 
 def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
-    """The rows of ``data.train_split`` (``split_key="train"``) or ``data.val_split`` (``"val"``)."""
+    """The rows of ``data.train_split`` or ``data.val_split``, as ``data.source`` reads them.
+
+    Args:
+        data_cfg: the ``data`` group.
+        split_key: ``"train"`` or ``"val"``.
+
+    Returns:
+        A sequence of rows (lazy for a Hub dataset: images stay undecoded until read).
+
+    Raises:
+        DataError: the source cannot be read as configured, naming the file (and line) and the fix.
+    """
     split = data_cfg.train_split if split_key == "train" else data_cfg.val_split
     if data_cfg.source == "easyvqa":
         return easyvqa_rows(split, data_cfg.system_prompt)
