@@ -1,20 +1,6 @@
 """Conversation records -> model batches. All chat rendering, image processing and -100 masking lives here.
 
-A record is the transformers chat format::
-
-    {"images": [PIL.Image, ...],
-     "messages": [{"role": "system" | "user" | "assistant",
-                   "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]}
-
-Labels: only what the assistant says (its words and its closing ``<end_of_utterance>``) is learned.
-The ``Assistant:`` prefix, every system and user turn, image tokens and padding are -100.
-
-Why the template is rendered here by hand: the labels need the character span of every assistant
-turn, and the template published with idefics2-8b has no ``{% generation %}`` markers, so
-``apply_chat_template(..., return_assistant_tokens_mask=True)`` cannot give them for the processor a
-user loads from the Hub. Adding markers would mean training with a template that differs from the
-one shipped in every export. ``render`` is tested to give the processor's own ``apply_chat_template``
-text and token ids, conversation by conversation (``tests/test_collator.py``).
+Why and how: ``docs/data.md#how-the-collator-builds-the-labels``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Batches of records that cost alike: ``data.group_by=none|length|aspect``.
 
-A batch is padded to its longest sample, and its images to the tallest and the widest image in it
-(the vision tower and the connector run on every padded patch). DocVQA mixes portrait and
-landscape pages and questions of a few words with answers of a sentence, so a random batch pays for
-much padding. ``GroupedBatchSampler`` shuffles each epoch's records as the default sampler does,
-sorts each pool of ``POOL`` batches' worth of them by what they cost, cuts the pool into batches and
-shuffles the batches: each batch holds alike records, and training is not ordered by length.
-
-- ``length``: by tokens (text and image tokens).
-- ``aspect``: by image count, then by the size of the images after resizing (which fixes the
-  padded pixel grid), then by tokens.
-
-It is deterministic for a seed and starts part-way on resume (whole batches). Under DDP or FSDP the
-global batch (every rank's batch of one step) is grouped as one, and each rank takes its slice:
-disjoint records, the same number of batches, alike work on every rank at each step.
+Why and how: ``docs/speed.md#how-datagroup_by-batches-records``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Stage 1: make a random tiny base behave like a (very small) pretrained one, without the task.
 
-A real base learns to see and to speak long before anyone fine-tunes it on questions: SigLIP is
-pretrained on image-text pairs, and Idefics2 on captions and interleaved documents. Stage 1 does
-the same at the demo's size, on the training images only:
-
-(a) ``tiny.vision_pretrain_steps``: the vision tower and the connector learn, through a throw-away
-    linear probe on the image features the text model receives, to classify each image's
-    attributes (for easy-VQA its colour and its shape): one softmax head per kind of attribute.
-(b) ``tiny.pretrain_steps``: the whole model learns to describe the images in sentences: the
-    image alone ("a picture of a red circle."), or with a request that is not a question
-    ("Describe the colour of the shape." -> "the shape is red.").
-
-The attributes of an image are what its annotations say it shows: the open (not yes/no) answers
-about it, by question type. Neither part sees a question or learns to answer one; that is stage
-2, the QLoRA recipe.
+Why and how: ``docs/benchmarks.md#stage-1-the-demos-stand-in-for-pretraining``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """How long each phase of a run took and how much memory it held at its peak: ``phases.json``.
 
-Memory is the process's resident set (RSS), read from the kernel: ``/proc/self/clear_refs`` resets
-its peak (``VmHWM``) as a phase starts, and the phase's peak is read as it ends, so a short spike
-inside a step is never missed (no sampling). RSS counts tensors in anonymous memory and weights
-that ``from_pretrained`` maps from the safetensors files without a copy (a checkpoint already in
-the compute dtype); ``ru_maxrss`` would do as well but cannot be reset per phase. A thread also
-samples ``RssAnon`` every 20 ms (``rss_anon_peak_gb``): while the 8B loads, most of the peak is
-mapped shard pages that the kernel may drop. On CUDA the allocator's peaks (allocated and
-reserved) are recorded too. Off Linux, the RSS figures are absent.
-
-glibc keeps freed memory of mid-sized allocations in its heap, so RSS runs above the live tensors
-(as CUDA's reserved runs above its allocated). ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment
-makes every tensor its own mapping, returned when freed: RSS then follows the live tensors, which
-is how the plan is checked (``tests/test_plan.py``).
+Why and how: ``docs/memory.md#how-memory-is-measured``.
 """
 
 from __future__ import annotations

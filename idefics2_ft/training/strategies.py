@@ -1,17 +1,6 @@
 """Strategies: ``auto``, DDP, FSDP2 (sharded QLoRA) and DeepSpeed ZeRO, built from ``strategy.*``.
 
-FSDP here is FSDP2 (``torch.distributed.fsdp.fully_shard``) under Lightning's
-``ModelParallelStrategy``, not Lightning's ``FSDPStrategy`` (FSDP1):
-
-- FSDP2 shards each parameter on its own (a DTensor per parameter), so frozen 4-bit weights,
-  bf16 norms and fp32 LoRA weights can share one wrapped layer. FSDP1 flattens a layer into one
-  buffer and needs one dtype, which is why the 4-bit weights are *stored* in the compute dtype
-  (``bnb_4bit_quant_storage``) whenever a sharded strategy meets a 4-bit base.
-- bitsandbytes repacks a 4-bit weight on its first inference forward on the CPU, after which it
-  can no longer be sharded: ``fully_shard`` runs in ``configure_model``, before any forward, and
-  turns that repacking off (``keep_cpu_4bit_layout``).
-- FSDP1 and Lightning's ``FSDPStrategy`` refuse the CPU; FSDP2 runs on gloo, so the code path
-  that trains on 8 GPUs is the one the tests run on 2 CPU processes.
+Why and how: ``docs/scaling-out.md#why-fsdp-here-is-fsdp2``.
 """
 
 from __future__ import annotations
