@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from idefics2_ft.cli.arguments import parse_overrides
+from idefics2_ft.data import load_image
 from idefics2_ft.hub import HubError, check_write_access, push_folder
-from idefics2_ft.tasks.evaluate import evaluate, load_run
+from idefics2_ft.tasks.evaluate import answer, evaluate, load_run
 from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run, merge_and_check, parity_batch
-from tests.helpers import ROOT
+from tests.helpers import IDEFICS2_FT
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890abcdefghijklmnopq"
 
@@ -116,12 +116,12 @@ def test_adapter_only_export(run_dir, tmp_path):
     assert "library_name: peft" in (out / "README.md").read_text()
 
 
-def test_predict_script_answers(run_dir):
+def test_predict_command_answers(run_dir):
     image = sorted(Path(__import__("easy_vqa").__file__).parent.rglob("*.png"))[0]
     out = subprocess.run(
         [
-            sys.executable,
-            str(ROOT / "scripts" / "predict.py"),
+            IDEFICS2_FT,
+            "predict",
             f"run_dir={run_dir}",
             f"image={image}",
             "question=what color is the shape?",
@@ -132,7 +132,10 @@ def test_predict_script_answers(run_dir):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip()  # one line: the answer
+    # one line: the answer the library gives for the same run, image and question
+    model, processor = load_run(run_cfg(run_dir))
+    expected = answer(model, processor, [load_image(str(image))], "what color is the shape?", max_new_tokens=4)
+    assert out.stdout == expected + "\n"
 
 
 def test_push_without_a_token_fails_fast(monkeypatch, tmp_path):

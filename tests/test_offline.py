@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.fake_hub import FakeHub
-from tests.helpers import ROOT, TINY_RUN
+from tests.helpers import IDEFICS2_FT, ROOT, TINY_RUN
 
 REPO = "local/tiny-idefics2"
 
@@ -87,7 +87,7 @@ def test_offline_flag_fails_at_once_too(tmp_path):
 def test_prefetch_then_a_run_without_network_reads_the_cache_only(tmp_path, tiny_repo):
     hf_home = tmp_path / "hf"
     with FakeHub({REPO: tiny_repo}) as hub:
-        out, _ = run([str(ROOT / "scripts" / "prefetch.py"), f"model.name_or_path={REPO}"], env_for(hf_home, hub.url))
+        out, _ = run([IDEFICS2_FT, "prefetch", f"model.name_or_path={REPO}"], env_for(hf_home, hub.url))
         assert out.returncode == 0, out.stderr[-2000:]
         assert "everything is in the cache" in out.stdout
         assert any("/resolve/" in r and r.endswith("model.safetensors") for r in hub.requests)
