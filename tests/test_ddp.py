@@ -31,6 +31,9 @@ def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, gro
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        # fp32 sums in another order (two half batches, then an all-reduce) move a few elements by
+        # ~1e-6 through Adam (transformers 5.24: 1.3e-6 on weights of 3e-3); a sharding or averaging
+        # bug moves them by about the learning rate (1e-3)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     # one run folder for both ranks: nothing was written anywhere else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]

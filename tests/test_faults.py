@@ -298,7 +298,7 @@ def test_kills_at_random_points_then_resume(cache, tmp_path, uninterrupted):
 def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(cache, tmp_path):
     run_dir = tmp_path / "run"
     overrides = base_overrides(
-        cache, run_dir, "optim.lr=1e6", "optim.warmup_steps=0", "trainer.gradient_clip_val=null",
+        cache, run_dir, "optim.lr=1e20", "optim.warmup_steps=0", "trainer.gradient_clip_val=null",
         "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=1",
     )  # fmt: skip
     rc, out, seconds = run(*overrides)
@@ -311,7 +311,7 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(cache,
         assert all(torch.isfinite(v).all() for v in state.values())
     TABLE.append(
         (
-            "divergence (lr 1e6)",
+            "divergence (lr 1e20)",
             short(line, tmp_path),
             f"{seconds:.0f} s",
             "yes (last good checkpoint kept, no NaN adapter)",

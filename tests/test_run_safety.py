@@ -24,7 +24,7 @@ def snapshot(folder):
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_run_cfg, tmp_path):
     cfg = tiny_run_cfg(
-        "optim.lr=1e6",
+        "optim.lr=1e20",  # transformers 5.24 saturates at lr 1e6 (the loss stays ln(vocab)); 1e20 overflows
         "optim.warmup_steps=0",
         "trainer.gradient_clip_val=null",
         "trainer.max_steps=20",
