@@ -22,7 +22,7 @@ MFU = 0.3  # assumed for QLoRA (dequantizing NF4 costs time): an assumption, mea
 CUDA_CONTEXT_GB = 0.6  # CUDA context and kernels, outside the allocator
 ALLOCATOR_SLACK = 0.10  # reserved beyond allocated (fragmentation), of the allocated peak
 # What loading adds on the CPU beyond the weights (module objects, quantization states, kernels):
-# measured as 0.05-0.06 GB on three model sizes (tests/test_plan.py).
+# measured as 0.05-0.06 GB on three model sizes (tests/runs/test_plan.py).
 CPU_RUNTIME_GB = 0.06
 
 
