@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"  # peft=full saves the whole model instead of an adapter
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
+COMMAND_FILE = "command.txt"  # the command that continues the run (resume=true)
+RESUMES_FILE = "resumes.jsonl"  # one line per resume: what it changed
+LOCK_FILE = ".lock"  # held (flock) by the process that owns the folder; see FolderLock
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,24 @@ class RunFolder:
         """Where the trained weights are saved: ``adapter/``, or ``model/`` for ``peft=full``."""
         return self.full_model if full else self.adapter
 
+    resumes = property(lambda self: self.root / RESUMES_FILE)
+    command = property(lambda self: self.root / COMMAND_FILE)
+
+    def resume_config(self, number: int) -> Path:
+        """The config resume ``number`` continued with: ``config.resume-<number>.yaml``."""
+        return self.root / f"config.resume-{number}.yaml"
+
+    def resume_configs(self) -> list[Path]:
+        """Every ``config.resume-N.yaml``, in order."""
+        found = self.root.glob("config.resume-*.yaml")
+        return sorted(found, key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+
+    @property
+    def latest_config(self) -> Path:
+        """The config the run was last trained with: the newest resume's, else ``config.yaml``."""
+        resumed = self.resume_configs()
+        return resumed[-1] if resumed else self.config
+
     def eval(self, split: str) -> Path:
         """Where ``evaluate`` writes a split's predictions, metrics and report: ``eval/<split>``."""
         return self.root / EVAL_DIR / split
@@ -88,6 +110,8 @@ REPLACED_BY_OVERWRITE = (
     REPORT_FILE,
     PLAN_FILE,
     PHASES_FILE,
+    RESUMES_FILE,
+    COMMAND_FILE,
 )
 
 
@@ -111,6 +135,8 @@ def remove_outputs(run_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    for path in run_dir.glob("config.resume-*.yaml"):
+        path.unlink()
     for path in run_dir.glob(EXPORT_DIR + "*"):  # export.out_dir=RUN/export-adapter and the like
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -149,6 +175,28 @@ def read_base_record(run_dir: Path) -> dict | None:
     """``base_model.json`` of a run, or None when the run has none."""
     path = RunFolder(run_dir).base_record
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run (``command.txt``), or a generic one for a folder without it."""
+    path = RunFolder(run_dir).command
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    return f"idefics2-ft train <the run's overrides> run_dir={run_dir} resume=true"
+
+
+def unfinished(run_dir: Path) -> str | None:
+    """For a run with no trained weights saved: what it has (its last checkpoint) and how to go on; None
+    when the run finished."""
+    folder = RunFolder(run_dir)
+    if (folder.adapter / "adapter_config.json").is_file() or (folder.full_model / "config.json").is_file():
+        return None
+    if folder.last_checkpoint.is_file():
+        return (
+            f"{run_dir} holds no trained adapter: the run did not finish. Its last checkpoint is "
+            f"{folder.last_checkpoint}; continue it with: {resume_command(run_dir)}"
+        )
+    return f"{run_dir} holds no trained adapter and no checkpoint: the run stopped before its first save; train again."
 
 
 def slurm_restarted() -> bool:
@@ -191,6 +239,60 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class FolderLock:
+    """One process owns a run folder at a time: an exclusive ``flock`` on ``run_dir/.lock``.
+
+    The kernel releases the lock when the process ends, however it ends (kill -9 included), so a
+    stale lock never blocks a resume. The file names the holder (pid, host, start time, SLURM job),
+    for the message that refuses a second process. On NFS (v4, and v3 with lockd) Linux maps
+    ``flock`` to byte-range locks that every client sees; on Lustre it needs the ``flock`` mount
+    option (``localflock`` only locks within one node).
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> dict | None:
+        """Take the lock: None when this process holds it now, else what the holder wrote."""
+        import fcntl
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held open while owned)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            text = f.read()
+            f.close()
+            try:
+                return json.loads(text)
+            except ValueError:
+                return {"pid": "?", "host": "?", "started": "?"}
+        f.seek(0)
+        f.truncate()
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
+        f.write(json.dumps(holder))
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        """Give the folder up (the lock file goes, so a finished folder holds no trace of it)."""
+        if self._file is None:
+            return
+        self.path.unlink(missing_ok=True)
+        self._file.close()  # closing the descriptor releases the flock
+        self._file = None
+
+
 @contextmanager
 def log_to_file(run_dir: Path) -> Iterator[None]:
     """Copy the package's log lines into ``run_dir/train.log`` while the block runs (the caller
@@ -207,6 +309,9 @@ def log_to_file(run_dir: Path) -> Iterator[None]:
     root.addHandler(handler)
     try:
         yield
+    except BaseException:  # the whole traceback goes to the file; the console gets one line from the command
+        handler.stream.write(traceback.format_exc())
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()

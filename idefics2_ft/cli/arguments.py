@@ -39,7 +39,7 @@ def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictC
         if key in script_keys:
             own[key] = pairs.pop(key)
     schema = OmegaConf.structured(TrainConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(RunFolder(run_dir).config))
+    cfg = OmegaConf.merge(schema, OmegaConf.load(RunFolder(run_dir).latest_config))
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]))
     cfg.run_dir = str(run_dir)
     return cfg, own

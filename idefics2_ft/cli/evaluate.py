@@ -12,17 +12,25 @@ import sys
 from pathlib import Path
 
 from idefics2_ft.cli.arguments import parse_overrides, setup_logging
-from idefics2_ft.tasks.evaluate import evaluate, format_table, load_run
+from idefics2_ft.config import ConfigError
+from idefics2_ft.data import DataError
+from idefics2_ft.run_folder import RunFolder
+from idefics2_ft.tasks.evaluate import config_for_split, evaluate, format_table, load_run
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg, own = parse_overrides(argv, {"data.split": None, "model_dir": None, "out_dir": None})
     split = own["data.split"] or cfg.data.val_split
-    model, processor = load_run(cfg, model_dir=own["model_dir"])
-    out_dir = Path(own["out_dir"] or Path(cfg.run_dir) / "eval" / split)
-    label = f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
-    metrics = evaluate(cfg, model, processor, split, out_dir, label)
+    try:
+        cfg = config_for_split(cfg, split)  # a split the source does not have is refused here
+        model, processor = load_run(cfg, model_dir=own["model_dir"])
+        out_dir = Path(own["out_dir"] or RunFolder(cfg.run_dir).eval(split))
+        label = f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
+        metrics = evaluate(cfg, model, processor, split, out_dir, label)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        sys.stderr.write(f"evaluate failed: {err}\n")
+        return 2
     sys.stdout.write(
         format_table(metrics) + f"\n\nwrote {out_dir}/predictions.jsonl, eval_metrics.json and report.html\n"
     )

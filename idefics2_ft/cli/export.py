@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
             for repo_id in push_targets(cfg.export):
                 check_write_access(repo_id)
         out, report = export_run(cfg)
-    except (ConfigError, NonFiniteWeights, ParityError, HubError) as err:
+    except (ConfigError, NonFiniteWeights, ParityError, HubError, FileNotFoundError) as err:
         sys.stderr.write(f"export failed: {err}\n")
         return 1
     sys.stdout.write(json.dumps(report, indent=2) + f"\nexported to {out}\n")

@@ -79,7 +79,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from idefics2_ft.data.records import DataError
     from idefics2_ft.hub import HubError
     from idefics2_ft.tasks.train import train
-    from idefics2_ft.training import Diverged, Preempted
+    from idefics2_ft.training import CheckpointSaveFailed, Diverged, Preempted, Stopped
 
     register_demo()  # here, not at import: a sweep's job runs this function in a process of its own
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -94,6 +94,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     except Diverged as err:
         logging.getLogger("idefics2_ft").error("%s", err)
         sys.exit(3)
+    except CheckpointSaveFailed as err:  # one line here; the chained tracebacks are in train.log
+        logging.getLogger("idefics2_ft").error("%s", err)
+        sys.exit(1)
+    except Stopped as stop:  # SIGTERM or Ctrl-C: saved at a step boundary; the shell's code for the signal
+        logging.getLogger("idefics2_ft").error("%s", stop)
+        sys.exit(stop.exit_code)
     except Preempted as stop:  # checkpointed and requeued: not a failure
         logging.getLogger("idefics2_ft").warning("%s", stop)
         sys.exit(0)

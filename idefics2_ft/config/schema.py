@@ -228,6 +228,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False  # continue the run in run_dir from checkpoints/last.ckpt
     overwrite: bool = False  # replace the run in run_dir (its checkpoints, adapter, metrics, logs, exports)
+    # keys a resume may change although they make it another experiment (model.*, peft.*, data.*, seed,
+    # trainer.precision): resume_changes=[data.train_file] accepts that one, and the change is recorded
+    resume_changes: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -179,6 +179,8 @@ def _data_problems(cfg: DictConfig) -> list[str]:
                 problems.append(f"data.{key}={value!r}: no such file.")
     if d.source in ("hub", "docvqa") and not d.path:
         problems.append(f"data.path is required with data.source={d.source}: a Hub dataset id or a local folder.")
+    if d.max_train_samples is not None and d.max_train_samples <= 0:
+        problems.append(f"data.max_train_samples={d.max_train_samples}: must be positive, or null for every record.")
     if d.max_length is not None and d.max_length <= 0:
         problems.append(f"data.max_length={d.max_length}: must be positive, or null for no limit.")
     for key in ("batch_size", "eval_batch_size"):

@@ -157,7 +157,11 @@ class Idefics2Collator:
             kept_images = sum(1 for t in ids[:cut] if t == self.image_id) // self.tokens_per_image
             ids, labels, images = ids[:cut], labels[:cut], images[:kept_images]
             if not self.add_generation_prompt and all(x == IGNORE_INDEX for x in labels):
-                reason = f"too long: no answer token fits in max_length={self.max_length}"
+                image_tokens = sum(1 for t in enc["input_ids"] if t == self.image_id)
+                reason = (
+                    f"data.max_length={self.max_length} leaves no room for an answer: the sample needs "
+                    f"{len(enc['input_ids'])} tokens, {image_tokens} of them its images': raise data.max_length"
+                )
                 return BadSample(index, reason, "too_long", origin)
             cut_answer = labels[-1] != IGNORE_INDEX and ids[-1] != self.eou_id  # stopped inside an answer
             if not self.add_generation_prompt and cut_answer and not self.train_on_truncated:

@@ -133,9 +133,11 @@ class Idefics2DataModule(L.LightningDataModule):
         records = [self.train_set[i] for i in range(min(self.cfg.batch_size, len(self.train_set)))]
         batch = self.train_collator()(records)
         if "input_ids" not in batch:
+            bad = batch["bad_samples"]
+            kinds = sorted({b.kind for b in bad})
             raise DataError(
-                f"The first {self.cfg.batch_size} training records are all bad ({batch['bad_samples'][:2]}...): "
-                "check data.* paths and column names."
+                f"The first {len(bad)} training records are all bad ({', '.join(kinds)}); the first, "
+                f"{bad[0].where()}: {bad[0].reason}"
             )
         return batch
 

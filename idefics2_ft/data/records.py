@@ -74,6 +74,11 @@ def count_images(messages: list[dict]) -> int:
 ROLES = ("system", "user", "assistant")
 
 
+def is_url(ref: Any) -> bool:
+    """An image given as a web address (they are not fetched: images must be local)."""
+    return isinstance(ref, str) and ref.startswith(("http://", "https://"))
+
+
 def check_row(row: Row) -> tuple[str, str] | None:
     """What makes a row untrainable, as ``(kind, reason)``, or None if it is fine (images not opened)."""
     unknown = sorted({str(m.get("role")) for m in row.messages if m.get("role") not in ROLES})
@@ -84,6 +89,9 @@ def check_row(row: Row) -> tuple[str, str] | None:
         return "no_assistant_turn", "no assistant turn"
     if any(not message_text(m).strip() for m in assistant):
         return "empty_answer", "empty assistant answer"
+    urls = [ref for ref in row.images if is_url(ref)]
+    if urls:
+        return "image_url", f"image URLs are not fetched ({urls[0]}): download the image and give its local path"
     placeholders = count_images(row.messages)
     if placeholders > len(row.images):
         return "too_many_placeholders", f"{placeholders} image placeholders but {len(row.images)} images"

@@ -46,10 +46,12 @@ def check_write_access(repo_id: str) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+    check_repo_id(repo_id)
     token = _token()
     api = HfApi(token=token)
     try:
-        user = api.whoami()["name"]
+        me = api.whoami()
+        user = me["name"]
     except HfHubHTTPError as err:
         raise HubError(f"The Hugging Face token was refused ({err.response.status_code}): log in again.") from err
     except Exception as err:
@@ -59,12 +61,35 @@ def check_write_access(repo_id: str) -> str:
     try:
         api.auth_check(repo_id, write=True)
     except RepositoryNotFoundError:
-        namespace = repo_id.split("/")[0]
-        if namespace != user:
-            log.info("%s does not exist yet; it will be created under %s.", repo_id, namespace)
+        namespace = repo_id.split("/")[0] if "/" in repo_id else user
+        orgs = {org.get("name") for org in me.get("orgs", []) if isinstance(org, dict)}
+        if namespace not in {user, *orgs}:
+            raise HubError(
+                f"{repo_id} does not exist, and {user} cannot create repos under {namespace!r} (not the user or one "
+                f"of its organizations: {sorted(orgs) or 'none'}): choose export.hub.repo_id={user}/NAME."
+            ) from None
+        log.info("%s does not exist yet; it will be created under %s.", repo_id, namespace)
     except HfHubHTTPError as err:
         raise HubError(f"The token of {user} cannot write to {repo_id} ({err.response.status_code}).") from err
     return user
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse, without asking it (``huggingface_hub``'s own rules).
+
+    Raises:
+        HubError: naming the key, the id and what is wrong with it.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        reason = str(err).splitlines()[0]
+        raise HubError(
+            f"export.hub.repo_id={repo_id!r} is not a valid Hub repo id ({reason}): use USER/NAME."
+        ) from None
 
 
 def push_targets(export_cfg) -> list[str]:

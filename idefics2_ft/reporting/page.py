@@ -198,6 +198,8 @@ def _facts(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     name = {"lora": "LoRA", "dora": "DoRA"}.get(peft.method, peft.method)
     method = name if peft.method == "full" else f"{'Q' if peft.quantize else ''}{name} r={peft.r}"
     facts: dict[str, Any] = {"recipe": cfg.name, "base model": cfg.model.name_or_path, "method": method}
+    if "validation" in metrics:  # never validated: said at the top, not left to an empty table
+        facts["validation"] = metrics["validation"]
     if "train/steps" in metrics:
         facts["steps"] = (
             f"{metrics['train/steps']} at an effective batch of {metrics.get('train/effective_batch', '?')}"

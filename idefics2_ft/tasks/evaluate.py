@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from idefics2_ft.config import ConfigError
+from idefics2_ft.data import build_rows
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
-from idefics2_ft.run_folder import RunFolder, read_base_record
+from idefics2_ft.models.generation import stop_token_ids
+from idefics2_ft.run_folder import RunFolder, read_base_record, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,35 @@ def base_model_path(cfg: DictConfig) -> str:
     """The base the run trained on (``run_dir/base_model.json``), so its adapter fits; without a
     record, what ``model.name_or_path`` resolves to."""
     return resolve_base(cfg, read_base_record(cfg.run_dir))
+
+
+def config_for_split(cfg: DictConfig, split: str) -> DictConfig:
+    """The run's config set to evaluate ``split``, which must be one the source has.
+
+    A JSONL run's splits are its files: ``data.val_split`` is ``data.val_file`` and
+    ``data.train_split`` is ``data.train_file``; another file is given as ``data.val_file=FILE``.
+
+    Raises:
+        ConfigError: the source has no such split, naming the ones it has.
+        DataError: a Hub or local dataset has no such split (it names its splits).
+    """
+    d = cfg.data
+    cfg = OmegaConf.merge(cfg, {"data": {"val_split": split}})
+    if d.source == "jsonl":
+        files = {d.val_split: d.val_file, d.train_split: d.train_file}
+        if split not in files:
+            raise ConfigError(
+                [
+                    f"data.split={split}: a JSONL run's splits are its files ({d.val_split}: {d.val_file}, "
+                    f"{d.train_split}: {d.train_file}); to evaluate another file, pass data.val_file=FILE."
+                ]
+            )
+        cfg.data.val_file = files[split]
+    elif d.source == "easyvqa" and split not in ("train", "test"):
+        raise ConfigError([f"data.split={split}: easy-VQA ships the splits train and test."])
+    else:
+        build_rows(cfg.data, "val")  # a Hub or local dataset without that split raises, naming its splits
+    return cfg
 
 
 def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | None = None):
@@ -55,7 +87,7 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     else:
         adapter = run.adapter
         if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}/adapter_config.json not found: did the run finish?")
+            raise FileNotFoundError(unfinished(run.root) or f"{adapter}/adapter_config.json not found.")
         if full_precision:  # the base as an export holds it (export.merge_into), with the adapter on top
             dtype = resolve_dtype(cfg.model.dtype)
             dequantized = cfg.export.merge_into == "dequantized"
@@ -165,7 +197,7 @@ def answer(
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    stop = [processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>"), processor.tokenizer.eos_token_id]
+    stop = stop_token_ids(processor.tokenizer)
     out = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,

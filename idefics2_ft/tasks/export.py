@@ -17,14 +17,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.sources import build_rows
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.models.bases import describe_base
+from idefics2_ft.models.generation import generation_config
 from idefics2_ft.reporting.page import TEMPLATES
-from idefics2_ft.run_folder import RunFolder, read_metrics, redacted
+from idefics2_ft.run_folder import RunFolder, read_metrics, redacted, unfinished
 from idefics2_ft.tasks.evaluate import base_model_path
 
 log = logging.getLogger(__name__)
@@ -212,9 +214,11 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
             f"| `{k}` | {v:.4f} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in sorted(evals.items())
         ),
         merge_check=merge_check,
-        peft_import="from peft import PeftModel\n" if adapter_only else "",
+        peft_import="from peft import PeftModel\nfrom transformers import GenerationConfig\n" if adapter_only else "",
         load=f'base = Idefics2ForConditionalGeneration.from_pretrained("{base}")\n'
-        'model = PeftModel.from_pretrained(base, "REPO_OR_FOLDER")'
+        'model = PeftModel.from_pretrained(base, "REPO_OR_FOLDER")\n'
+        "# stop at <end_of_utterance> as the fine-tuned model does (PEFT reads no generation config itself)\n"
+        'model.generation_config = GenerationConfig.from_pretrained("REPO_OR_FOLDER")'
         if adapter_only
         else 'model = Idefics2ForConditionalGeneration.from_pretrained("REPO_OR_FOLDER")',
         config=OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))).rstrip(),
@@ -234,12 +238,16 @@ def _write_export(cfg: DictConfig, kind: str, out: Path, adapter_dir: Path, metr
     report: dict[str, Any] = {}
     if kind == "adapter":
         shutil.copytree(adapter_dir, tmp)
+        # PEFT reads no generation config from an adapter folder: the card shows the one line that does
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        generation_config(tokenizer).save_pretrained(tmp)
     else:
         merged, processor, report = merge_and_check(
             cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
         )
+        # stop where the fine-tuned model stops, so that a plain generate() answers as we did
+        merged.generation_config = generation_config(processor.tokenizer, merged.generation_config)
         merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
-        merged.generation_config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(cfg, metrics, report, kind == "adapter"))
     (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
@@ -271,6 +279,8 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     if metrics is None:
         metrics = read_metrics(run.root)
     adapter_dir = run.adapter
+    if unfinished(run.root):
+        raise FileNotFoundError(unfinished(run.root))
     check_adapter_is_finite(adapter_dir)
     # what to write: the merged model or the adapter; with export.with_adapter, the adapter beside it too
     exports = [("adapter" if e.adapter_only else "merged", out)]

@@ -22,6 +22,7 @@ from transformers import AutoConfig
 
 from idefics2_ft.config import ConfigError, accumulation, validate
 from idefics2_ft.data import Idefics2DataModule, check_sources, format_labels
+from idefics2_ft.data.fingerprint import data_fingerprint
 from idefics2_ft.hardware import available_gb
 from idefics2_ft.models import (
     apply_peft,
@@ -37,6 +38,7 @@ from idefics2_ft.planning import Phases, Plan, format_parts, plan_run, setup_fro
 from idefics2_ft.ranks import is_rank_zero
 from idefics2_ft.reporting import TrackerRecord
 from idefics2_ft.run_folder import (
+    FolderLock,
     RunFolder,
     log_to_file,
     read_base_record,
@@ -48,6 +50,7 @@ from idefics2_ft.run_folder import (
     write_base_record,
     write_results,
 )
+from idefics2_ft.tasks.resume import check_resume, record_resume
 from idefics2_ft.training import (
     Diverged,
     Idefics2Module,
@@ -92,6 +95,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # 1. validate: everything that can be checked before a weight loads
     check_versions()
     validate(cfg)
+    lock = FolderLock(cfg.run_dir)
+    if is_rank_zero():  # the other ranks of this run are the same owner
+        holder = lock.acquire()
+        if holder is not None:
+            raise ConfigError([_in_use(cfg.run_dir, holder)])
+    try:
+        return _checked_and_run(cfg)
+    finally:
+        lock.release()
+
+
+def _in_use(run_dir: str, holder: dict) -> str:
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return (
+        f"run_dir={run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+        f"{holder.get('started')}{job}: wait for that run to end (or stop it), or choose another run_dir."
+    )
+
+
+def _checked_and_run(cfg: DictConfig) -> dict[str, Any]:
     storage = quant_storage_for(cfg)
     if storage != cfg.peft.quant_storage:
         log.info("strategy=%s shards the 4-bit base: peft.quant_storage=%s", cfg.strategy.name, storage)
@@ -109,14 +132,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_sources(cfg.data)
     claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
     run_dir = Path(cfg.run_dir)
+    fingerprint = data_fingerprint(cfg.data)
+    resuming = (cfg.resume or slurm_restarted()) and RunFolder(run_dir).last_checkpoint.is_file()
+    # a resume that would mix two experiments is refused here, before anything is written
+    changed = check_resume(cfg, run_dir, fingerprint) if resuming else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
-        save_config(cfg, run_dir)
+        if changed is None:
+            save_config(cfg, run_dir)  # config.yaml: the first part's config, never rewritten by a resume
+            RunFolder(run_dir).command.write_text(train_command(cfg) + "\n", encoding="utf-8")
+        else:
+            record_resume(cfg, run_dir, changed)
     with log_to_file(run_dir) if is_rank_zero() else nullcontext():
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, fingerprint)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
     started = time.perf_counter()
     phases = Phases(RunFolder(run_dir).phases if is_rank_zero() else None)  # wall time and peak memory of each
 
@@ -128,7 +159,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # was just built in this process or read from its cache (same seed, same adapter).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if is_rank_zero():
-        write_base_record(run_dir, base_record(cfg, model_path))
+        write_base_record(run_dir, {**base_record(cfg, model_path), "data": fingerprint})
     with phases("data"):
         processor = load_processor(model_path, cfg.data, cfg.model.revision)
         datamodule = Idefics2DataModule(
@@ -194,6 +225,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.eval.at_end:
         with phases("validate"):
             metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
+    if not metrics.get("val/n_questions") and not module.val_metrics.get("val/n_questions"):
+        reason = (
+            "eval.at_end=false"
+            if not cfg.eval.at_end
+            else "no usable validation record (data.val_* or its bad records)"
+        )
+        metrics["validation"] = f"never validated: {reason}"
+        log.warning("This run was never validated: %s.", reason)
     if datamodule.val_is_train:
         metrics["data/val_is_train"] = 1
     metrics.update(module.skipped_metrics())  # bad records of every rank, each counted once
@@ -226,18 +265,30 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def prefetch_command(cfg: DictConfig) -> str:
-    """``idefics2-ft prefetch`` with this run's overrides: it fetches what this run needs."""
+def _task_overrides(cfg: DictConfig) -> list[str]:
+    """The command line's overrides (through Hydra), or the few that name the model and the data."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(HydraConfig.get().overrides.task)
+        return list(HydraConfig.get().overrides.task)
     except ValueError:  # called as a library, not through Hydra
         overrides = [f"model.name_or_path={cfg.model.name_or_path}", f"data.source={cfg.data.source}"]
         if cfg.data.path:
             overrides.append(f"data.path={cfg.data.path}")
+        return overrides
+
+
+def train_command(cfg: DictConfig) -> str:
+    """``idefics2-ft train`` with this run's overrides, ``run_dir`` and ``resume=true``: what continues it."""
     skip = ("run_dir=", "resume=", "overwrite=", "hydra.")
-    return " ".join(["idefics2-ft prefetch", *(shlex.quote(o) for o in overrides if not o.startswith(skip))])
+    kept = [shlex.quote(o) for o in _task_overrides(cfg) if not o.startswith(skip)]
+    return " ".join(["idefics2-ft train", *kept, shlex.quote(f"run_dir={cfg.run_dir}"), "resume=true"])
+
+
+def prefetch_command(cfg: DictConfig) -> str:
+    """``idefics2-ft prefetch`` with this run's overrides: it fetches what this run needs."""
+    skip = ("run_dir=", "resume=", "overwrite=", "hydra.")
+    return " ".join(["idefics2-ft prefetch", *(shlex.quote(o) for o in _task_overrides(cfg) if not o.startswith(skip))])
 
 
 def base_path(cfg: DictConfig) -> str:

@@ -8,10 +8,17 @@ from idefics2_ft.training.callbacks import (
     DivergenceGuard,
     Preempted,
     RehearsedCrash,
+    StopOnSignal,
     StopOnSlurmSignal,
+    Stopped,
     requeue_slurm_job,
 )
-from idefics2_ft.training.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
+from idefics2_ft.training.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointSaveFailed,
+    GuardedCheckpoint,
+    remove_stale_temp_files,
+)
 from idefics2_ft.training.lightning_module import MODEL_INPUTS, Idefics2Module
 from idefics2_ft.training.loggers import KeepingCSVLogger, log_adapter_artifact, make_logger, offline_sync_hint
 from idefics2_ft.training.optim import make_optimizer_factory, make_schedule, warmup_cosine
@@ -20,6 +27,7 @@ from idefics2_ft.training.trainer import describe_run, make_trainer, resolve_pre
 __all__ = [
     "MODEL_INPUTS",
     "AtomicCheckpointIO",
+    "CheckpointSaveFailed",
     "CrashAt",
     "Diverged",
     "DivergenceGuard",
@@ -28,7 +36,9 @@ __all__ = [
     "KeepingCSVLogger",
     "Preempted",
     "RehearsedCrash",
+    "StopOnSignal",
     "StopOnSlurmSignal",
+    "Stopped",
     "describe_run",
     "log_adapter_artifact",
     "make_logger",

@@ -1,5 +1,5 @@
-"""Our Lightning callbacks: the divergence guard, a rehearsed crash, and a clean stop when SLURM
-signals the job."""
+"""Our Lightning callbacks: the divergence guard, a rehearsed crash, a clean stop when SLURM signals
+the job, and an honest stop on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import math
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -125,6 +127,71 @@ class StopOnSlurmSignal(Callback):
             return  # mid-accumulation: not a step boundary
         if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             raise Preempted(f"SLURM signalled the job: stopped after step {trainer.global_step}.")
+
+
+class Stopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the run at an optimizer-step boundary, with ``last.ckpt`` written.
+
+    ``exit_code`` is what a shell reports for the signal: 143 for SIGTERM, 130 for SIGINT.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        super().__init__(f"Stopped by {name} at step {step}; {checkpoint} holds step {step}; continue with resume=true")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopOnSignal(Callback):
+    """Stop every rank at the same optimizer-step boundary on SIGTERM (``docker stop``, Kubernetes,
+    a scheduler's cancel) or SIGINT (Ctrl-C), save ``last.ckpt`` and raise ``Stopped``.
+
+    Lightning's own SIGTERM handling stops wherever the step is and exits 0, and Ctrl-C raises in
+    the middle of a step. Here the handlers, installed once training starts (after Lightning's),
+    only raise a flag; the ranks agree on it at the next step boundary. A second Ctrl-C stops at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._step = -1
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._flag)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+    def _flag(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: now
+        self.signum = signum
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:
+            return  # mid-accumulation: not a step boundary
+        signum = self.signum if self.signum is not None else 0
+        signum = int(trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max"))
+        if signum:
+            checkpoint = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            raise Stopped(signum, trainer.global_step, checkpoint)
 
 
 def requeue_slurm_job() -> None:

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"  # checkpoints/.last.ckpt.tmp-<pid>: a save in progress, or one a kill cut short
 
 
+class CheckpointSaveFailed(RuntimeError):
+    """A checkpoint could not be written; the message says whether the previous one is intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write a checkpoint to a temporary file *in its own folder*, fsync it, then rename it over
     the old one, so a kill at any moment leaves the previous checkpoint or the new one, whole.
@@ -42,6 +46,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX within one filesystem
+        except OSError as err:  # a full disk, a quota, a vanished mount: one line, the old checkpoint intact
+            tmp.unlink(missing_ok=True)
+            kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written before"
+            raise CheckpointSaveFailed(
+                f"Saving {path} failed ({err.strerror or type(err).__name__}); {kept}. Free the space (or fix the "
+                "folder), then continue with resume=true."
+            ) from err
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

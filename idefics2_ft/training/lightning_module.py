@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from idefics2_ft.data.collator import IGNORE_INDEX
 from idefics2_ft.metrics import anls, exact_match
+from idefics2_ft.models.generation import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ class Idefics2Module(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.shard = shard
         self.strict_loading = False  # checkpoints hold trainable weights only: checked in on_load_checkpoint
-        eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        self.stop_ids = [i for i in (eou, tokenizer.eos_token_id) if i is not None]
+        self.stop_ids = stop_token_ids(tokenizer)
         self.skipped: Counter[str] = Counter()  # bad records per "<stage>/<kind>", each record once
         self._bad_seen: set[tuple[str, int]] = set()
         self.val_metrics: dict[str, float] = {}
@@ -90,8 +90,16 @@ class Idefics2Module(L.LightningModule):
         """
         if self.lr_lambda is None:
             return
+        configured = getattr(self, "_configured_groups", None)
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
+            if configured is not None:  # optim.lr, weight_decay, betas as this run sets them
+                for group, mine in zip(scheduler.optimizer.param_groups, configured, strict=True):
+                    for key in ("weight_decay", "betas", "eps"):
+                        if key in mine:
+                            group[key] = mine[key]
+                    group["initial_lr"] = mine["lr"]
+                scheduler.base_lrs = [mine["lr"] for mine in configured]
             wanted = [base * self.lr_lambda(scheduler.last_epoch) for base in scheduler.base_lrs]
             current = [group["lr"] for group in scheduler.optimizer.param_groups]
             if wanted != current:
@@ -238,6 +246,10 @@ class Idefics2Module(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
+        # this run's settings: a resume restores the old run's over them, and _follow_the_schedule puts them back
+        self._configured_groups = [
+            {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+        ]
         if self.lr_lambda is None:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)

@@ -18,7 +18,7 @@ from idefics2_ft.console import on_a_terminal
 from idefics2_ft.hardware import peak_tflops
 from idefics2_ft.ranks import is_rank_zero
 from idefics2_ft.run_folder import LAST_CHECKPOINT, RunFolder
-from idefics2_ft.training.callbacks import CrashAt, DivergenceGuard, StopOnSlurmSignal
+from idefics2_ft.training.callbacks import CrashAt, DivergenceGuard, StopOnSignal, StopOnSlurmSignal
 from idefics2_ft.training.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
 from idefics2_ft.training.history import History
 from idefics2_ft.training.loggers import TrimReplayedRows, make_logger
@@ -78,6 +78,7 @@ def make_trainer(
         TrimReplayedRows(),
         PerfMetrics(flops_per_token, peak * 1e12 if peak else None),
         History(run_dir),
+        StopOnSignal(),
         *callbacks,
     ]
     if cfg.debug.crash_at_step:

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from idefics2_ft.run_folder import run_outputs
-from tests.helpers import ROOT, TINY_RUN
+from tests.helpers import IDEFICS2_FT, ROOT, TINY_RUN
 
 pytestmark = pytest.mark.faults
 
@@ -330,4 +330,366 @@ def test_reusing_a_finished_runs_folder_is_refused_untouched(cache, tmp_path):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     TABLE.append(
         ("reusing a finished run's folder", short(line, tmp_path), f"{seconds:.0f} s", "yes (not a byte changed)")
+    )
+
+
+# ---------------------------------------------------------------- one run, one history
+def snapshot(run_dir: Path) -> dict:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def cli(*args: str, env: dict | None = None) -> tuple[int, str, float]:
+    """``idefics2-ft ARGS`` as a user types it: the return code, stdout and stderr together, seconds."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [IDEFICS2_FT, *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600
+    )
+    return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
+
+
+def jsonl_data(folder: Path, n: int = 8, answer: str = "red") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = _record(_image(folder, "good.png"), answer=answer)
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(good) + "\n" for _ in range(n)))
+    return path
+
+
+def jsonl_overrides(cache: Path, run_dir: Path, data: Path, *extra: str) -> list[str]:
+    return base_overrides(
+        cache, run_dir, "data=jsonl", f"data.train_file={data}", f"data.val_file={data}", "data.batch_size=4", *extra
+    )
+
+
+@pytest.fixture(scope="module")
+def stopped_run(cache, tmp_path_factory):
+    """A run stopped by a crash at step 2 (last.ckpt holds step 2), never finished: for the tools."""
+    run_dir = tmp_path_factory.mktemp("crashed") / "run"
+    rc, out, _ = run(*base_overrides(cache, run_dir, *RESUMABLE, "debug.crash_at_step=3"))
+    assert rc != 0 and (run_dir / "checkpoints" / "last.ckpt").is_file(), out[-2000:]
+    return run_dir
+
+
+def test_a_resume_with_a_new_lr_follows_it_and_records_the_change(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    first = base_overrides(cache, run_dir, "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1")
+    rc, out, _ = run(*first)
+    assert rc == 0, out[-2000:]
+    config = (run_dir / "config.yaml").read_bytes()
+    rc, out, _ = run(*first, "trainer.max_steps=6", "optim.lr=2e-4", "optim.scheduler=constant", "resume=true")
+    assert rc == 0, out[-2000:]
+    assert (run_dir / "config.yaml").read_bytes() == config  # the first part's config, kept as it was
+    [entry] = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert entry["changed"]["optim.lr"] == [1e-3, 2e-4] and entry["changed"]["trainer.max_steps"] == [3, 6]
+    assert "lr: 0.001 -> 0.0002" in out
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    lrs = {row["step"]: row["train/lr"] for row in history if "train/lr" in row}
+    assert lrs[4] == pytest.approx(2e-4) and lrs[6] == pytest.approx(2e-4)  # the new lr trains, constant
+    TABLE.append(
+        (
+            "resume=true with a new optim.lr (and max_steps)",
+            "the new lr trains from the restored step; config.yaml kept, config.resume-1.yaml and resumes.jsonl "
+            "say what changed",
+            "-",
+            "yes",
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "case, change, says",
+    [
+        ("another data.train_file", "data.train_file", "resume_changes=[data.train_file]"),
+        ("the same file edited", "edit", "data (files) changed"),
+        ("peft.r changed", "peft.r=4", "peft.r changed (16 -> 4)"),
+        ("seed changed", "seed=5", "seed changed (0 -> 5)"),
+    ],
+)
+def test_a_resume_that_would_mix_two_experiments_is_refused_untouched(case, change, says, cache, tmp_path):
+    data = jsonl_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    first = jsonl_overrides(cache, run_dir, data, "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1")
+    rc, out, _ = run(*first)
+    assert rc == 0, out[-2000:]
+    extra = []
+    if change == "data.train_file":
+        other = jsonl_data(tmp_path / "other", n=9)
+        extra = [f"data.train_file={other}"]
+    elif change == "edit":
+        data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # one more line
+    else:
+        extra = [change]
+    before = snapshot(run_dir)
+    rc, out, seconds = run(*first, "trainer.max_steps=4", *extra, "resume=true")
+    line = out[out.rfind("ERROR") :]
+    assert rc == 2 and says in line and "Traceback" not in out, out[-3000:]
+    assert snapshot(run_dir) == before  # a refused resume changes nothing in the folder
+    TABLE.append(
+        (
+            f"resume=true with {case}",
+            short(line.split("\n", 1)[-1].strip(" -"), tmp_path),
+            f"{seconds:.0f} s",
+            "yes (not a byte changed)",
+        )
+    )
+    if change == "data.train_file":  # accepted when asked: it trains on the new file and says so
+        rc, out, _ = run(*first, "trainer.max_steps=4", *extra, "resume=true", "resume_changes=[data.train_file]")
+        assert rc == 0, out[-2000:]
+        [entry] = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
+        assert entry["changed"]["data.train_file"] == [str(data), str(other)]
+        TABLE.append(
+            ("... with resume_changes=[data.train_file]", "trains on; resumes.jsonl records the change", "-", "yes")
+        )
+
+
+def test_two_runs_into_one_folder_the_second_is_refused_naming_the_first(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(cache, run_dir, "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=1")
+    first = train_py(*overrides)
+    lock = run_dir / ".lock"
+    while first.poll() is None and not lock.is_file():
+        time.sleep(0.05)
+    rc, out, seconds = run(*overrides, "trainer.max_steps=4")
+    line = last_error_line(out)
+    assert rc == 2 and f"in use by pid {first.pid}" in line and "choose another run_dir" in line, out[-2000:]
+    assert seconds < 60
+    TABLE.append(("a second run into a run_dir in use", short(line, tmp_path), f"{seconds:.0f} s", "yes"))
+    while first.poll() is None and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # a stale lock: the kernel released it with the process
+    first.communicate(timeout=60)
+    rc, out, _ = run(*overrides, "trainer.max_steps=4", "resume=true")
+    assert rc == 0, out[-2000:]
+    assert not lock.exists()
+    TABLE.append(("resume=true after the owner was killed -9", "continues: the lock died with the process", "-", "yes"))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_stop_at_a_step_save_and_exit_honestly(signum, code, cache, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = train_py(*base_overrides(cache, run_dir, *RESUMABLE))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    while proc.poll() is None and not last.is_file():
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    line = last_error_line(out)
+    assert proc.returncode == code, out[-3000:]
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert line.startswith(f"Stopped by {name} at step {step}") and "continue with resume=true" in line
+    assert torch.load(last, weights_only=False)["global_step"] == step
+    rc, out, _ = run(*base_overrides(cache, run_dir, *RESUMABLE, "resume=true"))
+    assert rc == 0, out[-2000:]
+    assert same(adapter(run_dir), uninterrupted)  # the stop did not break the exact resume
+    TABLE.append(
+        (
+            f"{name} during training",
+            short(line, tmp_path),
+            f"exit {code}",
+            "yes (resume gives the uninterrupted adapter)",
+        )
+    )
+
+
+DISK_FULL_AT_SAVE = """
+import errno, os, runpy, sys, torch
+from idefics2_ft.training import checkpoints
+
+step = int(os.environ["FULL_AT_SAVE_OF_STEP"])
+real_save = torch.save
+def save(obj, f, *a, **k):
+    if isinstance(obj, dict) and obj.get("global_step", 0) >= step:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *a, **k)
+checkpoints.torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_during_a_save_says_the_previous_checkpoint_is_intact(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    wrapper = tmp_path / "disk_full.py"
+    wrapper.write_text(DISK_FULL_AT_SAVE)
+    rc, out, seconds = run(
+        *base_overrides(cache, run_dir, *RESUMABLE), env={"FULL_AT_SAVE_OF_STEP": "3"}, wrapper=str(wrapper)
+    )
+    line = last_error_line(out)
+    assert rc == 1 and "No space left on device" in line and "the previous last.ckpt is intact" in line, out[-3000:]
+    assert "Traceback" not in out and len(out.splitlines()) < 80
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert "Traceback" in (run_dir / "train.log").read_text()  # the tracebacks are in the log file
+    TABLE.append(("a full disk during a save", short(line, tmp_path), f"{seconds:.0f} s", "yes (last.ckpt of step 2)"))
+
+
+def test_evaluate_refuses_a_split_a_jsonl_run_does_not_have(cache, tmp_path):
+    data = jsonl_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    rc, out, _ = run(*jsonl_overrides(cache, run_dir, data))
+    assert rc == 0, out[-2000:]
+    rc, out, seconds = cli("evaluate", f"run_dir={run_dir}", "data.split=test")
+    line = out.strip().splitlines()[-1]
+    assert rc == 2 and "a JSONL run's splits are its files" in line and "data.val_file=FILE" in line, out[-2000:]
+    assert not (run_dir / "eval").exists()
+    TABLE.append(("evaluate data.split=test on a JSONL run", short(line, tmp_path), f"{seconds:.0f} s", "yes"))
+
+
+def test_a_run_that_was_never_validated_says_so(cache, tmp_path):
+    folder = tmp_path / "data"
+    data = jsonl_data(folder)
+    val = folder / "val.jsonl"
+    val.write_text(json.dumps(_record("nowhere.png")) + "\n")  # its only record is bad
+    run_dir = tmp_path / "run"
+    rc, out, _ = run(*base_overrides(cache, run_dir, "data=jsonl", f"data.train_file={data}", f"data.val_file={val}"))
+    assert rc == 0, out[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["validation"].startswith("never validated") and "This run was never validated" in out
+    assert "never validated" in (run_dir / "report.html").read_text()
+    TABLE.append(
+        ("no usable validation record", "the log, metrics.json and report.html say: never validated", "-", "yes")
+    )
+
+
+def test_an_invalid_repo_id_fails_before_anything_trains(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {"HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "1"}
+    rc, out, seconds = run(
+        *base_overrides(cache, run_dir, "export.push_to_hub=true", "export.hub.repo_id=me/bad name"), env=env
+    )
+    line = last_error_line(out)
+    assert rc == 2 and "is not a valid Hub repo id" in line and "export.hub.repo_id" in line, out[-2000:]
+    assert run_outputs(run_dir) == []
+    TABLE.append(("an invalid export.hub.repo_id", short(line, tmp_path), f"{seconds:.0f} s", "yes (nothing trained)"))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
+def test_tools_on_an_unfinished_run_name_its_checkpoint_and_the_resume_command(command, stopped_run):
+    image = _image(stopped_run.parent, "x.png")
+    extra = [f"image={stopped_run.parent / image}", "question=what?"] if command == "predict" else []
+    rc, out, seconds = cli(command, f"run_dir={stopped_run}", *extra)
+    line = out.strip().splitlines()[-1]
+    assert rc != 0 and "did not finish" in line and "last.ckpt" in line and "resume=true" in line, out[-2000:]
+    assert "idefics2-ft train" in line and "Traceback" not in out
+    TABLE.append((f"{command} on an unfinished run", short(line, stopped_run.parent), f"{seconds:.0f} s", "yes"))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "url"])
+def test_predict_with_a_bad_image_says_so_in_one_line(case, stopped_run, tmp_path):
+    image = {
+        "missing": str(tmp_path / "nowhere.png"),
+        "empty": str(tmp_path / "empty.png"),
+        "url": "https://x.org/a.png",
+    }[case]
+    if case == "empty":
+        Path(image).write_bytes(b"")
+    rc, out, seconds = cli("predict", f"run_dir={stopped_run}", f"image={image}", "question=what?")
+    assert rc == 2 and "Traceback" not in out, out[-2000:]
+    line = out.strip().splitlines()[-1]
+    assert line.startswith(f"predict failed: image={image}"), line
+    TABLE.append((f"predict with a {case} image", short(line, tmp_path), f"{seconds:.0f} s", "yes"))
+
+
+@pytest.mark.parametrize(
+    "case, overrides, says",
+    [
+        (
+            "data.max_length shorter than the image",
+            ["data.max_length=4"],
+            "data.max_length=4 leaves no room for an answer",
+        ),
+        ("data.max_train_samples=0", ["data.max_train_samples=0"], "data.max_train_samples=0: must be positive"),
+    ],
+)
+def test_messages_name_the_key_and_the_fix(case, overrides, says, cache, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out, seconds = run(*base_overrides(cache, run_dir), *overrides)
+    line = out[out.rfind("ERROR") :].split(" - ", 1)[-1].strip()
+    assert rc == 2 and says in line and "BadSample(" not in out, out[-2000:]
+    TABLE.append((case, short(line, tmp_path), f"{seconds:.0f} s", "yes"))
+
+
+def test_a_jsonl_with_a_bom_trains_and_a_url_image_is_a_counted_bad_record(cache, tmp_path):
+    data = jsonl_data(tmp_path / "data")
+    lines = data.read_text().splitlines()
+    url = _record("https://example.org/page.png")
+    data.write_text("\ufeff" + "\n".join([*lines, json.dumps(url)]) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    rc, out, _ = run(*jsonl_overrides(cache, run_dir, data))
+    assert rc == 0, out[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data/skipped/train/image_url"] == 1 and "image URLs are not fetched" in out
+    TABLE.append(("a JSONL saved with a BOM", "trains: the BOM is read", "-", "yes"))
+    TABLE.append(
+        ("an http:// image path", "a counted bad record: image URLs are not fetched, give its local path", "-", "yes")
+    )
+
+
+def test_exports_answer_in_a_plain_client_as_the_project_does(cache, tmp_path):
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        BitsAndBytesConfig,
+        GenerationConfig,
+        Idefics2ForConditionalGeneration,
+    )
+
+    from idefics2_ft.cli.arguments import parse_overrides
+    from idefics2_ft.data import build_rows, load_image
+    from idefics2_ft.tasks.evaluate import answer, load_run
+
+    run_dir = tmp_path / "run"
+    rc, out, _ = run(*base_overrides(cache, run_dir, "trainer.max_steps=30", "optim.lr=5e-3", "data.max_val_samples=8"))
+    assert rc == 0, out[-2000:]
+    for args in ([], ["export.adapter_only=true", f"export.out_dir={run_dir / 'export-adapter'}"]):
+        rc, out, _ = cli("export", f"run_dir={run_dir}", *args)
+        assert rc == 0, out[-2000:]
+    cfg, _ = parse_overrides([f"run_dir={run_dir}"], {})
+    rows = [build_rows(cfg.data, "val")[i] for i in range(8)]
+
+    def plain(model, processor, row) -> str:  # as the transformers docs show it: no arguments of ours
+        prompt = processor.apply_chat_template(row.messages[:-1], add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=[[load_image(r) for r in row.images]], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+
+    def ours(model, processor, row) -> str:
+        return answer(
+            model, processor, [load_image(r) for r in row.images], messages=row.messages[:-1], max_new_tokens=16
+        )
+
+    merged = AutoModelForImageTextToText.from_pretrained(run_dir / "export").eval()
+    processor = AutoProcessor.from_pretrained(run_dir / "export")
+    assert merged.generation_config.eos_token_id == [32002, 2]
+    project, project_processor = load_run(cfg, model_dir=str(run_dir / "export"))
+    agree_merged = sum(plain(merged, processor, r) == ours(project, project_processor, r) for r in rows)
+
+    base_path = json.loads((run_dir / "base_model.json").read_text())["path"]
+    quantized = BitsAndBytesConfig(  # the base as the recipe loads it (peft=qlora)
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["model.vision_model", "model.connector", "lm_head"],
+    )
+    base = Idefics2ForConditionalGeneration.from_pretrained(
+        base_path, quantization_config=quantized, dtype=torch.float32
+    )
+    with_adapter = PeftModel.from_pretrained(base, run_dir / "export-adapter").eval()
+    with_adapter.generation_config = GenerationConfig.from_pretrained(run_dir / "export-adapter")  # the card's line
+    as_trained, trained_processor = load_run(cfg)
+    adapter_processor = AutoProcessor.from_pretrained(run_dir / "export-adapter")
+    agree_adapter = sum(
+        plain(with_adapter, adapter_processor, r) == ours(as_trained, trained_processor, r) for r in rows
+    )
+    assert agree_merged == len(rows) and agree_adapter == len(rows), (agree_merged, agree_adapter)
+    TABLE.append(
+        (
+            "the exports in plain transformers / peft, default generate()",
+            f"the merged export agreed with the project's answers on {agree_merged} of {len(rows)}, the adapter "
+            f"(plain peft on its 4-bit base) on {agree_adapter} of {len(rows)}: both stop at <end_of_utterance>",
+            "-",
+            "yes",
+        )
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from idefics2_ft.data.records import DataError, Row, message_text
+from idefics2_ft.data.records import DataError, Row, is_url, message_text
 
 
 def jsonl_rows(path: str) -> list[Row]:
@@ -15,7 +15,7 @@ def jsonl_rows(path: str) -> list[Row]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM, as some editors write
             except UnicodeDecodeError as err:
                 raise DataError(
                     f"{path}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
@@ -27,7 +27,7 @@ def jsonl_rows(path: str) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from err
-            images = [str(folder / p) if isinstance(p, str) else p for p in obj.get("images", [])]
+            images = [str(folder / p) if isinstance(p, str) and not is_url(p) else p for p in obj.get("images", [])]
             messages = obj.get("messages", [])
             answers = obj.get("answers")
             if answers is None:

@@ -1,0 +1,116 @@
+"""What a resume may change: schedule keys take effect and are recorded; the model, the adapter's
+shape, the data, the seed and the precision make it another experiment and are refused unless
+``resume_changes`` names them. ``config.yaml`` stays the first part's config; each resume writes
+``config.resume-N.yaml`` and a line of ``resumes.jsonl`` with what it changed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from idefics2_ft.config import ConfigError
+from idefics2_ft.run_folder import RunFolder, read_base_record, redacted
+
+log = logging.getLogger(__name__)
+
+# Keys that make a resumed run a different experiment: refused unless resume_changes names them.
+EXPERIMENT = ("model.", "peft.", "data.", "seed", "trainer.precision")
+# ... except these, which change how the run is read or shown, not what it trains on.
+HARMLESS = ("data.num_workers", "data.eval_batch_size", "data.max_val_samples", "data.on_bad_sample")
+# The adapter's shape: last.ckpt holds adapters of the old shape, so no resume_changes can accept it.
+SHAPE = ("peft.method", "peft.r", "peft.target", "peft.modules_to_save", "peft.skip_modules")
+NOT_COMPARED = ("run_dir", "resume", "overwrite", "resume_changes")
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 1e-3, ...}`` of a nested config dict."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}."))
+    return out
+
+
+def previous_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config the run was last trained with: the newest ``config.resume-N.yaml``, else ``config.yaml``."""
+    folder = RunFolder(run_dir)
+    path = folder.latest_config
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else None
+
+
+def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> dict[str, tuple[Any, Any]]:
+    """Each key whose value differs from the previous part of the run: ``{key: (old, new)}``; the data's
+    fingerprint counts as the key ``data (files)``."""
+    before = previous_config(run_dir)
+    if before is None:
+        return {}
+    old, new = flat(before), flat(redacted(cfg))
+    found = {
+        key: (old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if not key.startswith(NOT_COMPARED) and old.get(key) != new.get(key)
+    }
+    recorded = (read_base_record(run_dir) or {}).get("data")
+    if recorded is not None and data_fingerprint is not None and recorded != data_fingerprint:
+        edited = sorted(k for k in set(recorded) | set(data_fingerprint) if recorded.get(k) != data_fingerprint.get(k))
+        found["data (files)"] = ("as trained", f"changed since: {', '.join(edited)}")
+    return found
+
+
+def is_experiment(key: str) -> bool:
+    return key.startswith(EXPERIMENT) and not key.startswith(HARMLESS) or key == "data (files)"
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> dict[str, tuple[Any, Any]]:
+    """The changes this resume makes, refusing (before anything is written) those that would mix two
+    experiments in one run folder.
+
+    Raises:
+        ConfigError: naming each refused key with its old and new value, and the fix.
+    """
+    found = changes(cfg, run_dir, data_fingerprint)
+    accepted = set(cfg.resume_changes)
+    problems = []
+    for key, (old, new) in found.items():
+        if key.startswith(SHAPE):
+            problems.append(
+                f"resume=true with {key} changed ({old!r} -> {new!r}): checkpoints/last.ckpt holds adapters of the "
+                "old shape, so this cannot continue it. Start a new run_dir."
+            )
+        elif is_experiment(key) and key not in accepted and not (key == "data (files)" and "data" in accepted):
+            accept = "data" if key == "data (files)" else key
+            problems.append(
+                f"resume=true with {key} changed ({old!r} -> {new!r}): the resumed part would be another experiment. "
+                f"Start a new run_dir, or accept it with resume_changes=[{accept}]."
+            )
+    if problems:
+        raise ConfigError(problems)
+    return found
+
+
+def record_resume(cfg: DictConfig, run_dir: Path, found: dict[str, tuple[Any, Any]]) -> Path:
+    """Write ``config.resume-N.yaml`` and a line of ``resumes.jsonl``; log what changed."""
+    folder = RunFolder(run_dir)
+    number = len(folder.resume_configs()) + 1
+    path = folder.resume_config(number)
+    OmegaConf.save(OmegaConf.create(redacted(cfg)), path)
+    entry = {
+        "resume": number,
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": path.name,
+        "changed": {k: [v[0], v[1]] for k, v in found.items()},
+    }
+    with open(folder.resumes, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    if found:
+        listed = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in found.items())
+        log.warning("Resume %d changes %s (they take effect from here on; %s)", number, listed, path.name)
+    else:
+        log.info("Resume %d: the same config as before (%s)", number, path.name)
+    return path
