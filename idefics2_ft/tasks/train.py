@@ -42,15 +42,13 @@ from idefics2_ft.run_folder import (
     RunFolder,
     log_to_file,
     read_base_record,
-    remove_outputs,
     resume_checkpoint,
-    run_outputs,
     save_config,
     slurm_restarted,
     write_base_record,
     write_results,
 )
-from idefics2_ft.tasks.resume import check_resume, record_resume
+from idefics2_ft.tasks.claim import check_resume, claim_run_dir, in_use, record_resume
 from idefics2_ft.training import (
     Diverged,
     Idefics2Module,
@@ -99,19 +97,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if is_rank_zero():  # the other ranks of this run are the same owner
         holder = lock.acquire()
         if holder is not None:
-            raise ConfigError([_in_use(cfg.run_dir, holder)])
+            raise ConfigError([in_use(cfg.run_dir, holder)])
     try:
         return _checked_and_run(cfg)
     finally:
         lock.release()
-
-
-def _in_use(run_dir: str, holder: dict) -> str:
-    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    return (
-        f"run_dir={run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
-        f"{holder.get('started')}{job}: wait for that run to end (or stop it), or choose another run_dir."
-    )
 
 
 def _checked_and_run(cfg: DictConfig) -> dict[str, Any]:
@@ -295,31 +285,6 @@ def base_path(cfg: DictConfig) -> str:
     """The base to train on: the run's recorded base when resuming, else what
     ``model.name_or_path`` resolves to (a stand-in is built and cached if needed)."""
     return resolve_base(cfg, read_base_record(cfg.run_dir) if cfg.resume else None)
-
-
-def claim_run_dir(cfg: DictConfig) -> None:
-    """Make ``run_dir`` this run's: refuse a folder that holds another run, unless told.
-
-    ``resume=true`` (or a SLURM restart) continues the run in it; ``overwrite=true`` removes that
-    run's outputs first (rank 0). Nothing is written to the folder before this passes.
-
-    Raises:
-        ConfigError: the folder holds a run and neither ``resume=true`` nor ``overwrite=true`` was given.
-    """
-    run_dir = Path(cfg.run_dir)
-    found = run_outputs(run_dir)
-    if not found or cfg.resume or slurm_restarted():
-        return
-    if not cfg.overwrite:
-        raise ConfigError(
-            [
-                f"run_dir={run_dir} already holds a run ({', '.join(found)}): add resume=true to continue it, "
-                "overwrite=true to replace it, or choose another run_dir."
-            ]
-        )
-    if is_rank_zero():
-        remove_outputs(run_dir)
-        log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir, ", ".join(found))
 
 
 def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan | None:

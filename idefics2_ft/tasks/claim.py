@@ -1,7 +1,11 @@
-"""What a resume may change: schedule keys take effect and are recorded; the model, the adapter's
-shape, the data, the seed and the precision make it another experiment and are refused unless
-``resume_changes`` names them. ``config.yaml`` stays the first part's config; each resume writes
-``config.resume-N.yaml`` and a line of ``resumes.jsonl`` with what it changed."""
+"""Making a run folder this run's: refusing one that another process owns or that holds another
+run, and what a resume may change.
+
+Schedule keys take effect on a resume and are recorded; the model, the adapter's shape, the data,
+the seed and the precision make it another experiment and are refused unless ``resume_changes``
+names them. ``config.yaml`` stays the first part's config; each resume writes
+``config.resume-N.yaml`` and a line of ``resumes.jsonl`` with what it changed
+(``docs/run-folder.md``)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import ConfigError
-from idefics2_ft.run_folder import RunFolder, read_base_record, redacted
+from idefics2_ft.ranks import is_rank_zero
+from idefics2_ft.run_folder import RunFolder, read_base_record, redacted, remove_outputs, run_outputs, slurm_restarted
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +61,18 @@ def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> di
         for key in sorted(set(old) | set(new))
         if not key.startswith(NOT_COMPARED) and old.get(key) != new.get(key)
     }
-    recorded = (read_base_record(run_dir) or {}).get("data")
-    if recorded is not None and data_fingerprint is not None and recorded != data_fingerprint:
-        edited = sorted(k for k in set(recorded) | set(data_fingerprint) if recorded.get(k) != data_fingerprint.get(k))
+    edited = edited_data(run_dir, data_fingerprint)
+    if edited:
         found["data (files)"] = ("as trained", f"changed since: {', '.join(edited)}")
     return found
+
+
+def edited_data(run_dir: Path, data_fingerprint: dict | None) -> list[str]:
+    """What of the data differs from the fingerprint the run recorded (``train_file``, ...)."""
+    recorded = (read_base_record(run_dir) or {}).get("data")
+    if recorded is None or data_fingerprint is None:
+        return []
+    return sorted(k for k in set(recorded) | set(data_fingerprint) if recorded.get(k) != data_fingerprint.get(k))
 
 
 def is_experiment(key: str) -> bool:
@@ -76,6 +88,8 @@ def check_resume(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) 
     """
     found = changes(cfg, run_dir, data_fingerprint)
     accepted = set(cfg.resume_changes)
+    if all(f"data.{k}" in accepted for k in edited_data(run_dir, data_fingerprint)):
+        accepted.add("data (files)")  # the files of keys accepted by name (data.train_file) differ, of course
     problems = []
     for key, (old, new) in found.items():
         if key.startswith(SHAPE):
@@ -114,3 +128,36 @@ def record_resume(cfg: DictConfig, run_dir: Path, found: dict[str, tuple[Any, An
     else:
         log.info("Resume %d: the same config as before (%s)", number, path.name)
     return path
+
+
+def in_use(run_dir: str, holder: dict) -> str:
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return (
+        f"run_dir={run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+        f"{holder.get('started')}{job}: wait for that run to end (or stop it), or choose another run_dir."
+    )
+
+
+def claim_run_dir(cfg: DictConfig) -> None:
+    """Make ``run_dir`` this run's: refuse a folder that holds another run, unless told.
+
+    ``resume=true`` (or a SLURM restart) continues the run in it; ``overwrite=true`` removes that
+    run's outputs first (rank 0). Nothing is written to the folder before this passes.
+
+    Raises:
+        ConfigError: the folder holds a run and neither ``resume=true`` nor ``overwrite=true`` was given.
+    """
+    run_dir = Path(cfg.run_dir)
+    found = run_outputs(run_dir)
+    if not found or cfg.resume or slurm_restarted():
+        return
+    if not cfg.overwrite:
+        raise ConfigError(
+            [
+                f"run_dir={run_dir} already holds a run ({', '.join(found)}): add resume=true to continue it, "
+                "overwrite=true to replace it, or choose another run_dir."
+            ]
+        )
+    if is_rank_zero():
+        remove_outputs(run_dir)
+        log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir, ", ".join(found))
