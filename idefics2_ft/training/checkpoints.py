@@ -48,7 +48,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)  # atomic on POSIX within one filesystem
         except OSError as err:  # a full disk, a quota, a vanished mount: one line, the old checkpoint intact
             tmp.unlink(missing_ok=True)
-            kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written before"
+            last = path.parent / "last.ckpt"
+            kept = (
+                "the previous checkpoint, last.ckpt, is intact"
+                if last.is_file()
+                else "no checkpoint was written before"
+            )
             raise CheckpointSaveFailed(
                 f"Saving {path} failed ({err.strerror or type(err).__name__}); {kept}. Free the space (or fix the "
                 "folder), then continue with resume=true."

@@ -57,6 +57,7 @@ def check_sources(data_cfg: DictConfig) -> dict[str, int]:
         BadSampleError: with ``data.on_bad_sample=raise``, at the first bad record, naming where it is.
     """
     counts: dict[str, int] = {}
+    first: dict[str, str] = {}  # kind -> where its first record is, and why it is bad
     for split_key, limit in (("train", data_cfg.max_train_samples), ("val", data_cfg.max_val_samples)):
         rows = build_rows(data_cfg, split_key)
         for index in range(len(rows) if limit is None else min(limit, len(rows))):
@@ -67,11 +68,13 @@ def check_sources(data_cfg: DictConfig) -> dict[str, int]:
                 problem = ("missing_image", f"image not found: {missing[0]}")
             if problem is None:
                 continue
+            where = row.origin or f"{split_key} record {index}"
             if data_cfg.on_bad_sample == "raise":
-                where = row.origin or f"{split_key} record {index}"
                 raise BadSampleError(f"{where}: {problem[1]} (set data.on_bad_sample=skip to skip such records)")
             key = f"{split_key}/{problem[0]}"
             counts[key] = counts.get(key, 0) + 1
+            first.setdefault(key, f"{where}: {problem[1]}")
     if counts:
-        log.warning("Data check: %d bad record(s) will be skipped: %s", sum(counts.values()), counts)
+        kinds = "; ".join(f"{key} {n} (the first: {first[key]})" for key, n in counts.items())
+        log.warning("Data check: %d bad record(s) will be skipped: %s", sum(counts.values()), kinds)
     return counts
