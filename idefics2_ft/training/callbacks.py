@@ -187,8 +187,9 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step:
             return  # mid-accumulation: not a step boundary
-        signum = self.signum if self.signum is not None else 0
-        signum = int(trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max"))
+        signum = self.signum or 0
+        if trainer.world_size > 1:  # every rank stops at the same step, whichever was signalled
+            signum = int(trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max"))
         if signum:
             checkpoint = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
             raise Stopped(signum, trainer.global_step, checkpoint)

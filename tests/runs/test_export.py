@@ -270,3 +270,37 @@ def test_a_hub_base_and_dataset_are_named_in_the_card_metadata(run_dir):
     [result] = card.data.eval_results
     assert (result.metric_type, result.metric_name, result.metric_value) == ("anls", "ANLS", 0.8123)
     assert result.dataset_type == "HuggingFaceM4/DocumentVQA"
+
+
+@pytest.mark.parametrize(
+    "repo_id, raises",
+    [
+        ("me/new-model", None),  # the user's own namespace: created at the push
+        ("my-org/new-model", None),  # an organization of the user's
+        ("someone-else/new-model", "cannot create repos under 'someone-else'"),  # refused now, not after training
+        ("me/bad name", "is not a valid Hub repo id"),  # refused offline, before asking the Hub
+    ],
+)
+def test_write_access_treats_a_refusal_as_an_error(repo_id, raises, monkeypatch):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def whoami(self):
+            return {"name": "me", "orgs": [{"name": "my-org"}]}
+
+        def auth_check(self, repo_id, write=False):
+            response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co"))
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    if raises is None:
+        assert check_write_access(repo_id) == "me"
+    else:
+        with pytest.raises(HubError, match=raises):
+            check_write_access(repo_id)
