@@ -20,8 +20,9 @@ from idefics2_ft.cli import compose_config
 from idefics2_ft.hardware import GPUS
 from idefics2_ft.models import base_config
 from idefics2_ft.planning import format_plan, plan_run, setup_from_cfg, workload_from_cfg
+from idefics2_ft.planning.batch import largest_batch
 
-OWN = {"plan.gpu_gb": 24.0, "plan.text_tokens": 128, "plan.images": 1, "plan.json": None}
+OWN = {"plan.gpu_gb": 24.0, "plan.text_tokens": 128, "plan.images": 1, "plan.answer_tokens": 32, "plan.json": None}
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +36,12 @@ def main(argv: list[str]) -> int:
             overrides.append(arg)
     cfg = compose_config(overrides)
     config = base_config(cfg)
-    workload = workload_from_cfg(cfg, config, int(own["plan.text_tokens"]), int(own["plan.images"]))
+    if cfg.data.batch_size == "auto":
+        cfg.data.batch_size, _ = largest_batch(cfg, config, "cuda", float(own["plan.gpu_gb"]))
+        print(f"data.batch_size=auto: {cfg.data.batch_size} per device on {float(own['plan.gpu_gb']):g} GB\n")
+    workload = workload_from_cfg(
+        cfg, config, int(own["plan.text_tokens"]), int(own["plan.images"]), int(own["plan.answer_tokens"])
+    )
     setup = setup_from_cfg(cfg, "cuda")
     plan = plan_run(config, workload, setup, float(own["plan.gpu_gb"]))
     gpus = f"{setup.gpus} GPUs" if setup.gpus > 1 else "one GPU"

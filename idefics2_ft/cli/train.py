@@ -78,7 +78,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from idefics2_ft.cli import register_demo
     from idefics2_ft.data.records import DataError
     from idefics2_ft.hub import HubError
-    from idefics2_ft.tasks.train import train
+    from idefics2_ft.tasks.train import OutOfMemory, train
     from idefics2_ft.training import CheckpointSaveFailed, Diverged, Preempted, Stopped
 
     register_demo()  # here, not at import: a sweep's job runs this function in a process of its own
@@ -94,7 +94,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except Diverged as err:
         logging.getLogger("idefics2_ft").error("%s", err)
         sys.exit(3)
-    except CheckpointSaveFailed as err:  # one line here; the chained tracebacks are in train.log
+    except (CheckpointSaveFailed, OutOfMemory) as err:  # one line here; the chained tracebacks are in train.log
         logging.getLogger("idefics2_ft").error("%s", err)
         sys.exit(1)
     except Stopped as stop:  # SIGTERM or Ctrl-C: saved at a step boundary; the shell's code for the signal

@@ -73,6 +73,9 @@ class ModelConfig:
     dtype: str = choice("auto", DType)  # compute dtype: auto is bf16 on CUDA, fp32 on the CPU
     attn_implementation: str = choice("sdpa", Attention)
     gradient_checkpointing: bool = False
+    # recompute the connector's projection (in chunks of patches) and perceiver in the backward instead
+    # of keeping their activations; null: on when anything in the connector trains (docs/memory.md)
+    checkpoint_connector: bool | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
@@ -118,7 +121,7 @@ class DataConfig:
     on_bad_sample: str = choice("skip", OnBadSample)
     # an answer that max_length cuts before its <end_of_utterance>: skipped and counted, or trained on
     train_on_truncated: bool = False
-    batch_size: int = 4
+    batch_size: Any = 4  # per device; auto: the largest the plan fits in the device's memory (docs/memory.md)
     eval_batch_size: int = 8
     num_workers: int | None = None  # loader workers; null: up to 4 per GPU rank with cores to spare, 0 on the CPU
     # batches of alike records: none | length (tokens) | aspect (image count and size, then tokens)
@@ -180,6 +183,13 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    # the device memory data.batch_size=auto plans against; null: the CUDA device's, or on the CPU
+    # what Linux says is available
+    gpu_gb: float | None = None
+
+
+@dataclass
 class LoggerConfig:
     type: str = choice("csv", LoggerType)
     project: str = "idefics2-ft"
@@ -238,6 +248,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

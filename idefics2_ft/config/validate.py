@@ -183,9 +183,10 @@ def _data_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.max_train_samples={d.max_train_samples}: must be positive, or null for every record.")
     if d.max_length is not None and d.max_length <= 0:
         problems.append(f"data.max_length={d.max_length}: must be positive, or null for no limit.")
-    for key in ("batch_size", "eval_batch_size"):
-        if d[key] <= 0:
-            problems.append(f"data.{key}={d[key]}: must be positive.")
+    if d.batch_size != "auto" and not (isinstance(d.batch_size, int) and d.batch_size > 0):
+        problems.append(f"data.batch_size={d.batch_size!r}: must be a positive number, or auto.")
+    if d.eval_batch_size <= 0:
+        problems.append(f"data.eval_batch_size={d.eval_batch_size}: must be positive.")
     return problems
 
 
@@ -208,7 +209,7 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
     t, d = cfg.trainer, cfg.data
     if t.max_steps <= 0:
         problems.append(f"trainer.max_steps={t.max_steps}: must be positive.")
-    if t.global_batch_size is not None:
+    if t.global_batch_size is not None and isinstance(d.batch_size, int):  # auto: chosen to divide it
         per_step = d.batch_size * num_devices(cfg) * t.num_nodes
         if t.global_batch_size <= 0 or t.global_batch_size % per_step:
             problems.append(

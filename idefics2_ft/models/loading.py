@@ -15,6 +15,7 @@ from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForCondition
 
 from idefics2_ft.models.architecture import COMPONENTS, lora_target_regex
 from idefics2_ft.models.chat_template import IDEFICS2_CHAT_TEMPLATE
+from idefics2_ft.models.recompute import connector_trains, recompute_connector
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,12 @@ def _outputs_require_grad(module: torch.nn.Module, inputs, output: torch.Tensor)
     output.requires_grad_(True)
 
 
-def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gradient_checkpointing: bool):
+def apply_peft(
+    model: Idefics2ForConditionalGeneration,
+    peft_cfg: DictConfig,
+    gradient_checkpointing: bool,
+    checkpoint_connector: bool | None = None,
+):
     """Attach LoRA / DoRA adapters (or unfreeze everything for ``full``) and return the model.
 
     Args:
@@ -130,6 +136,8 @@ def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gr
         peft_cfg: the ``peft`` group: method, rank, alpha, dropout, target preset, modules to save.
         gradient_checkpointing: recompute the decoder and encoder layers in the backward
             (non-reentrant, with input gradients so that adapters below a frozen layer still learn).
+        checkpoint_connector: recompute the connector's projection and perceiver in the backward
+            (``recompute_connector``); None: when anything in the connector trains.
 
     Returns:
         The PEFT model (the same model unwrapped for ``peft=full``).
@@ -142,7 +150,7 @@ def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gr
     if peft_cfg.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
-        return model
+        return _maybe_recompute_connector(model, checkpoint_connector)
     from peft import LoraConfig, get_peft_model
 
     _prepare_kbit(model, gradient_checkpointing)
@@ -158,7 +166,16 @@ def apply_peft(model: Idefics2ForConditionalGeneration, peft_cfg: DictConfig, gr
     peft_model = get_peft_model(model, lora)
     # For a base that is not quantized, peft prepares checkpointing with the same hooks again.
     model.disable_input_require_grads()
-    return peft_model
+    return _maybe_recompute_connector(peft_model, checkpoint_connector)
+
+
+def _maybe_recompute_connector(model: torch.nn.Module, wanted: bool | None) -> torch.nn.Module:
+    trains = connector_trains(model)
+    if wanted if wanted is not None else trains:
+        if not trains:
+            log.info("model.checkpoint_connector=true, but nothing in the connector trains: nothing to recompute")
+        recompute_connector(model)
+    return model
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:

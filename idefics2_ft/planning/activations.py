@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import Idefics2Config
 
+from idefics2_ft.models.recompute import CHUNK_PATCHES
 from idefics2_ft.planning.shapes import Setup, Workload
 
 
@@ -51,11 +52,17 @@ def activation_terms(config: Idefics2Config, w: Workload, s: Setup) -> tuple[flo
     D, inter = t.hidden_size, t.intermediate_size
     kv_heads = p.num_key_value_heads * p.resampler_head_dim
     n_lat = p.resampler_n_latents
-    if targets["connector"]:
+    projection = (2 * drop * v.hidden_size + (4 + drop) * inter + D) * a
+    perceiver_layer = ((2 + 2 * drop) * D + 2 * kv_heads) * a
+    recompute = targets["connector"] and s.recompute_connector
+    if recompute:
+        # checkpointed: kept are the inputs of what is recomputed (the vision output, the projection's
+        # output read by every perceiver layer, each layer's latents); the rest comes back in the backward
+        vision_out = N * S * v.hidden_size * a
+        connector = N * S * D * a + p.resampler_depth * N * n_lat * D * a
+    elif targets["connector"]:
         vision_out = 2 * N * S * v.hidden_size * a
-        projection = (2 * drop * v.hidden_size + (4 + drop) * inter + D) * a
-        perceiver = p.resampler_depth * ((2 + 2 * drop) * D + 2 * kv_heads) * a
-        connector = N * S * projection + N * (S + n_lat) * perceiver
+        connector = N * S * projection + N * (S + n_lat) * p.resampler_depth * perceiver_layer
     else:
         vision_out = 0
         connector = N * S * (3 * inter + 3 * D) * a  # transient, one block at a time
@@ -66,8 +73,9 @@ def activation_terms(config: Idefics2Config, w: Workload, s: Setup) -> tuple[flo
         text = L * B * T * D * a + layer + B * T * (2 * D + 2 * inter) * a  # boundaries, one layer, its gradients
     else:
         text = L * layer + B * T * (2 * D + 2 * inter) * a
-    # the loss's backward: log-softmax saved (fp32), the gradient it receives and the one it gives
-    logits = B * T * t.vocab_size * 12
+    # the loss's backward: log-softmax saved (fp32), the gradient it receives and the one it gives, at
+    # the positions the head runs on (where some sample learns the next token)
+    logits = B * (w.learned if w.learned is not None else T) * t.vocab_size * 12
     # the batch's pixels (fp32), the model's mask of padding images and its copy of the real ones
     pixels = N * S * v.patch_size**2 * 3 * (4 + 1 + a)
     saved = {
@@ -76,22 +84,39 @@ def activation_terms(config: Idefics2Config, w: Workload, s: Setup) -> tuple[flo
         "activations: text model": text,
         "activations: logits and loss": logits,
     }
-    # the projection's backward: gradients of gate, up and act(gate) beside what is still saved
-    connector_grads = 3 * N * S * inter * a if targets["connector"] else 0
+    # the projection's backward: gradients of gate, up and act(gate) beside what is still saved; with
+    # recompute, one chunk of patches (or one perceiver layer) at a time, re-run and then differentiated
+    if recompute:
+        c = min(S, CHUNK_PATCHES)
+        chunk = N * c * (projection + 3 * inter * a)
+        # a perceiver layer re-run, the gradients of its input and of its keys and values, and the
+        # context's gradient, summed over the layers
+        layer = N * (S + n_lat) * (perceiver_layer + (D + 2 * kv_heads) * a) + N * S * D * a
+        connector_grads = max(chunk, layer)
+    else:
+        connector_grads = 3 * N * S * inter * a if targets["connector"] else 0
     return pixels, vision_layer, saved, connector_grads
 
 
 def step_flops(config: Idefics2Config, w: Workload, s: Setup, params: dict[str, int]) -> float:
     """FLOPs of one optimizer step as executed: forward, backward (input gradients only through
-    frozen weights), the text model's recomputation under checkpointing."""
+    frozen weights), the text model's recomputation under checkpointing, the connector's under
+    ``model.checkpoint_connector``; the head on the learned positions only."""
     v, t = config.vision_config, config.text_config
     N, S, tokens = w.images, w.patches, w.tokens
     vision = 2 * params["vision"] * N * S + 4 * N * S * S * v.hidden_size * v.num_hidden_layers
     connector = 2 * params["connector"] * N * S
     text = 2 * params["text"] * tokens + 4 * w.batch * w.seq_len**2 * t.hidden_size * t.num_hidden_layers
-    head = 2 * params["head"] * tokens
+    head = 2 * params["head"] * w.batch * (w.learned if w.learned is not None else w.seq_len)
     backward = 2 if s.method == "full" else 1  # weight gradients only for full fine-tuning
     recompute = text if s.checkpointing else 0
+    connector_trains = s.method == "full" or s.target in ("text+connector", "all")
+    if s.recompute_connector and connector_trains:  # the projection on every patch, the perceiver's keys and values
+        p_cfg, D, inter = config.perceiver_config, t.hidden_size, t.intermediate_size
+        kv = p_cfg.num_key_value_heads * p_cfg.resampler_head_dim
+        projection = 2 * (2 * v.hidden_size * inter + inter * D) * N * S
+        perceiver = 2 * p_cfg.resampler_depth * 2 * D * kv * N * (S + p_cfg.resampler_n_latents)
+        recompute += projection + perceiver
     vision_backward = vision * backward if s.target == "all" or s.method == "full" else 0
     micro = vision + vision_backward + (connector + text + head) * (1 + backward) + recompute
     return micro * s.accumulate

@@ -21,6 +21,7 @@ class Workload:
     seq_len: int  # tokens per sample, image tokens included (padded)
     crops: int = 1  # images per picture: 5 with do_image_splitting (4 crops and the whole)
     longest_edge: int = 980
+    learned: int | None = None  # positions whose logits are computed (where some sample learns); None: all
 
     @property
     def tokens(self) -> int:
@@ -45,6 +46,7 @@ class Setup:
     strategy: str = "ddp"  # ddp (one device too) | fsdp | deepspeed_zero2(_offload) | deepspeed_zero3(_offload)
     gpus: int = 1
     accumulate: int = 1
+    recompute_connector: bool = True  # model.checkpoint_connector (on when the connector trains)
 
     @property
     def act_bytes(self) -> int:  # activations and the unquantized weights: the compute dtype's size
@@ -73,12 +75,23 @@ def setup_from_cfg(cfg: DictConfig, device: str) -> Setup:
         strategy=strategy,
         gpus=num_devices(cfg) * cfg.trainer.num_nodes,
         accumulate=accumulation(cfg),
+        recompute_connector=connector_recomputed(cfg),
     )
 
 
-def workload_from_cfg(cfg: DictConfig, config: Idefics2Config, text_tokens: int = 128, images: int = 1) -> Workload:
+def connector_recomputed(cfg: DictConfig) -> bool:
+    """``model.checkpoint_connector`` as the run resolves it: on when anything in the connector trains."""
+    if cfg.model.checkpoint_connector is not None:
+        return bool(cfg.model.checkpoint_connector)
+    return cfg.peft.method == "full" or cfg.peft.target in ("text+connector", "all")
+
+
+def workload_from_cfg(
+    cfg: DictConfig, config: Idefics2Config, text_tokens: int = 128, images: int = 1, answer_tokens: int = 32
+) -> Workload:
     """The largest batch the data settings allow: square pages at ``longest_edge``, ``images`` per
-    sample, and ``text_tokens`` of text besides the image tokens (capped by ``max_length``)."""
+    sample, ``text_tokens`` of text besides the image tokens (capped by ``max_length``), of which
+    ``answer_tokens`` are learned (the logits are computed there only)."""
     d = cfg.data
     crops = pictures_per_image(d.do_image_splitting)
     side = d.longest_edge // config.vision_config.patch_size
@@ -86,7 +99,8 @@ def workload_from_cfg(cfg: DictConfig, config: Idefics2Config, text_tokens: int 
     seq = image_tokens + text_tokens
     if d.max_length:
         seq = min(seq, d.max_length)
-    return Workload(d.batch_size, d.batch_size * images * crops, side * side, seq, crops, d.longest_edge)
+    learned = min(seq, answer_tokens * d.batch_size)  # the union over the batch, at most
+    return Workload(d.batch_size, d.batch_size * images * crops, side * side, seq, crops, d.longest_edge, learned)
 
 
 def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) -> Workload:
@@ -96,4 +110,6 @@ def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) ->
     real = int((pixels.flatten(2).abs().sum(-1) > 0).sum())  # the model drops all-zero padding images
     patches = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)  # the patch embedding's stride
     crops = pictures_per_image(cfg.data.do_image_splitting)
-    return Workload(pixels.shape[0], real, patches, batch["input_ids"].shape[1], crops, cfg.data.longest_edge)
+    learned = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())  # the positions the loss keeps
+    seq = batch["input_ids"].shape[1]
+    return Workload(pixels.shape[0], real, patches, seq, crops, cfg.data.longest_edge, learned)

@@ -26,6 +26,7 @@ from idefics2_ft.data.fingerprint import data_fingerprint
 from idefics2_ft.hardware import available_gb
 from idefics2_ft.models import (
     apply_peft,
+    base_config,
     frozen_fingerprint,
     load_idefics2,
     load_processor,
@@ -35,6 +36,7 @@ from idefics2_ft.models import (
 )
 from idefics2_ft.models.bases import base_record
 from idefics2_ft.planning import Phases, Plan, format_parts, plan_run, setup_from_cfg, workload_from_batch
+from idefics2_ft.planning.batch import largest_batch
 from idefics2_ft.ranks import is_rank_zero
 from idefics2_ft.reporting import TrackerRecord
 from idefics2_ft.run_folder import (
@@ -48,7 +50,7 @@ from idefics2_ft.run_folder import (
     write_base_record,
     write_results,
 )
-from idefics2_ft.tasks.claim import check_resume, claim_run_dir, in_use, record_resume
+from idefics2_ft.tasks.claim import check_resume, claim_run_dir, in_use, previous_config, record_resume
 from idefics2_ft.training import (
     Diverged,
     Idefics2Module,
@@ -92,6 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     # 1. validate: everything that can be checked before a weight loads
     check_versions()
+    resolve_batch_size(cfg)
     validate(cfg)
     lock = FolderLock(cfg.run_dir)
     if is_rank_zero():  # the other ranks of this run are the same owner
@@ -168,7 +171,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
     # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
     with phases("load"):  # read the shards, quantize to NF4, attach the adapters
         model = load_idefics2(model_path, cfg.model, cfg.peft)
-        model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
+        model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_connector)
     model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
     counts = trainable_parameters(model)
     log.info("Trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -203,6 +206,8 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
     except Preempted:
         requeue_slurm_job()
         raise
+    except torch.cuda.OutOfMemoryError as err:  # one line with the figures and the batch to use; no retry
+        raise OutOfMemory(out_of_memory_message(cfg, plan, trainer.global_step)) from err
     fit["s_per_step"] = round(fit["wall_s"] / max(fit["steps"], 1), 3)
     metrics["train/wall_s"] = fit["wall_s"]
     metrics["train/frozen_base_unchanged"] = int(_unchanged(frozen_before, frozen_fingerprint(model)))
@@ -253,6 +258,48 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
         log.info("Phases: %s (phases.json)", phases.line())
         log.info("Run folder: %s", run_dir)
     return metrics
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory in training; the message gives the plan's figure and the batch to use."""
+
+
+def out_of_memory_message(cfg: DictConfig, plan: Plan | None, step: int) -> str:
+    batch = cfg.data.batch_size
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+    planned = f"the plan predicted {plan.total_gb:.1f} GB" if plan is not None else "there was no plan"
+    return (
+        f"Out of memory at step {step} with data.batch_size={batch}: {planned}, {peak:.1f} GB were allocated at "
+        f"the peak. Use data.batch_size={max(1, batch // 2)} (trainer.global_batch_size keeps the effective "
+        "batch), or model.checkpoint_connector=true / model.gradient_checkpointing=true; the run folder is kept."
+    )
+
+
+def resolve_batch_size(cfg: DictConfig) -> None:
+    """``data.batch_size=auto``: the largest batch the plan fits in the device's memory (``plan.gpu_gb``,
+    the CUDA device's, or what Linux says is available), recorded in ``config.yaml`` as the number.
+    A resume keeps the batch the run was trained with."""
+    if cfg.data.batch_size != "auto":
+        return
+    previous = previous_config(Path(cfg.run_dir)) if cfg.resume else None
+    if previous is not None:
+        cfg.data.batch_size = previous["data"]["batch_size"]
+        log.info("data.batch_size=auto: %d, as the run was trained", cfg.data.batch_size)
+        return
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    memory = cfg.plan.gpu_gb or available_gb(device)
+    if memory is None:
+        raise ConfigError(["data.batch_size=auto: this machine's memory is unknown; set plan.gpu_gb=GB."])
+    try:
+        config = base_config(cfg)
+    except OSError as err:  # a Hub id whose config.json is neither reachable nor cached
+        raise ConfigError([f"data.batch_size=auto needs the model's config.json: {err}"]) from None
+    batch, plan = largest_batch(cfg, config, device, memory)
+    cfg.data.batch_size = batch
+    log.info(
+        "data.batch_size=auto: %d per device, the largest whose plan fits (%.1f of %.1f GB; accumulation %d)",
+        *(batch, plan.total_gb, memory, accumulation(cfg)),
+    )
 
 
 def _task_overrides(cfg: DictConfig) -> list[str]:

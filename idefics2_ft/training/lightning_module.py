@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from idefics2_ft.data.collator import IGNORE_INDEX
 from idefics2_ft.metrics import anls, exact_match
@@ -155,21 +156,41 @@ class Idefics2Module(L.LightningModule):
             # Every record of this batch was bad. A zero loss over the trainable weights keeps the
             # step (and, across ranks, the gradient all-reduce) in step with everyone else.
             return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        num_items = None
         if world > 1:
             # Normalise by the supervised tokens of the global batch, not of this rank's share:
             # DDP averages the ranks' gradients, so each rank divides its summed loss by
             # total/world, and the step equals one process over the whole batch.
             total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
             dist.all_reduce(total)
-            inputs["num_items_in_batch"] = total.clamp(min=1) / world
-        out = self.model(**inputs)
+            num_items = total.clamp(min=1) / world
+        loss = self.learned_loss(batch, num_items)
         n = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
         if self.trainer._logger_connector.should_update_logs:  # written only then: skip the call (~0.7 ms) otherwise
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        return out.loss
+        return loss
+
+    def learned_loss(self, batch: dict, num_items: torch.Tensor | None = None) -> torch.Tensor:
+        """The causal-LM loss with the head run only where some sample learns the next token.
+
+        The logits (``tokens x vocab``, fp32 in the loss) of every other position would be computed
+        and kept for the backward for nothing. transformers' ``logits_to_keep`` selects the positions
+        before the head; the loss is transformers' own (summed cross-entropy over the supervised
+        tokens, divided by ``num_items`` or by their count), on the same positions, so the value and
+        the gradients are today's (``tests/unit/test_recompute.py``).
+        """
+        targets = batch["labels"][:, 1:]  # position t predicts token t + 1: [B, T - 1]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # [K] positions, any sample
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "labels"}
+        logits = self.model(**inputs, logits_to_keep=keep).logits  # [B, K, vocab]
+        picked = targets[:, keep]  # [B, K]
+        summed = F.cross_entropy(
+            logits.float().flatten(0, 1), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        count = num_items if num_items is not None else (picked != IGNORE_INDEX).sum().clamp(min=1)
+        return summed / count
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

@@ -53,7 +53,12 @@ def compose_cfg(args: argparse.Namespace, extra: list[str]):
 
 def fresh_model(cfg, path: str, device: str) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    model = apply_peft(load_idefics2(path, cfg.model, cfg.peft), cfg.peft, cfg.model.gradient_checkpointing)
+    model = apply_peft(
+        load_idefics2(path, cfg.model, cfg.peft),
+        cfg.peft,
+        cfg.model.gradient_checkpointing,
+        cfg.model.checkpoint_connector,
+    )
     if next(model.parameters()).device.type != device:  # a 4-bit base on CUDA is placed at load
         model.to(device)
     return model.train()

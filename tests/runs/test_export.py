@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from idefics2_ft.cli.arguments import parse_overrides
 from idefics2_ft.data import load_image
 from idefics2_ft.hub import HubError, check_write_access, push_folder
+from idefics2_ft.models.generation import stop_token_ids
 from idefics2_ft.tasks.evaluate import answer, evaluate, load_run
 from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run, merge_and_check, parity_batch
 from tests.helpers import IDEFICS2_FT
@@ -67,6 +68,9 @@ def test_merge_parity_holds_and_the_export_reloads_with_the_same_answers(run_dir
     with torch.no_grad():
         gen = {k: v for k, v in batch.items() if k != "labels"}
         kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        # the export's own generation config stops at <end_of_utterance>, as the project does
+        assert merged.generation_config.eos_token_id == stop_token_ids(processor.tokenizer)
+        kwargs["eos_token_id"] = stop_token_ids(processor.tokenizer)  # the adapter's base stops at </s> only
         assert torch.equal(merged.generate(**gen, **kwargs), adapter_model.generate(**gen, **kwargs))
 
     card = (out / "README.md").read_text()

@@ -39,6 +39,11 @@ CONFIGS = {
         ["data.batch_size=2", *SPLIT, "model.gradient_checkpointing=false"],
     ),
     "text-heavy, batch 2, splitting, checkpointing on": (TEXT_HEAVY, ["data.batch_size=2", *SPLIT]),
+    "text-heavy, batch 2, splitting, connector recompute off": (
+        TEXT_HEAVY,
+        ["data.batch_size=2", *SPLIT, "model.checkpoint_connector=false"],
+    ),
+    "mid, batch 4, splitting, connector recompute on": (MID, ["data.batch_size=4", *SPLIT]),
 }
 TABLE: list[str] = []
 
@@ -183,3 +188,32 @@ def test_bench_gpu_says_so_without_cuda_and_its_dry_run_measures_two_rows(tmp_pa
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in table.read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2 and all("| fits | yes |" in row for row in rows), table.read_text()
+
+
+def test_connector_recompute_and_learned_logits_fit_image_splitting_in_24_gb():
+    from idefics2_ft.planning import setup_from_cfg, workload_from_cfg
+    from idefics2_ft.planning.batch import largest_batch
+    from tests.helpers import compose_config
+
+    config = idefics2_8b_config()
+
+    def plan_of(*overrides: str):
+        cfg = compose_config(["recipe=docvqa_qlora", "data.do_image_splitting=true", *overrides])
+        return plan_run(config, workload_from_cfg(cfg, config), setup_from_cfg(cfg, "cuda"), gpu_gb=24), cfg
+
+    before, _ = plan_of("data.batch_size=2", "model.checkpoint_connector=false")
+    after, _ = plan_of("data.batch_size=2")
+    assert before.verdict.startswith("does not fit") and before.fix.startswith("model.checkpoint_connector=true")
+    assert after.total_gb <= 15 and after.rows["activations: connector"] < before.rows["activations: connector"] / 10
+    four, cfg = plan_of("data.batch_size=4")
+    assert four.verdict.startswith("fits")
+    assert largest_batch(cfg, config, "cuda", 24)[0] >= 4  # data.batch_size=auto on a 24 GB GPU
+    # with a global batch of 12 on one device, only batches that divide it are tried
+    twelve = compose_config(["recipe=docvqa_qlora", "data.do_image_splitting=true", "trainer.global_batch_size=12"])
+    assert 12 % largest_batch(twelve, config, "cuda", 24)[0] == 0
+    # the head runs on the learned positions only: the logits term shrinks with them
+    w = Workload(batch=2, images=2, patches=4900, seq_len=1024)
+    full, learned = plan_run(config, w, Setup()), plan_run(config, replace(w, learned=32), Setup())
+    assert learned.off_peak.get("activations: logits and loss", learned.rows.get("activations: logits and loss", 0)) < (
+        full.off_peak.get("activations: logits and loss", full.rows.get("activations: logits and loss", 0)) / 10
+    )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from idefics2_ft.reporting import metric_table
 from idefics2_ft.reporting.gallery import pick_gallery
@@ -107,7 +108,8 @@ def test_the_report_renders_in_headless_chromium_with_its_images_and_no_console_
     )
     assert done.stdout, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["ready"] == "complete" and result["title"].startswith("easyvqa_tiny")
+    name = OmegaConf.load(run_dir / "config.yaml").name
+    assert result["ready"] == "complete" and result["title"].startswith(f"{name}: ")
     assert result["images"] >= 13  # the curves and one picture per gallery card
     assert result["broken_images"] == [] and result["console_errors"] == []
     assert done.returncode == 0

@@ -151,7 +151,7 @@ def test_over_length_with_nothing_learnable_left_is_a_bad_sample(processor, red)
     batch = Idefics2Collator(processor, max_length=fits)([record, short])
     assert [b.kind for b in batch["bad_samples"]] == ["too_long"]
     assert batch["input_ids"].shape[0] == 1
-    with pytest.raises(BadSampleError, match="record -1: too long"):
+    with pytest.raises(BadSampleError, match="record -1: data.max_length=8 leaves no room for an answer"):
         Idefics2Collator(processor, max_length=8, on_bad_sample="raise")([record])
 
 
