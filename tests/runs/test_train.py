@@ -172,3 +172,35 @@ def test_bad_record_stops_the_run_naming_its_file_and_line_when_asked(tiny_run_c
     # record 2 is line 3 of the file; found by the check of every source, before any weight loads
     with pytest.raises(BadSampleError, match=r"data\.jsonl:3: image not found: .*missing\.png"):
         train(cfg)
+
+
+def test_batch_size_auto_takes_the_largest_batch_the_plan_fits_and_records_it(tiny_run_cfg, tmp_path, caplog):
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from idefics2_ft.models import base_config
+    from idefics2_ft.planning.batch import largest_batch
+
+    cfg = tiny_run_cfg("data.batch_size=auto", "plan.gpu_gb=0.3", "trainer.max_steps=2")
+    expected, plan = largest_batch(cfg, base_config(cfg), "cpu", 0.3)
+    assert 1 <= expected < 64 and plan.total_gb <= 0.3  # the budget binds: not simply the largest candidate
+    with caplog.at_level(logging.INFO, logger="idefics2_ft"):
+        metrics = train(cfg)
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").data.batch_size == expected  # the number, not auto
+    assert metrics["train/effective_batch"] == expected
+    assert f"data.batch_size=auto: {expected} per device" in caplog.text
+
+
+def test_an_out_of_memory_step_says_what_the_plan_predicted_and_the_batch_to_use(tiny_run_cfg, tmp_path, monkeypatch):
+    import lightning as L
+
+    from idefics2_ft.tasks.train import OutOfMemory
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(L.Trainer, "fit", oom)
+    with pytest.raises(OutOfMemory, match=r"data.batch_size=4: the plan predicted .* Use data.batch_size=2"):
+        train(tiny_run_cfg())
+    assert (tmp_path / "run" / "config.yaml").is_file()  # the run folder is kept
