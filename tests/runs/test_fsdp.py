@@ -103,3 +103,28 @@ def test_fsdp_resumes_from_its_checkpoint_where_the_uninterrupted_run_ends(runs)
     a, b = adapter(tmp / "two"), adapter(resumed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process_with_connector(runs):
+    tmp, common = runs
+    connector = [*common, "peft.target=text+connector"]
+    run_train(*connector, "data.batch_size=4", f"run_dir={tmp / 'one-connector'}")
+    return tmp / "one-connector", connector
+
+
+@pytest.mark.slow  # two 2-rank runs: make test-slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_the_recomputed_connector_trains_under_fsdp_and_ddp_as_one_process(strategy, runs, one_process_with_connector):
+    """LoRA in the connector, recomputed in the backward (the default when it trains): the perceiver
+    layers are FSDP units, and 2 ranks still train as one process over the global batch."""
+    tmp, _ = runs
+    one, connector = one_process_with_connector
+    two = tmp / f"two-connector-{strategy}"
+    run_train(*connector, f"strategy={strategy}", *TWO_RANKS[1:], f"run_dir={two}")
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["params/trainable/connector"] > 0 and metrics["train/ranks_in_sync"] is True
+    a, b = adapter(one), adapter(two)
+    assert any(".connector." in k for k in a) and a.keys() == b.keys()
+    for key in a:  # fp32 sums in another order move a few elements by ~1e-6 (see test_ddp.py)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -43,7 +43,6 @@ CONFIGS = {
         TEXT_HEAVY,
         ["data.batch_size=2", *SPLIT, "model.checkpoint_connector=false"],
     ),
-    "mid, batch 4, splitting, connector recompute on": (MID, ["data.batch_size=4", *SPLIT]),
 }
 TABLE: list[str] = []
 
