@@ -169,12 +169,17 @@ def test_the_memory_pages_table_is_the_commands():
     assert "Verdict: fits" in out.stdout
 
 
-def test_bench_gpu_says_so_without_cuda_and_its_dry_run_measures_two_rows(tmp_path):
+def test_bench_gpu_says_so_without_cuda():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "scripts/bench_gpu.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "no CUDA GPU here" in out.stdout
+
+
+@pytest.mark.slow  # the 8B's shapes with 2 decoder layers, loaded twice: 2 min (make test-slow)
+def test_bench_gpus_dry_run_measures_two_rows(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     table = tmp_path / "bench.md"
     out = subprocess.run(
         [sys.executable, "scripts/bench_gpu.py", "--dry-run", "--out", str(table)],
