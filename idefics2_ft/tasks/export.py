@@ -279,8 +279,9 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     if metrics is None:
         metrics = read_metrics(run.root)
     adapter_dir = run.adapter
-    if unfinished(run.root):
-        raise FileNotFoundError(unfinished(run.root))
+    not_finished = unfinished(run.root)
+    if not_finished:
+        raise FileNotFoundError(not_finished)
     check_adapter_is_finite(adapter_dir)
     # what to write: the merged model or the adapter; with export.with_adapter, the adapter beside it too
     exports = [("adapter" if e.adapter_only else "merged", out)]
