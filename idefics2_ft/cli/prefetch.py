@@ -25,6 +25,7 @@ def fetch(need: Need) -> str:
         return snapshot_download(need.repo_id, revision=need.revision, allow_patterns=MODEL_PATTERNS)
     import datasets
 
+    # a stream is prefetched whole too: an offline node reads it with data.streaming=false
     for split in need.splits:
         datasets.load_dataset(need.repo_id, need.name, split=split)
     return datasets.config.HF_DATASETS_CACHE
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
             return 1
     problems = []
     for need in wanted:
-        missing = cached_model(need)[1] if need.kind == "model" else cached_dataset(need)
+        missing = cached_model(need)[1] if need.kind == "model" else cached_dataset(need)  # a stream: as a dataset
         if missing:
             problems.append(f"{need}: still missing {missing}")
     if problems:

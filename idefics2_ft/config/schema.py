@@ -12,6 +12,7 @@ from omegaconf import MISSING
 from idefics2_ft.config.choices import (
     Attention,
     Backend,
+    DataFormat,
     DataSource,
     DType,
     GroupBy,
@@ -97,15 +98,54 @@ class PeftConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of ``data.mixture``. A key left out (null) comes from ``data.*``."""
+
+    name: str = MISSING  # the source's name in the metric keys: val/<name>/<metric>, data/samples/<name>
+    source: str | None = choice(None, DataSource, optional=True)  # null: hub when path is set, else data.source
+    path: str | None = None
+    subset: str | None = None
+    format: str | None = choice(None, DataFormat, optional=True)
+    # the sampling probability of this source; or leave it out and give max_samples (or neither):
+    # such sources share what the weights leave, in proportion to their sizes
+    weight: float | None = None
+    max_samples: int | None = None  # this source's training records (data.max_train_samples for one source)
+    max_val_samples: int | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    train_file: str | None = None
+    val_file: str | None = None
+    image_dir: str | None = None
+    question_column: str | None = None
+    answer_column: str | None = None
+    image_column: str | None = None
+    id_column: str | None = None
+    type_column: str | None = None
+    system_prompt: str | None = None
+    metric: str | None = choice(None, Metric, optional=True)
+
+
+@dataclass
 class DataConfig:
     source: str = choice(MISSING, DataSource)
-    path: str | None = None  # Hub dataset id or local dataset folder (source=hub / docvqa)
-    name: str | None = None  # Hub dataset config name
+    # hub / docvqa: a Hub dataset id, a local datasets folder (save_to_disk), a folder of data files
+    # (train.jsonl, validation.parquet, ...), or one JSON / JSONL / parquet file
+    path: str | None = None
+    subset: str | None = None  # the Hub dataset's configuration (a Cauldron subset: docvqa, chartqa, ...)
+    # how rows are read (docs/your-data.md): auto detects it from the columns; qa | trl | cauldron | llava
+    format: str = choice("auto", DataFormat)
+    # several sources, sampled by weight (docs/your-data.md#mixtures); null: the one source above
+    mixture: list[MixtureSource] | None = None
+    # read a Hub dataset or data files as a stream (nothing downloads whole); shuffling and
+    # data.group_by then work within data.buffer_size records
+    streaming: bool = False
+    buffer_size: int | None = None
     train_split: str = "train"
     val_split: str = "validation"
-    train_file: str | None = None  # source=jsonl
+    train_file: str | None = None  # source=jsonl: a .jsonl / .json / .parquet file, in any format
     val_file: str | None = None
-    question_column: str = "question"
+    image_dir: str | None = None  # where relative image paths start; null: the data file's folder
+    question_column: str = "question"  # format=qa
     answer_column: str = "answers"
     image_column: str = "image"
     id_column: str | None = None
@@ -126,6 +166,7 @@ class DataConfig:
     num_workers: int | None = None  # loader workers; null: up to 4 per GPU rank with cores to spare, 0 on the CPU
     # batches of alike records: none | length (tokens) | aspect (image count and size, then tokens)
     group_by: str = choice("none", GroupBy)
+    # the validation score: accuracy (= exact_match), anls, vqa_accuracy, relaxed_accuracy, multiple_choice
     metric: str = choice("accuracy", Metric)
 
 

@@ -127,20 +127,20 @@ class Idefics2Collator:
     def encode(self, record: dict) -> dict | BadSample:
         """Tokenize one record; returns a dict of lists, or ``BadSample`` if nothing learnable fits."""
         index = record.get("index", -1)
-        origin = record.get("origin")
+        origin, source = record.get("origin"), record.get("source")
         messages = record["messages"]
         images = list(record.get("images") or [])
         target = None
         if self.add_generation_prompt:
             if not messages or messages[-1]["role"] != "assistant":
-                return BadSample(index, "no assistant turn to generate", "no_assistant_turn", origin)
+                return BadSample(index, "no assistant turn to generate", "no_assistant_turn", origin, source)
             target = message_text(messages[-1])
             messages = messages[:-1]
         text, spans = self.render(messages, add_generation_prompt=self.add_generation_prompt)
         n_placeholders = count_images(messages)
         if n_placeholders > len(images):
             return BadSample(
-                index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders", origin
+                index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders", origin, source
             )
         images = images[:n_placeholders]
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
@@ -162,15 +162,15 @@ class Idefics2Collator:
                     f"data.max_length={self.max_length} leaves no room for an answer: the sample needs "
                     f"{len(enc['input_ids'])} tokens, {image_tokens} of them its images': raise data.max_length"
                 )
-                return BadSample(index, reason, "too_long", origin)
+                return BadSample(index, reason, "too_long", origin, source)
             cut_answer = labels[-1] != IGNORE_INDEX and ids[-1] != self.eou_id  # stopped inside an answer
             if not self.add_generation_prompt and cut_answer and not self.train_on_truncated:
                 reason = (
                     f"an answer is cut by max_length={self.max_length} before its <end_of_utterance> "
                     "(raise data.max_length, or set data.train_on_truncated=true to train on it anyway)"
                 )
-                return BadSample(index, reason, "answer_truncated", origin)
-        out = {"input_ids": ids, "labels": labels, "images": images}
+                return BadSample(index, reason, "answer_truncated", origin, source)
+        out = {"input_ids": ids, "labels": labels, "images": images, "source": source}
         if target is not None:
             out["target"] = target
         return out
@@ -215,6 +215,7 @@ class Idefics2Collator:
             labels[row, sl] = torch.tensor(e["labels"])
             attention_mask[row, sl] = 1
         batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        batch["sources"] = [e["source"] for e in encoded]
         batch.update(self._pixels([e["images"] for e in encoded]))
         pictures = sum(len(e["images"]) for e in encoded) * self.crops
         batch["stats"] = padding_stats(attention_mask, batch.get("pixel_attention_mask"), pictures)

@@ -7,15 +7,19 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from itertools import islice
+
 import lightning as L
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.dataset import RecordDataset
-from idefics2_ft.data.grouping import GroupedBatchSampler, index_stream, record_shapes, sort_keys
+from idefics2_ft.data.grouping import GroupedBatchSampler, index_stream, record_shapes, row_shape, sort_keys
 from idefics2_ft.data.images import pictures_per_image
-from idefics2_ft.data.records import BadSample, DataError
+from idefics2_ft.data.mixture import RecordOrder, Source, SourceRows, probabilities, source_configs
+from idefics2_ft.data.records import BadSample, DataError, Row, message_text
 from idefics2_ft.data.sources import build_rows
 
 log = logging.getLogger(__name__)
@@ -30,13 +34,21 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(
-        self, dataset_len: int, num_samples: int, seed: int, rank: int = 0, num_replicas: int = 1, start: int = 0
+        self,
+        dataset_len: int,
+        num_samples: int,
+        seed: int,
+        rank: int = 0,
+        num_replicas: int = 1,
+        start: int = 0,
+        order: RecordOrder | None = None,
     ) -> None:
         self.dataset_len, self.num_samples, self.seed = dataset_len, num_samples, seed
         self.rank, self.num_replicas, self.start = rank, num_replicas, start
+        self.order = order  # a mixture's draws; None: a permutation of the records each epoch
 
     def __iter__(self) -> Iterator[int]:
-        stream = index_stream(self.dataset_len, self.seed)
+        stream = self.order.stream() if self.order is not None else index_stream(self.dataset_len, self.seed)
         for i in range(self.num_samples * self.num_replicas):
             index = next(stream)
             if i % self.num_replicas == self.rank and i // self.num_replicas >= self.start:
@@ -46,6 +58,9 @@ class ResumableSampler(Sampler[int]):
         # The whole run's length, also on resume: Lightning restores its batch index within the
         # epoch and would end the epoch early (and start over) if the length shrank.
         return self.num_samples
+
+
+STREAM_VAL_ROWS = 1000  # validation records read from a streamed source without data.max_val_samples
 
 
 class ValCollator:
@@ -75,8 +90,16 @@ class ValCollator:
             answers=[r["answers"] for r in ok],
             question_types=[r.get("question_type") for r in ok],
             ids=[r.get("id") for r in ok],
+            sources=[r.get("source") for r in ok],
+            questions=[question_of(r["messages"]) for r in ok],
         )
         return batch
+
+
+def question_of(messages: list[dict]) -> str:
+    """The text of the last user turn (a multiple-choice question lists its options there)."""
+    users = [m for m in messages if m.get("role") == "user"]
+    return message_text(users[-1]) if users else ""
 
 
 class Idefics2DataModule(L.LightningDataModule):
@@ -91,34 +114,92 @@ class Idefics2DataModule(L.LightningDataModule):
         self.train_set: RecordDataset | None = None
         self.val_set: RecordDataset | None = None
         self.train_keys: list[tuple] | None = None  # data.group_by's sort key per training record
+        self.sources: list[Source] = source_configs(data_cfg)
+        self.order: RecordOrder | None = None  # a mixture's draws (None: one source)
+        self.probs: list[float] = [1.0]
+        self.train_stream: list[float] | None = None  # data.streaming: the sources' probabilities
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None and stage in (None, "fit"):
-            self.train_set = RecordDataset(build_rows(self.cfg, "train"), self.cfg.max_train_samples)
+        self.sources = source_configs(self.cfg)
+        if self.train_set is None and self.train_stream is None and stage in (None, "fit"):
             crops = pictures_per_image(self.cfg.do_image_splitting)
             per_crop = self.processor.image_seq_len
             log.info(
                 "Images: longest edge %d px, splitting %s -> %d image tokens per image (%d crop(s) of %d).",
                 *(self.cfg.longest_edge, "on" if crops > 1 else "off", crops * per_crop, crops, per_crop),
             )
-            if self.cfg.group_by != "none":
-                rows = [self.train_set.row(i) for i in range(len(self.train_set))]
-                shapes = record_shapes(rows, self.train_collator(), self.cfg.longest_edge, self.cfg.shortest_edge)
-                self.train_keys = sort_keys(shapes, self.cfg.group_by, self.cfg.longest_edge)
+            if self.cfg.streaming:
+                self.train_stream = self._stream_probs()
+            else:
+                self._setup_train()
         if self.val_set is None:
-            self.val_set = RecordDataset(build_rows(self.cfg, "val"), self.cfg.max_val_samples)
+            self.val_set = RecordDataset(*self._val_rows())
             self._check_val_is_not_train()
+
+    def _setup_train(self) -> None:
+        if len(self.sources) == 1:
+            self.train_set = RecordDataset(build_rows(self.cfg, "train"), self.cfg.max_train_samples)
+        else:
+            parts = [(s.name, build_rows(s.cfg, "train"), s.cfg.max_train_samples) for s in self.sources]
+            rows = SourceRows(parts)
+            self.probs = probabilities(self.sources, rows.sizes)
+            self.order = RecordOrder(rows.sizes, self.probs, self.seed)
+            self.train_set = RecordDataset(rows)
+            log.info(
+                "Mixture: %s.",
+                "; ".join(
+                    f"{s.name} {n:,} records, p={p:.3f}" for s, n, p in zip(self.sources, rows.sizes, self.probs, strict=True)
+                ),
+            )
+        if self.cfg.group_by != "none":
+            rows = [self.train_set.row(i) for i in range(len(self.train_set))]
+            shapes = record_shapes(rows, self.train_collator(), self.cfg.longest_edge, self.cfg.shortest_edge)
+            self.train_keys = sort_keys(shapes, self.cfg.group_by, self.cfg.longest_edge)
+
+    def _stream_probs(self) -> list[float]:
+        """A streamed mixture's probabilities: the weights, and an equal share of what they leave for the
+        sources without one (a stream's size is unknown)."""
+        probs = probabilities(self.sources, [1] * len(self.sources))
+        log.info(
+            "Streaming: %s.", "; ".join(f"{s.name or s.cfg.path} p={p:.3f}" for s, p in zip(self.sources, probs, strict=True))
+        )
+        return probs
+
+    def _val_rows(self):
+        parts = []
+        for s in self.sources:
+            limit = s.cfg.max_val_samples
+            if s.cfg.streaming:
+                from itertools import islice
+
+                from idefics2_ft.data.streaming import stream_rows
+
+                limit = limit or STREAM_VAL_ROWS
+                rows: list[Row] = list(islice(stream_rows(s.cfg, s.cfg.val_split), limit))
+                parts.append((s.name, rows, None))
+            else:
+                parts.append((s.name, build_rows(s.cfg, "val"), limit))
+        if len(parts) == 1 and parts[0][0] is None:
+            return parts[0][1], parts[0][2]
+        return SourceRows(parts), None
 
     def _check_val_is_not_train(self) -> None:
         """A saved dataset with one split serves both sets: validation would score the training data."""
         rows = self.val_set.rows
-        self.val_is_train = bool(getattr(rows, "single_split", False)) and self.cfg.source == "hub"
+        parts = rows.parts if isinstance(rows, SourceRows) else [rows]
+        names = rows.names if isinstance(rows, SourceRows) else [None]
+        same = [
+            name or self.cfg.path
+            for name, part, source in zip(names, parts, self.sources, strict=True)
+            if getattr(part, "single_split", False) and source.cfg.source == "hub"
+        ]
+        self.val_is_train = bool(same)
         if not self.val_is_train:
             return
         message = (
-            f"data.path={self.cfg.path} holds one split, so validation reads the training records: its metrics "
-            "measure memorisation. Save a DatasetDict with a validation split (or use data=jsonl with "
-            "data.val_file)."
+            f"{', '.join(map(str, same))}: data.path holds one split, so validation reads the training records: "
+            "its metrics measure memorisation. Save a DatasetDict with a validation split, hold rows out with "
+            "data.train_split='train[200:]' data.val_split='train[:200]', or use data=jsonl with data.val_file."
         )
         if self.cfg.on_bad_sample == "raise":
             raise DataError(message)
@@ -130,7 +211,10 @@ class Idefics2DataModule(L.LightningDataModule):
         Raises:
             DataError: every one of them is bad (or the first bad one, with ``on_bad_sample=raise``).
         """
-        records = [self.train_set[i] for i in range(min(self.cfg.batch_size, len(self.train_set)))]
+        if self.train_stream is not None:
+            records = next(iter(self._stream_batches(rank=0, world=1, batches=1, start=0)))
+        else:
+            records = [self.train_set[i] for i in range(min(self.cfg.batch_size, len(self.train_set)))]
         batch = self.train_collator()(records)
         if "input_ids" not in batch:
             bad = batch["bad_samples"]
@@ -158,15 +242,88 @@ class Idefics2DataModule(L.LightningDataModule):
         # On resume the trainer's step is already restored: skip what the first run consumed.
         consumed = trainer.global_step * self.accumulate if trainer is not None else 0
         size = self.cfg.batch_size
+        if self.train_stream is not None:
+            stream = self._stream_batches(rank, world, batches, consumed)
+            # read in this process: datasets shards a stream across loader workers by itself, which
+            # would break the exact order a resume relies on
+            return DataLoader(stream, batch_size=None, collate_fn=self.train_collator(), num_workers=0)
         if self.train_keys is not None:
             batch_sampler = GroupedBatchSampler(
-                self.train_keys, size, batches, seed=self.seed, rank=rank, num_replicas=world, start=consumed
+                self.train_keys,
+                size,
+                batches,
+                seed=self.seed,
+                rank=rank,
+                num_replicas=world,
+                start=consumed,
+                order=self.order,
             )
             return self._loader(self.train_set, self.train_collator(), batch_sampler=batch_sampler)
         sampler = ResumableSampler(
-            len(self.train_set), batches * size, seed=self.seed, rank=rank, num_replicas=world, start=consumed * size
+            len(self.train_set),
+            batches * size,
+            seed=self.seed,
+            rank=rank,
+            num_replicas=world,
+            start=consumed * size,
+            order=self.order,
         )
         return self._loader(self.train_set, self.train_collator(), batch_size=size, sampler=sampler)
+
+    def samples_per_source(self, batches: int, world: int = 1) -> dict[str, int]:
+        """How many records each source of a mixture gave to the first ``batches`` batches of every
+        rank (bad ones included: they are counted by kind besides). Computed from the draws, which
+        are a pure function of the seed, so it holds across resumes and ranks. A streamed mixture
+        counts each draw of the sources (grouping reorders them within a buffer: the counts are then
+        those of the draws read, not the batches trained, to within one buffer)."""
+        if len(self.sources) < 2:
+            return {}
+        names = [s.name for s in self.sources]
+        counts = dict.fromkeys(names, 0)
+        size = self.cfg.batch_size
+        if self.train_stream is not None:
+            chooser = torch.Generator().manual_seed(self.seed)
+            weights = torch.tensor(self.train_stream, dtype=torch.float64)
+            need = batches * size
+            picks: list[int] = []
+            while len(picks) < need:
+                picks += torch.multinomial(weights, 1024, replacement=True, generator=chooser).tolist()
+            for s in picks[:need]:
+                counts[names[s]] += world  # every rank draws its own part of each source alike
+            return counts
+        rows = self.train_set.rows
+        if self.train_keys is not None:
+            sampler = GroupedBatchSampler(self.train_keys, size, batches, self.seed, 0, world, order=self.order)
+            drawn = (i for batch in islice(sampler.global_batches(), batches) for i in batch)
+        else:
+            drawn = islice(self.order.stream(), batches * size * world)
+        for index in drawn:
+            counts[names[rows.locate(index)[0]]] += 1
+        return counts
+
+    def _stream_batches(self, rank: int, world: int, batches: int, start: int):
+        from idefics2_ft.data.streaming import StreamBatches
+
+        c = self.cfg
+        sort_key = None
+        if c.group_by != "none":
+            collator = self.train_collator()
+
+            def sort_key(row: Row) -> tuple:
+                return sort_keys([row_shape(row, collator, c.longest_edge, c.shortest_edge)], c.group_by, c.longest_edge)[0]
+
+        return StreamBatches(
+            self.sources,
+            self.train_stream,
+            c.batch_size,
+            batches,
+            self.seed,
+            rank=rank,
+            world=world,
+            start=start,
+            sort_key=sort_key,
+            buffer_size=c.buffer_size,
+        )
 
     def _loader(self, dataset, collate_fn, **sampling) -> DataLoader:
         """A DataLoader with the machine's defaults: ``data.num_workers`` (null: ``default_workers``),

@@ -70,27 +70,27 @@ def image_size(ref: Any) -> tuple[int, int] | None:
         return None
 
 
+def row_shape(row: Row, collator: Any, longest_edge: int, shortest_edge: int) -> RecordShape:
+    """One row's shape: its tokens as ``collator`` encodes it, its image sizes from their headers;
+    zeros for a row the collator would skip."""
+    encoded = None if check_row(row) else collator.encode({"messages": row.messages, "images": row.images})
+    if not isinstance(encoded, dict):
+        return RecordShape(0, 0, 0, 0)
+    sizes = [s for s in (image_size(ref) for ref in encoded["images"]) if s is not None]
+    dims = [resized_size(w, h, longest_edge, shortest_edge) for w, h in sizes]
+    return RecordShape(
+        tokens=len(encoded["input_ids"]),
+        images=len(encoded["images"]),
+        height=max((h for h, _ in dims), default=0),
+        width=max((w for _, w in dims), default=0),
+    )
+
+
 def record_shapes(rows: Sequence[Row], collator: Any, longest_edge: int, shortest_edge: int) -> list[RecordShape]:
-    """The shape of every row: its tokens as ``collator`` encodes it (``max_length`` cut included),
-    its image sizes from their headers (pixels are not decoded). A row the collator would skip gets
-    zeros."""
+    """The shape of every row (``row_shape``), with a progress line every 30 s on long reads."""
     shapes, started, last = [], time.perf_counter(), time.perf_counter()
     for i in range(len(rows)):
-        row = rows[i]
-        encoded = None if check_row(row) else collator.encode({"messages": row.messages, "images": row.images})
-        if not isinstance(encoded, dict):
-            shapes.append(RecordShape(0, 0, 0, 0))
-            continue
-        sizes = [s for s in (image_size(ref) for ref in encoded["images"]) if s is not None]
-        dims = [resized_size(w, h, longest_edge, shortest_edge) for w, h in sizes]
-        shapes.append(
-            RecordShape(
-                tokens=len(encoded["input_ids"]),
-                images=len(encoded["images"]),
-                height=max((h for h, _ in dims), default=0),
-                width=max((w for _, w in dims), default=0),
-            )
-        )
+        shapes.append(row_shape(rows[i], collator, longest_edge, shortest_edge))
         if time.perf_counter() - last > 30:
             last = time.perf_counter()
             log.info("Measuring records for data.group_by: %d/%d", i + 1, len(rows))
@@ -123,6 +123,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         rank, num_replicas: this rank and the world size.
         start: batches already consumed (a resumed run skips them).
         pool: global batches' worth of records sorted together.
+        order: the records' draws epoch after epoch (a mixture's, ``RecordOrder``); None: a new
+            permutation of all of them each epoch.
     """
 
     def __init__(
@@ -135,9 +137,11 @@ class GroupedBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         start: int = 0,
         pool: int = POOL,
+        order: Any = None,
     ) -> None:
         self.keys, self.batch_size, self.num_batches, self.seed = list(keys), batch_size, num_batches, seed
         self.rank, self.num_replicas, self.start, self.pool = rank, num_replicas, start, pool
+        self.order = order
 
     def global_batches(self) -> Iterator[list[int]]:
         """The global batches, in order: each epoch's records (a new permutation) in pools sorted by
@@ -145,9 +149,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
         size = self.batch_size * self.num_replicas
         carried: list[int] = []
         pool_no = 0
-        for epoch in count():
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            records = carried + torch.randperm(len(self.keys), generator=generator).tolist()
+        epochs = self.order.epochs() if self.order is not None else self._permutations()
+        for drawn in epochs:
+            records = carried + drawn
             whole = len(records) - len(records) % size
             records, carried = records[:whole], records[whole:]
             for start in range(0, whole, self.pool * size):
@@ -156,6 +160,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pool_no)
                 yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
                 pool_no += 1
+
+    def _permutations(self) -> Iterator[list[int]]:
+        for epoch in count():
+            yield torch.randperm(len(self.keys), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 # With do_image_splitting the Idefics2 image processor makes 4 crops and the whole image of each.
 PICTURES_WITH_SPLITTING = 5
@@ -17,7 +17,11 @@ def pictures_per_image(do_image_splitting: bool) -> int:
 
 
 def load_image(ref: Any) -> Image.Image:
-    """Open an image reference: a PIL image, a path, bytes, or a ``datasets`` image dict."""
+    """Open an image reference: a PIL image, a path, bytes, or a ``datasets`` image dict.
+
+    A photo's EXIF orientation is applied (a phone photo of a page is stored sideways, with a tag
+    saying how to turn it), so the model sees it as the camera's owner did.
+    """
     if isinstance(ref, Image.Image):
         return ref
     if isinstance(ref, dict):
@@ -31,7 +35,7 @@ def load_image(ref: Any) -> Image.Image:
         ref = io.BytesIO(ref)
     image = Image.open(ref)
     image.load()
-    return to_rgb(image)
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

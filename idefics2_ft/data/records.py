@@ -22,6 +22,8 @@ class Row:
     id: Any = None
     question_type: str | None = None
     origin: str | None = None  # where it came from, for messages: "file.jsonl:12", "dataset[split] row 7"
+    source: str | None = None  # its source's name in a mixture (data.mixture[].name)
+    problem: tuple[str, str] | None = None  # (kind, reason) found while reading it: it cannot be trained on
 
 
 def qa_messages(question: str, answer: str, system_prompt: str | None = None, n_images: int = 1) -> list[dict]:
@@ -43,9 +45,11 @@ class BadSample:
     reason: str
     kind: str = "other"  # a short key for counting: missing_image, empty_answer, too_long, ...
     origin: str | None = None  # where the record came from: "train.jsonl:12", "easy-vqa[test] question 7"
+    source: str | None = None  # its source's name in a mixture
 
     def where(self) -> str:
-        return self.origin or f"record {self.index}"
+        where = self.origin or f"record {self.index}"
+        return f"source {self.source}: {where}" if self.source else where
 
 
 class DataError(ValueError):
@@ -81,6 +85,8 @@ def is_url(ref: Any) -> bool:
 
 def check_row(row: Row) -> tuple[str, str] | None:
     """What makes a row untrainable, as ``(kind, reason)``, or None if it is fine (images not opened)."""
+    if row.problem:
+        return row.problem
     unknown = sorted({str(m.get("role")) for m in row.messages if m.get("role") not in ROLES})
     if unknown:
         return "unknown_role", f"unknown role(s) {unknown}: use one of {', '.join(ROLES)}"

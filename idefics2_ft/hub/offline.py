@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from idefics2_ft.data.mixture import source_configs
+from idefics2_ft.data.sources.table import parse_split
 from idefics2_ft.hub.push import HubError
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ REQUIRED_MODEL_FILES = ("config.json", "tokenizer_config.json")
 class Need:
     """One thing from the Hub that a config needs: a model repo or a dataset."""
 
-    kind: str  # "model" or "dataset"
+    kind: str  # "model", "dataset", or "stream" (a dataset read as a stream: it needs the network)
     repo_id: str
     revision: str | None = None
     name: str | None = None  # a dataset's configuration
@@ -36,7 +38,8 @@ class Need:
 
     def __str__(self) -> str:
         at = f"@{self.revision}" if self.revision else ""
-        return f"{self.kind} {self.repo_id}{at}" + (f" ({', '.join(self.splits)})" if self.splits else "")
+        subset = f" [{self.name}]" if self.name else ""
+        return f"{self.kind} {self.repo_id}{at}{subset}" + (f" ({', '.join(self.splits)})" if self.splits else "")
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -49,9 +52,11 @@ def needs(cfg: DictConfig) -> list[Need]:
     found = []
     if is_hub_id(cfg.model.name_or_path):
         found.append(Need("model", cfg.model.name_or_path, cfg.model.revision))
-    if cfg.data.source in ("docvqa", "hub") and is_hub_id(cfg.data.path):
-        splits = tuple(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
-        found.append(Need("dataset", cfg.data.path, None, cfg.data.get("name"), splits))
+    for source in source_configs(cfg.data):
+        d = source.cfg
+        if d.source in ("docvqa", "hub") and is_hub_id(d.path):
+            splits = tuple(dict.fromkeys(parse_split(s)[0] for s in (d.train_split, d.val_split)))
+            found.append(Need("stream" if d.streaming else "dataset", d.path, None, d.subset, splits))
     return found
 
 
@@ -100,7 +105,8 @@ def cached_dataset(need: Need) -> list[str]:
     # datasets' own cache naming for a Hub dataset: <namespace>___<name in snake case>/<config>/<version>/<hash>
     namespace, _, name = need.repo_id.rpartition("/")
     root = Path(datasets.config.HF_DATASETS_CACHE) / f"{namespace}___{camelcase_to_snakecase(name)}"
-    infos = [json.loads(p.read_text()) for p in root.glob("*/*/*/dataset_info.json")] if root.is_dir() else []
+    pattern = f"{need.name or '*'}/*/*/dataset_info.json"  # a subset's own configuration folder
+    infos = [json.loads(p.read_text()) for p in root.glob(pattern)] if root.is_dir() else []
     have = {split for info in infos for split in (info.get("splits") or {})}
     return [s for s in need.splits if s not in have]
 
@@ -137,6 +143,8 @@ def preflight(cfg: DictConfig, prefetch_command: str) -> str:
     for need in wanted:
         if need.kind == "model":
             _, missing = cached_model(need)
+        elif need.kind == "stream":
+            missing = ["a stream from the Hub (data.streaming=true): prefetch it and set data.streaming=false"]
         else:
             missing = [f"split {s}" for s in cached_dataset(need)]
         if missing:

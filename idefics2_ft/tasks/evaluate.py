@@ -132,6 +132,7 @@ def evaluate(
         optimizer_factory=None,
         metric=data_cfg.metric,
         max_new_tokens=cfg.eval.max_new_tokens,
+        source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -156,6 +157,8 @@ def evaluate(
                         "prediction": row["prediction"],
                         "references": row["answers"],
                         "question_type": row["question_type"],
+                        "source": row.get("source"),
+                        row.get("metric", "score"): row.get("score"),
                         "accuracy": row["accuracy"],
                         "anls": row["anls"],
                     }

@@ -183,6 +183,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
         metric=cfg.data.metric,
         max_new_tokens=cfg.eval.max_new_tokens,
         shard=make_shard_fn(cfg),
+        source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
     )
     flops = plan.flops_per_token if plan is not None else None
     trainer = make_trainer(cfg, run_dir, flops, callbacks=[TrackerRecord(cfg, run_dir)])
@@ -231,6 +232,10 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
     if datamodule.val_is_train:
         metrics["data/val_is_train"] = 1
     metrics.update(module.skipped_metrics())  # bad records of every rank, each counted once
+    given = datamodule.samples_per_source(trainer.global_step * accumulation(cfg), trainer.world_size)
+    if given:
+        metrics.update({f"data/samples/{name}": n for name, n in given.items()})
+        log.info("Samples drawn per source: %s.", ", ".join(f"{k} {v:,}" for k, v in given.items()))
     metrics["wall_s"] = time.perf_counter() - started
     metrics["base/wall_s"] = base_s
 

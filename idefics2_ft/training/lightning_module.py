@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from idefics2_ft.data.collator import IGNORE_INDEX
-from idefics2_ft.metrics import anls, exact_match
+from idefics2_ft.metrics import anls, exact_match, score
 from idefics2_ft.models.generation import stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ class Idefics2Module(L.LightningModule):
         tokenizer: decodes generated answers.
         optimizer_factory: ``params -> torch.optim.Optimizer``.
         lr_lambda: ``step -> multiplier`` for a per-step ``LambdaLR``.
-        metric: "accuracy" (exact match) or "anls".
+        metric: the validation score (``data.metric``: accuracy, anls, vqa_accuracy, ...).
+        source_metrics: a mixture's metric per source name; each source is scored with its own and
+            reported as ``val/<source>/<metric>``.
         max_new_tokens: generation budget for validation answers.
         shard: ``(model, device_mesh) -> units``, applied in ``configure_model`` when the strategy
             gives a device mesh (FSDP2); None for every other strategy.
@@ -48,6 +50,7 @@ class Idefics2Module(L.LightningModule):
         metric: str = "accuracy",
         max_new_tokens: int = 16,
         shard: Callable[[torch.nn.Module, Any], int] | None = None,
+        source_metrics: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -55,6 +58,7 @@ class Idefics2Module(L.LightningModule):
         self.optimizer_factory = optimizer_factory
         self.lr_lambda = lr_lambda
         self.metric = metric
+        self.source_metrics = dict(source_metrics or {})
         self.max_new_tokens = max_new_tokens
         self.shard = shard
         self.strict_loading = False  # checkpoints hold trainable weights only: checked in on_load_checkpoint
@@ -130,7 +134,7 @@ class Idefics2Module(L.LightningModule):
     def _count_bad(self, batch: dict, stage: str) -> None:
         # per record, not per read: a record read again in a later epoch is still one record
         for bad in batch.get("bad_samples", ()):
-            key = f"{stage}/{bad.kind}"
+            key = f"{stage}/{bad.source}/{bad.kind}" if bad.source else f"{stage}/{bad.kind}"
             if (key, bad.index) not in self._bad_seen:
                 self._bad_seen.add((key, bad.index))
                 self.skipped[key] += 1
@@ -208,12 +212,18 @@ class Idefics2Module(L.LightningModule):
         supervised = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         self._val_loss.append((float(out.loss) * supervised, supervised))
         predictions = self.generate(batch["gen_inputs"])
-        for pred, refs, qtype, rid in zip(
-            predictions, batch["answers"], batch["question_types"], batch["ids"], strict=True
+        n = len(predictions)
+        sources = batch.get("sources") or [None] * n
+        questions = batch.get("questions") or [""] * n
+        for pred, refs, qtype, rid, source, question in zip(
+            predictions, batch["answers"], batch["question_types"], batch["ids"], sources, questions, strict=True
         ):
-            row = {"id": rid, "prediction": pred, "answers": refs, "question_type": qtype}
+            metric = self.source_metrics.get(source, self.metric) if source else self.metric
+            row = {"id": rid if source is None else f"{source}/{rid}", "prediction": pred, "answers": refs}
+            row.update(question_type=qtype, source=source, metric=metric, score=score(metric, pred, refs, question))
             row["accuracy"] = exact_match(pred, refs)
             row["anls"] = anls(pred, refs)
+            row[metric] = row["score"]
             self._val_rows.append(row)
 
     @torch.no_grad()
@@ -250,13 +260,7 @@ class Idefics2Module(L.LightningModule):
         if total:
             metrics["val/loss"] = sum(x for x, _ in losses) / total
         if rows:
-            metrics[f"val/{self.metric}"] = sum(r[self.metric] for r in rows) / len(rows)
-            by_type: dict[str, list[float]] = defaultdict(list)
-            for r in rows:
-                if r["question_type"]:
-                    by_type[str(r["question_type"])].append(r[self.metric])
-            for qtype, scores in sorted(by_type.items()):
-                metrics[f"val/{self.metric}/{qtype}"] = sum(scores) / len(scores)
+            metrics.update(score_metrics(rows, self.metric))
             metrics["val/n_questions"] = float(len(rows))
         self.val_metrics = metrics
         self.val_predictions = rows
@@ -305,3 +309,30 @@ class Idefics2Module(L.LightningModule):
         self._pending_rng = checkpoint.get("rng_torch")
         self.skipped = Counter(checkpoint.get("skipped_samples", {}))
         self._bad_seen = {tuple(seen) for seen in checkpoint.get("skipped_seen", [])}
+
+
+def score_metrics(rows: list[dict], metric: str) -> dict[str, float]:
+    """Validation scores of scored rows: ``val/<metric>`` (and per question type) for one source; for
+    a mixture, ``val/<source>/<metric>`` and ``val/<source>/n_questions`` for each source, and
+    ``val/score``, the mean of the sources' scores, each source weighing the same whatever its size."""
+    metrics: dict[str, float] = {}
+    by_source: dict[str | None, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_source[r.get("source")].append(r)
+    if list(by_source) == [None]:
+        metrics[f"val/{metric}"] = sum(r["score"] for r in rows) / len(rows)
+        by_type: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["question_type"]:
+                by_type[str(r["question_type"])].append(r["score"])
+        for qtype, scores in sorted(by_type.items()):
+            metrics[f"val/{metric}/{qtype}"] = sum(scores) / len(scores)
+        return metrics
+    means = []
+    for source, part in sorted(by_source.items(), key=lambda kv: str(kv[0])):
+        mean = sum(r["score"] for r in part) / len(part)
+        metrics[f"val/{source}/{part[0]['metric']}"] = mean
+        metrics[f"val/{source}/n_questions"] = float(len(part))
+        means.append(mean)
+    metrics["val/score"] = sum(means) / len(means)
+    return metrics

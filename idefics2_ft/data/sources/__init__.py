@@ -1,4 +1,4 @@
-"""Sources -> rows. One module per source; ``build_rows`` picks one by ``data.source``.
+"""Sources -> rows. One module per kind of source; ``build_rows`` picks one by ``data.source`` and the path.
 
 A source yields *rows*: cheap references (question, answers, an image reference).
 ``RecordDataset`` turns a row into a record when it is indexed, so images load lazily, one at a
@@ -11,16 +11,36 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from idefics2_ft.data.mixture import Source, source_configs
 from idefics2_ft.data.records import BadSampleError, DataError, Row, check_row
 from idefics2_ft.data.sources.easyvqa import easyvqa_question_type, easyvqa_rows
-from idefics2_ft.data.sources.hub import HubRows
-from idefics2_ft.data.sources.jsonl import jsonl_rows
+from idefics2_ft.data.sources.files import JsonRows
+from idefics2_ft.data.sources.table import TableRows, open_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HubRows", "build_rows", "check_sources", "easyvqa_question_type", "easyvqa_rows", "jsonl_rows"]
+__all__ = [
+    "JsonRows",
+    "TableRows",
+    "build_rows",
+    "check_sources",
+    "easyvqa_question_type",
+    "easyvqa_rows",
+    "open_table",
+    "read_file",
+]
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def read_file(path: str, data_cfg: DictConfig) -> Sequence[Row]:
+    """One data file: JSON Lines or JSON read row by row, parquet (and CSV) through ``datasets``."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file.")
+    if Path(path).suffix.lower() in JSON_SUFFIXES:
+        return JsonRows(path, data_cfg)
+    return TableRows(OmegaConf.merge(data_cfg, {"path": path}), "train")
 
 
 def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
@@ -40,41 +60,67 @@ def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
     if data_cfg.source == "easyvqa":
         return easyvqa_rows(split, data_cfg.system_prompt)
     if data_cfg.source == "jsonl":
-        return jsonl_rows(data_cfg.train_file if split_key == "train" else data_cfg.val_file)
+        return read_file(data_cfg.train_file if split_key == "train" else data_cfg.val_file, data_cfg)
     if data_cfg.source in ("docvqa", "hub"):
-        return HubRows(data_cfg, split)
+        if Path(data_cfg.path).is_file() and Path(data_cfg.path).suffix.lower() in JSON_SUFFIXES:
+            rows = JsonRows(data_cfg.path, data_cfg)
+            rows.single_split = True
+            return rows
+        return TableRows(data_cfg, split)
     raise DataError(f"data.source={data_cfg.source!r} is not one of easyvqa, docvqa, jsonl, hub.")
 
 
 def check_sources(data_cfg: DictConfig) -> dict[str, int]:
-    """Read both splits and check every record before anything trains (stage 1 included).
+    """Read both splits of every source and check every record before anything trains (stage 1 included).
 
     Reading parses the files (a bad JSON or non-UTF-8 line, a missing split fail here, with the file
     and line); checking applies ``check_row`` and looks for image files on disk, without opening
-    them. Returns the bad records per ``<split>/<kind>``.
+    them. A streamed source is checked on its first ``data.buffer_size`` records (or 1,000), as
+    reading it whole is what streaming avoids. Returns the bad records per ``<split>/<kind>``, or
+    ``<split>/<source>/<kind>`` in a mixture.
 
     Raises:
         BadSampleError: with ``data.on_bad_sample=raise``, at the first bad record, naming where it is.
     """
     counts: dict[str, int] = {}
     first: dict[str, str] = {}  # kind -> where its first record is, and why it is bad
-    for split_key, limit in (("train", data_cfg.max_train_samples), ("val", data_cfg.max_val_samples)):
-        rows = build_rows(data_cfg, split_key)
-        for index in range(len(rows) if limit is None else min(limit, len(rows))):
-            row = rows[index]
-            problem = check_row(row)
-            missing = [ref for ref in row.images if isinstance(ref, str) and not Path(ref).is_file()]
-            if problem is None and missing:
-                problem = ("missing_image", f"image not found: {missing[0]}")
-            if problem is None:
-                continue
-            where = row.origin or f"{split_key} record {index}"
-            if data_cfg.on_bad_sample == "raise":
-                raise BadSampleError(f"{where}: {problem[1]} (set data.on_bad_sample=skip to skip such records)")
-            key = f"{split_key}/{problem[0]}"
-            counts[key] = counts.get(key, 0) + 1
-            first.setdefault(key, f"{where}: {problem[1]}")
+    for source in source_configs(data_cfg):
+        cfg = source.cfg
+        for split_key, limit in (("train", cfg.max_train_samples), ("val", cfg.max_val_samples)):
+            for index, row in enumerate(_rows_to_check(source, split_key, limit)):
+                problem = check_row(row)
+                missing = [ref for ref in row.images if isinstance(ref, str) and not Path(ref).is_file()]
+                if problem is None and missing:
+                    problem = ("missing_image", f"image not found: {missing[0]}")
+                if problem is None:
+                    continue
+                where = row.origin or f"{split_key} record {index}"
+                if source.name:
+                    where = f"source {source.name}: {where}"
+                if cfg.on_bad_sample == "raise":
+                    raise BadSampleError(f"{where}: {problem[1]} (set data.on_bad_sample=skip to skip such records)")
+                key = f"{split_key}/{source.key(problem[0])}"
+                counts[key] = counts.get(key, 0) + 1
+                first.setdefault(key, f"{where}: {problem[1]}")
     if counts:
         kinds = "; ".join(f"{key} {n} (the first: {first[key]})" for key, n in counts.items())
         log.warning("Data check: %d bad record(s) will be skipped: %s", sum(counts.values()), kinds)
     return counts
+
+
+STREAM_CHECK_ROWS = 1000
+
+
+def _rows_to_check(source: Source, split_key: str, limit: int | None):
+    cfg = source.cfg
+    if cfg.streaming and split_key == "train":
+        from itertools import islice
+
+        from idefics2_ft.data.streaming import stream_rows
+
+        n = min(limit or STREAM_CHECK_ROWS, cfg.buffer_size or STREAM_CHECK_ROWS)
+        yield from islice(stream_rows(cfg, cfg.train_split), n)
+        return
+    rows = build_rows(cfg, split_key)
+    for index in range(len(rows) if limit is None else min(limit, len(rows))):
+        yield rows[index]

@@ -1,0 +1,177 @@
+"""Small local copies of the data formats people hold, written from easy-VQA's pictures and questions.
+
+Each writer lays its rows out as the real thing does, so that the reading code is the one a user's
+data meets: The Cauldron's parquet repository (one configuration per subset, ``images`` and
+``texts``), TRL's ``messages`` + ``images`` (``save_to_disk`` and parquet), LLaVA's JSON array with
+``<image>`` markers and relative image paths, and LLaMA-Factory's JSONL. Used by the tests, the
+``cauldron_qlora`` CPU run and ``make bench-mixed``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+SHAPES = ("circle", "rectangle", "triangle")
+SIDES = {"circle": "0", "rectangle": "4", "triangle": "3"}
+
+
+def easyvqa_items(split: str = "train", limit: int | None = None) -> list[dict]:
+    """easy-VQA's questions as ``{question, answer, image (path), shape, color}``, one per image."""
+    import easy_vqa
+
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    by_image: dict[int, dict] = {}
+    for q, a, i in zip(questions, answers, image_ids, strict=True):
+        item = by_image.setdefault(i, {"image": paths[i], "questions": []})
+        item["questions"].append((q, a))
+        if a in SHAPES:
+            item["shape"] = a
+        elif a not in ("yes", "no"):
+            item["color"] = a
+    items = [
+        {"image": v["image"], "question": v["questions"][0][0], "answer": v["questions"][0][1], **v}
+        for _, v in sorted(by_image.items())
+        if "shape" in v and "color" in v
+    ]
+    return items[:limit] if limit is not None else items
+
+
+def _png(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+# ---------------------------------------------------------------- The Cauldron
+def cauldron_texts(subset: str, item: dict) -> list[dict]:
+    """One row's ``texts`` in the subset's style (a question and its answer; ai2d lists choices)."""
+    if subset == "ai2d":
+        letter = "ABC"[SHAPES.index(item["shape"])]
+        choices = "\n".join(f"{'ABC'[i]}. {s}" for i, s in enumerate(SHAPES))
+        user = f"Question: What shape is in the image?\nChoices:\n{choices}\nAnswer with the letter."
+        return [{"user": user, "assistant": f"Answer: {letter}", "source": "AI2D"}]
+    if subset == "chartqa":
+        return [{"user": "How many corners does the shape have?", "assistant": SIDES[item["shape"]], "source": "ChartQA"}]
+    if subset == "textvqa":
+        return [{"user": "What color is the shape?", "assistant": item["color"], "source": "TextVQA"}]
+    q, a = item["questions"][0]
+    return [{"user": q, "assistant": a, "source": subset}]
+
+
+def write_cauldron(folder: str | Path, subsets: tuple[str, ...] = ("docvqa", "chartqa", "ai2d", "textvqa"),
+                   rows: int = 48) -> Path:
+    """A local copy of HuggingFaceM4/the_cauldron's layout: ``<subset>/train-*.parquet`` and a README
+    whose ``configs`` name each subset, so ``load_dataset(folder, subset)`` reads it as the Hub copy."""
+    import datasets
+
+    folder = Path(folder)
+    features = datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "texts": datasets.List(
+                {"user": datasets.Value("string"), "assistant": datasets.Value("string"), "source": datasets.Value("string")}
+            ),
+        }
+    )
+    items = easyvqa_items("train")
+    configs = []
+    for k, subset in enumerate(subsets):
+        chosen = [items[(k * rows + i) % len(items)] for i in range(rows)]
+        table = datasets.Dataset.from_dict(
+            {
+                "images": [[{"bytes": _png(it["image"]), "path": None}] for it in chosen],
+                "texts": [cauldron_texts(subset, it) for it in chosen],
+            },
+            features=features,
+        )
+        (folder / subset).mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(folder / subset / "train-00000-of-00001.parquet"))
+        configs.append(f"- config_name: {subset}\n  data_files:\n  - split: train\n    path: {subset}/train-*")
+    (folder / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n# A local Cauldron copy\n")
+    return folder
+
+
+# ---------------------------------------------------------------- TRL
+def trl_rows(items: list[dict], string_content: bool = False) -> dict[str, list]:
+    """TRL's conversational columns: ``messages`` (content parts, or strings) and ``images`` (bytes)."""
+    messages = []
+    for it in items:
+        if string_content:
+            user = {"role": "user", "content": it["question"]}
+            answer = {"role": "assistant", "content": it["answer"]}
+        else:
+            user = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": it["question"]}]}
+            answer = {"role": "assistant", "content": [{"type": "text", "text": it["answer"]}]}
+        messages.append([user, answer])
+    return {"messages": messages, "images": [[{"bytes": _png(it["image"]), "path": None}] for it in items]}
+
+
+def write_trl(folder: str | Path, rows: int = 48, kind: str = "save_to_disk", string_content: bool = False) -> Path:
+    """A TRL dataset with ``train`` and ``test`` splits: a ``save_to_disk`` folder, or parquet files."""
+    import datasets
+
+    folder = Path(folder)
+    splits = {
+        "train": datasets.Dataset.from_dict(trl_rows(easyvqa_items("train", rows), string_content)),
+        "test": datasets.Dataset.from_dict(trl_rows(easyvqa_items("test", max(rows // 4, 4)), string_content)),
+    }
+    splits = {k: v.cast_column("images", datasets.List(datasets.Image())) for k, v in splits.items()}
+    if kind == "save_to_disk":
+        datasets.DatasetDict(splits).save_to_disk(str(folder))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, split in splits.items():
+            split.to_parquet(str(folder / f"{name}.parquet"))
+    return folder
+
+
+# ---------------------------------------------------------------- LLaVA / ShareGPT, LLaMA-Factory
+def _copy_images(items: list[dict], folder: Path) -> list[str]:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for it in items:
+        name = f"images/{Path(it['image']).name}"
+        shutil.copyfile(it["image"], folder / name)
+        names.append(name)
+    return names
+
+
+def write_llava(folder: str | Path, rows: int = 48, split: str = "train") -> Path:
+    """LLaVA's JSON array: ``image`` relative to the file, ``conversations`` with a ``<image>`` marker."""
+    folder = Path(folder)
+    items = easyvqa_items(split, rows)
+    names = _copy_images(items, folder)
+    data = [
+        {
+            "id": f"{split}-{i}",
+            "image": name,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{it['question']}"},
+                {"from": "gpt", "value": it["answer"]},
+            ],
+        }
+        for i, (it, name) in enumerate(zip(items, names, strict=True))
+    ]
+    path = folder / f"llava_{split}.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def write_llamafactory(folder: str | Path, rows: int = 48, split: str = "train") -> Path:
+    """LLaMA-Factory's sharegpt variant as JSONL: ``messages`` with string content and markers, ``images``."""
+    folder = Path(folder)
+    items = easyvqa_items(split, rows)
+    names = _copy_images(items, folder)
+    path = folder / f"llamafactory_{split}.jsonl"
+    with open(path, "w") as f:
+        for it, name in zip(items, names, strict=True):
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"<image>{it['question']}"},
+                    {"role": "assistant", "content": it["answer"]},
+                ],
+                "images": [name],
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
