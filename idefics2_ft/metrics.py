@@ -69,11 +69,38 @@ def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> 
 
 
 # ---------------------------------------------------------------- VQA accuracy (TextVQA, VQAv2)
-_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "didnt": "didn't", "im": "i'm", "ive": "i've", "youre": "you're", "thats": "that's",
-                 "whats": "what's", "wasnt": "wasn't", "werent": "weren't", "hasnt": "hasn't", "havent": "haven't"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_CONTRACTIONS = {
+    "dont": "don't",
+    "doesnt": "doesn't",
+    "isnt": "isn't",
+    "arent": "aren't",
+    "cant": "can't",
+    "wont": "won't",
+    "didnt": "didn't",
+    "im": "i'm",
+    "ive": "i've",
+    "youre": "you're",
+    "thats": "that's",
+    "whats": "what's",
+    "wasnt": "wasn't",
+    "werent": "weren't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 _VQA_PUNCT = re.compile(r"(?!<=\d)(\.)(?!\d)|[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:']")
 VQA_MIN_REFERENCES = 4  # the leave-one-out formula needs 3 references in each subset to reach 1

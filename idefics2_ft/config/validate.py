@@ -243,7 +243,9 @@ def _mixture_problems(d: DictConfig) -> list[str]:
             own["source"] = "hub"
         if "max_samples" in own:
             own["max_train_samples"] = own["max_samples"]
-        merged = OmegaConf.create({**base, **{k: v for k, v in own.items() if k not in ("name", "weight", "max_samples")}})
+        merged = OmegaConf.create(
+            {**base, **{k: v for k, v in own.items() if k not in ("name", "weight", "max_samples")}}
+        )
         problems += _source_problems(merged, where)
     weights = [e.weight for e in d.mixture if e.weight is not None and e.weight > 0]
     if weights and len(weights) == len(d.mixture) and abs(sum(weights) - 1) > 0.01:

@@ -140,7 +140,11 @@ class Idefics2Collator:
         n_placeholders = count_images(messages)
         if n_placeholders > len(images):
             return BadSample(
-                index, f"{n_placeholders} image placeholders but {len(images)} images", "too_many_placeholders", origin, source
+                index,
+                f"{n_placeholders} image placeholders but {len(images)} images",
+                "too_many_placeholders",
+                origin,
+                source,
             )
         images = images[:n_placeholders]
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)

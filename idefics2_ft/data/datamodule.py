@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
-
 from itertools import islice
+from typing import Any
 
 import lightning as L
 import torch
@@ -148,7 +147,8 @@ class Idefics2DataModule(L.LightningDataModule):
             log.info(
                 "Mixture: %s.",
                 "; ".join(
-                    f"{s.name} {n:,} records, p={p:.3f}" for s, n, p in zip(self.sources, rows.sizes, self.probs, strict=True)
+                    f"{s.name} {n:,} records, p={p:.3f}"
+                    for s, n, p in zip(self.sources, rows.sizes, self.probs, strict=True)
                 ),
             )
         if self.cfg.group_by != "none":
@@ -161,7 +161,8 @@ class Idefics2DataModule(L.LightningDataModule):
         sources without one (a stream's size is unknown)."""
         probs = probabilities(self.sources, [1] * len(self.sources))
         log.info(
-            "Streaming: %s.", "; ".join(f"{s.name or s.cfg.path} p={p:.3f}" for s, p in zip(self.sources, probs, strict=True))
+            "Streaming: %s.",
+            "; ".join(f"{s.name or s.cfg.path} p={p:.3f}" for s, p in zip(self.sources, probs, strict=True)),
         )
         return probs
 
@@ -181,7 +182,7 @@ class Idefics2DataModule(L.LightningDataModule):
                 parts.append((s.name, build_rows(s.cfg, "val"), limit))
         if len(parts) == 1 and parts[0][0] is None:
             return parts[0][1], parts[0][2]
-        return SourceRows(parts), None
+        return SourceRows(parts, interleaved=True), None
 
     def _check_val_is_not_train(self) -> None:
         """A saved dataset with one split serves both sets: validation would score the training data."""
@@ -310,7 +311,9 @@ class Idefics2DataModule(L.LightningDataModule):
             collator = self.train_collator()
 
             def sort_key(row: Row) -> tuple:
-                return sort_keys([row_shape(row, collator, c.longest_edge, c.shortest_edge)], c.group_by, c.longest_edge)[0]
+                return sort_keys(
+                    [row_shape(row, collator, c.longest_edge, c.shortest_edge)], c.group_by, c.longest_edge
+                )[0]
 
         return StreamBatches(
             self.sources,

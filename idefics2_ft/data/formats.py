@@ -220,15 +220,25 @@ def _problem(text: str) -> tuple[str, str]:
     return "images_mismatch", text
 
 
-def to_row(item: dict, fmt: str, cfg: Any, origin: str, paths: ImagePaths, index: int) -> Row:
+def signature(fmt: str, columns: Sequence[str]) -> tuple[str, ...]:
+    """The column every row of a table of ``fmt`` holds (llava: ``conversations``, or LLaMA-Factory's ``messages``)."""
+    if fmt == "llava" and "conversations" not in columns:
+        return ("messages",)
+    return SIGNATURES.get(fmt, ())
+
+
+def to_row(
+    item: dict, fmt: str, cfg: Any, origin: str, paths: ImagePaths, index: int, expected: tuple[str, ...] | None = None
+) -> Row:
     """One row of ``fmt`` as a ``Row``; a row that is not of this format (or is bad) carries its problem.
 
-    ``cfg`` is the source's data config (columns, system prompt).
+    ``cfg`` is the source's data config (columns, system prompt); ``expected`` the column that the
+    table's rows hold (``signature``), so that a row of another format is told apart.
     """
     if fmt == "qa":
         return _qa_row(item, cfg, origin, paths, index)
-    expected = SIGNATURES[fmt]
-    if not any(item.get(key) is not None for key in expected) and not (fmt == "llava" and item.get("messages")):
+    expected = expected or SIGNATURES[fmt]
+    if not any(item.get(key) is not None for key in expected):
         present = sorted(k for k, v in item.items() if v is not None)
         return Row(
             messages=[],
@@ -272,7 +282,9 @@ def _qa_row(item: dict, cfg: Any, origin: str, paths: ImagePaths, index: int) ->
     qtype = item.get(cfg.type_column) if cfg.type_column else None
     return Row(
         # train on the first reference answer; all of them are kept for the metric
-        messages=qa_messages(item[cfg.question_column] or "", answers[0] if answers else "", cfg.system_prompt, len(images)),
+        messages=qa_messages(
+            item[cfg.question_column] or "", answers[0] if answers else "", cfg.system_prompt, len(images)
+        ),
         images=[paths(ref) for ref in images],
         answers=answers,
         id=_row_id(item, cfg, index),
@@ -282,13 +294,12 @@ def _qa_row(item: dict, cfg: Any, origin: str, paths: ImagePaths, index: int) ->
 
 
 def chosen_format(cfg: Any, columns: Sequence[str], sample: Sequence[dict], where: str) -> str:
-    """``data.format``, or the detected one (logged) when it is ``auto``."""
+    """``data.format``, or the detected one when it is ``auto``; logged once per table."""
     qa_columns = (cfg.question_column, cfg.answer_column, cfg.image_column)
-    if cfg.format != "auto":
-        return cfg.format
-    fmt = detect_format(columns, sample, qa_columns, where)
-    if (where, fmt) in _LOGGED:
-        return fmt
-    _LOGGED.add((where, fmt))
-    log.info("Data: %s reads as format=%s (from its columns %s).", where, fmt, sorted(columns))
+    given = cfg.format != "auto"
+    fmt = cfg.format if given else detect_format(columns, sample, qa_columns, where)
+    if (where, fmt) not in _LOGGED:
+        _LOGGED.add((where, fmt))
+        why = "data.format" if given else f"detected from its columns {sorted(columns)}"
+        log.info("Data: %s reads as format=%s (%s).", where, fmt, why)
     return fmt

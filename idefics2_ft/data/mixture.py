@@ -141,13 +141,24 @@ def _permutations(n: int, seed: int) -> Iterator[int]:
 
 
 class SourceRows(Sequence):
-    """The rows of several sources laid end to end, each row tagged with its source's name."""
+    """The rows of several sources, each row tagged with its source's name.
 
-    def __init__(self, parts: Sequence[tuple[str | None, Sequence[Row], int | None]]) -> None:
+    Laid end to end (training: the draws index them), or ``interleaved`` one of each source in turn
+    (validation: ``trainer.limit_val_batches`` then still reads every source).
+    """
+
+    def __init__(
+        self, parts: Sequence[tuple[str | None, Sequence[Row], int | None]], interleaved: bool = False
+    ) -> None:
         self.names = [name for name, _, _ in parts]
         self.parts = [rows for _, rows, _ in parts]
         self.sizes = [len(rows) if limit is None else min(limit, len(rows)) for _, rows, limit in parts]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.turns: list[tuple[int, int]] | None = None
+        if interleaved:
+            self.turns = [
+                (p, k) for k in range(max(self.sizes, default=0)) for p in range(len(parts)) if k < self.sizes[p]
+            ]
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -156,6 +167,8 @@ class SourceRows(Sequence):
         """``(source number, index within it)`` of a global index."""
         if not 0 <= index < len(self):
             raise IndexError(index)
+        if self.turns is not None:
+            return self.turns[index]
         part = max(i for i, off in enumerate(self.offsets) if off <= index and self.sizes[i])
         return part, index - self.offsets[part]
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from idefics2_ft.data.dataset import row_to_record
-from idefics2_ft.data.formats import ImagePaths, chosen_format, to_row
+from idefics2_ft.data.formats import ImagePaths, chosen_format, signature, to_row
 from idefics2_ft.data.mixture import Source
 from idefics2_ft.data.records import DataError, Row
 
@@ -41,12 +41,12 @@ def open_stream(cfg: Any, split: str, rank: int = 0, world: int = 1):
         raise DataError(f"{cfg.path}[{split}]: the stream is empty.")
     columns = sorted({key for item in sample for key in item})
     fmt = chosen_format(cfg, columns, sample, f"{cfg.path}[{split}]")
-    return dataset, fmt, ImagePaths(cfg.get("image_dir") or base)
+    return dataset, (fmt, signature(fmt, columns)), ImagePaths(cfg.get("image_dir") or base)
 
 
 def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int | None = None) -> Iterator[Row]:
     """The rows of a streamed split, epoch after epoch when ``seed`` is given (reshuffled each epoch)."""
-    dataset, fmt, paths = open_stream(cfg, split, rank, world)
+    dataset, (fmt, expected), paths = open_stream(cfg, split, rank, world)
     if seed is not None and cfg.buffer_size:
         dataset = dataset.shuffle(seed=seed, buffer_size=cfg.buffer_size)
     epoch, n = 0, 0
@@ -54,7 +54,7 @@ def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int |
         dataset.set_epoch(epoch)
         read = 0
         for item in dataset:
-            yield to_row(item, fmt, cfg, f"{cfg.path}[{split}] row {n} (epoch {epoch})", paths, n)
+            yield to_row(item, fmt, cfg, f"{cfg.path}[{split}] row {n} (epoch {epoch})", paths, n, expected)
             read, n = read + 1, n + 1
         if seed is None:
             return
@@ -126,7 +126,9 @@ class StreamBatches(IterableDataset):
             whole = len(pool) - len(pool) % size
             pool, carried = sorted(pool[:whole], key=self.sort_key), pool[whole:]
             batches = [pool[k : k + size] for k in range(0, whole, size)]
-            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + window))
+            order = torch.randperm(
+                len(batches), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + window)
+            )
             yield from (batches[i] for i in order.tolist())
             window += 1
 

@@ -52,15 +52,18 @@ def cauldron_texts(subset: str, item: dict) -> list[dict]:
         user = f"Question: What shape is in the image?\nChoices:\n{choices}\nAnswer with the letter."
         return [{"user": user, "assistant": f"Answer: {letter}", "source": "AI2D"}]
     if subset == "chartqa":
-        return [{"user": "How many corners does the shape have?", "assistant": SIDES[item["shape"]], "source": "ChartQA"}]
+        return [
+            {"user": "How many corners does the shape have?", "assistant": SIDES[item["shape"]], "source": "ChartQA"}
+        ]
     if subset == "textvqa":
         return [{"user": "What color is the shape?", "assistant": item["color"], "source": "TextVQA"}]
     q, a = item["questions"][0]
     return [{"user": q, "assistant": a, "source": subset}]
 
 
-def write_cauldron(folder: str | Path, subsets: tuple[str, ...] = ("docvqa", "chartqa", "ai2d", "textvqa"),
-                   rows: int = 48) -> Path:
+def write_cauldron(
+    folder: str | Path, subsets: tuple[str, ...] = ("docvqa", "chartqa", "ai2d", "textvqa"), rows: int = 48
+) -> Path:
     """A local copy of HuggingFaceM4/the_cauldron's layout: ``<subset>/train-*.parquet`` and a README
     whose ``configs`` name each subset, so ``load_dataset(folder, subset)`` reads it as the Hub copy."""
     import datasets
@@ -70,7 +73,11 @@ def write_cauldron(folder: str | Path, subsets: tuple[str, ...] = ("docvqa", "ch
         {
             "images": datasets.List(datasets.Image()),
             "texts": datasets.List(
-                {"user": datasets.Value("string"), "assistant": datasets.Value("string"), "source": datasets.Value("string")}
+                {
+                    "user": datasets.Value("string"),
+                    "assistant": datasets.Value("string"),
+                    "source": datasets.Value("string"),
+                }
             ),
         }
     )
@@ -101,7 +108,10 @@ def trl_rows(items: list[dict], string_content: bool = False) -> dict[str, list]
             user = {"role": "user", "content": it["question"]}
             answer = {"role": "assistant", "content": it["answer"]}
         else:
-            user = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": it["question"]}]}
+            user = {
+                "role": "user",
+                "content": [{"type": "image", "text": None}, {"type": "text", "text": it["question"]}],
+            }
             answer = {"role": "assistant", "content": [{"type": "text", "text": it["answer"]}]}
         messages.append([user, answer])
     return {"messages": messages, "images": [[{"bytes": _png(it["image"]), "path": None}] for it in items]}

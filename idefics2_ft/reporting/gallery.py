@@ -34,13 +34,18 @@ def thumbnail(ref: Any, size: int = THUMBNAIL_PX) -> str:
 def pick_gallery(predictions: Sequence[dict], size: int = GALLERY_SIZE, seed: int = 0) -> list[dict]:
     """Up to ``size`` predictions: half among the wrong ones (all of them if fewer), the rest right; in order."""
     rng = random.Random(seed)
-    wrong = [p for p in predictions if p["accuracy"] < 1.0]
-    right = [p for p in predictions if p["accuracy"] >= 1.0]
+    wrong = [p for p in predictions if not is_right(p)]
+    right = [p for p in predictions if is_right(p)]
     n_wrong = min(len(wrong), size // 2)
     n_right = min(len(right), size - n_wrong)
     n_wrong = min(len(wrong), size - n_right)  # fewer right ones than half: more of the wrong ones
     chosen = {id(p) for p in rng.sample(wrong, n_wrong) + rng.sample(right, n_right)}
     return [p for p in predictions if id(p) in chosen]
+
+
+def is_right(p: dict) -> bool:
+    """An exact answer, or a full score by the source's metric ("Answer: B" names option B)."""
+    return p["accuracy"] >= 1.0 or p.get("score", 0.0) >= 1.0
 
 
 def _question(row) -> str:
@@ -51,7 +56,7 @@ def _question(row) -> str:
 def gallery_cards(predictions: Sequence[dict], rows: Iterable, size: int = GALLERY_SIZE) -> list[dict]:
     """The gallery's picks with their record (None if not found) and their text: question,
     prediction, references, right or wrong, question type."""
-    by_id = {str(row.id): row for row in rows}
+    by_id = {f"{row.source}/{row.id}" if row.source else str(row.id): row for row in rows}
     cards = []
     for p in pick_gallery(predictions, size):
         row = by_id.get(str(p["id"]))
@@ -63,7 +68,7 @@ def gallery_cards(predictions: Sequence[dict], rows: Iterable, size: int = GALLE
                 "question": _question(row) if row is not None else "?",
                 "prediction": str(p["prediction"]),
                 "reference": " | ".join(map(str, references)),
-                "right": p["accuracy"] >= 1.0,
+                "right": is_right(p),
                 "type": str(p.get("question_type") or ""),
             }
         )

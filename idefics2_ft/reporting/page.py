@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from idefics2_ft.reporting.gallery import gallery_cards, png_data_uri, thumbnail
+from idefics2_ft.reporting.gallery import gallery_cards, is_right, png_data_uri, thumbnail
 from idefics2_ft.run_folder import HISTORY_FILE, REPORT_FILE, RunFolder, read_history, read_metrics, redacted
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,23 @@ def metric_table(columns: Sequence[tuple[str, dict[str, Any]]], metric: str) -> 
     return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
 
 
+def source_table(columns: Sequence[tuple[str, dict[str, Any]]], sources: Sequence[tuple[str, str]]) -> str:
+    """A mixture's table: a row per source (its own metric), the mean of the sources, and the loss."""
+    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in columns)
+    rows = [(f"{name}: {metric}", f"/{name}/{metric}") for name, metric in sources]
+    rows += [("score: the mean of the sources (each weighs the same)", "/score"), ("loss", "/loss")]
+    body = []
+    for label, suffix in rows:
+        cells = []
+        for _, values in columns:
+            found = [v for k, v in values.items() if isinstance(v, (int, float)) and ("/" + k).endswith(suffix)]
+            value = found[0] if found else None
+            text = "-" if value is None else (f"{value:.4f}" if suffix == "/loss" else f"{value:.1%}")
+            cells.append(f'<td class="n">{text}</td>')
+        body.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
 def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> str:
     """Cards of image, question, prediction and references, marked right or wrong."""
     cards = []
@@ -109,7 +126,10 @@ def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> st
                 except Exception as err:  # an unreadable image is named, not fatal to the report
                     pictures += f'<p class="note">image unreadable: {html.escape(type(err).__name__)}</p>'
         right = card["right"]
-        score = f" ({metric} {p[metric]:.2f})" if metric != "accuracy" and metric in p else ""
+        shown = p.get("metric", metric)
+        score = f" ({shown} {p[shown]:.2f})" if shown != "accuracy" and shown in p else ""
+        if p.get("source"):
+            score += f" · {html.escape(str(p['source']))}"
         cards.append(
             f'<div class="card {"right" if right else "wrong"}">{pictures}'
             f"<div><b>Q:</b> {html.escape(card['question'])}</div>"
@@ -118,7 +138,7 @@ def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> st
             f'<div class="mark">{"✓ right" if right else "✗ wrong"}{score}'
             f"{' · ' + html.escape(card['type']) if card['type'] else ''}</div></div>"
         )
-    n_wrong = sum(1 for p in predictions if p["accuracy"] < 1.0)
+    n_wrong = sum(1 for p in predictions if not is_right(p))
     note = (
         f'<p class="note">{len(cards)} of {len(predictions)} answers ({n_wrong} wrong in all); '
         "half of the examples are drawn from the wrong ones.</p>"
@@ -179,7 +199,9 @@ def write_report(
         title=html.escape(title),
         css=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
         header=header,
-        metrics=metric_table(columns, metric),
+        metrics=source_table(columns, mixture_metrics(cfg))
+        if cfg.data.get("mixture")
+        else metric_table(columns, metric),
         curves=curves,
         gallery=gallery_html(predictions, rows, metric),
         plan=plan_html(plan),
@@ -191,6 +213,11 @@ def write_report(
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def mixture_metrics(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(source name, its metric)`` of each mixture source (an entry without one has ``data.metric``)."""
+    return [(e.name, e.metric or cfg.data.metric) for e in cfg.data.mixture]
 
 
 def _facts(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:

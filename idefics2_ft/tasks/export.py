@@ -135,7 +135,14 @@ def merge_and_check(
 
 
 # The Hub's task for a metric of ours, for the card's model-index
-METRIC_NAMES = {"anls": "ANLS", "accuracy": "Exact-match accuracy"}
+METRIC_NAMES = {
+    "anls": "ANLS",
+    "accuracy": "Exact-match accuracy",
+    "exact_match": "Exact-match accuracy",
+    "vqa_accuracy": "VQA accuracy",
+    "relaxed_accuracy": "Relaxed accuracy",
+    "multiple_choice": "Multiple-choice accuracy",
+}
 
 
 def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
@@ -145,22 +152,32 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
 
     _, base_id = describe_base(cfg.model.name_or_path)
     data = cfg.data.path or cfg.data.source
-    metric = cfg.data.metric
     split = metrics.get("eval/split", cfg.data.val_split)
-    value = metrics.get(f"eval/{metric}", metrics.get(f"val/{metric}"))
-    results = None
-    if isinstance(value, (int, float)):
-        results = [
-            EvalResult(
-                task_type="visual-question-answering",
-                dataset_type=data,
-                dataset_name=data,
-                dataset_split=split,
-                metric_type=metric,
-                metric_name=METRIC_NAMES.get(metric, metric),
-                metric_value=round(float(value), 4),
-            )
+    # one result per source: (its name in the metric keys, the dataset it reads, its subset, its metric)
+    if cfg.data.get("mixture"):
+        scored = [
+            (f"{e.name}/", e.path or data, e.subset or cfg.data.subset, e.metric or cfg.data.metric)
+            for e in cfg.data.mixture
         ]
+    else:
+        scored = [("", data, cfg.data.get("subset"), cfg.data.metric)]
+    results = []
+    for prefix, dataset, subset, metric in scored:
+        value = metrics.get(f"eval/{prefix}{metric}", metrics.get(f"val/{prefix}{metric}"))
+        if isinstance(value, (int, float)):
+            results.append(
+                EvalResult(
+                    task_type="visual-question-answering",
+                    dataset_type=dataset,
+                    dataset_name=f"{dataset} ({subset})" if subset else dataset,
+                    dataset_config=subset,
+                    dataset_split=split,
+                    metric_type=metric,
+                    metric_name=METRIC_NAMES.get(metric, metric),
+                    metric_value=round(float(value), 4),
+                )
+            )
+    results = results or None
     return ModelCardData(
         base_model=base_id,  # None for a stand-in: it is on no Hub
         library_name="peft" if adapter_only else "transformers",

@@ -37,3 +37,25 @@ def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, gro
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     # one run folder for both ranks: nothing was written anywhere else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]
+
+
+def test_ddp_over_a_mixture_equals_one_process_and_counts_each_source_alike(tmp_path):
+    """Two ranks over a mixture of easy-VQA and a TRL dataset: disjoint halves of each global batch
+    (else the adapters part by about the learning rate), the same samples per source."""
+    from idefics2_ft.demo import formats
+
+    trl = formats.write_trl(tmp_path / "trl", rows=32)
+    mixture = f"+data.mixture=[{{name: easy, weight: 0.5}}, {{name: trl, path: '{trl}', weight: 0.5}}]"
+    common = [*TINY_RUN, f"model.tiny.cache_dir={tmp_path / 'tiny'}", "peft.dropout=0", "name=ddp", mixture]
+    run_train(*common, "data.batch_size=4", f"run_dir={tmp_path / 'one'}")
+    run_train(*common, "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2",
+              f"run_dir={tmp_path / 'two'}")  # fmt: skip
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    samples = {k: v for k, v in one.items() if k.startswith("data/samples/")}
+    assert samples == {k: v for k, v in two.items() if k.startswith("data/samples/")} and sum(samples.values()) == 16
+    # each question once, gathered from both ranks (the TRL copy has 8 in its test split)
+    assert (two["val/easy/n_questions"], two["val/trl/n_questions"]) == (12, 8)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

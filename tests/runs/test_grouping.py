@@ -10,9 +10,10 @@ from idefics2_ft.data import Idefics2Collator, record_shapes, sort_keys
 from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.grouping import GroupedBatchSampler, RecordShape, resized_size
 from idefics2_ft.data.records import Row
-from idefics2_ft.data.sources import jsonl_rows
+from idefics2_ft.data.sources import build_rows
 from idefics2_ft.data.synthetic import write_docs
 from idefics2_ft.models import build_processor
+from tests.helpers import compose_config
 
 
 def shapes_of(n: int, seed: int = 0) -> list[RecordShape]:
@@ -78,7 +79,7 @@ def test_record_shapes_match_what_the_collator_and_processor_build(tmp_path):
     processor = build_processor(image_seq_len=4, longest_edge=128, do_image_splitting=True)
     processor.image_processor.size = {"longest_edge": 128, "shortest_edge": 16}
     collator = Idefics2Collator(processor, max_length=None)
-    rows = jsonl_rows(str(docs["train"]))
+    rows = build_rows(compose_config(["data=jsonl", f"data.train_file={docs['train']}"]).data, "train")
     shapes = record_shapes(rows, collator, 128, 16)
     dataset = RecordDataset(rows)
     for i, shape in enumerate(shapes):

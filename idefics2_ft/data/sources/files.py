@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from idefics2_ft.data.formats import ImagePaths, chosen_format, to_row
+from idefics2_ft.data.formats import ImagePaths, chosen_format, signature, to_row
 from idefics2_ft.data.records import DataError, Row
 
 SAMPLE_ROWS = 32  # rows read to detect the format
@@ -37,6 +37,7 @@ class JsonRows(Sequence):
         sample = [self._item(i) for i in range(min(SAMPLE_ROWS, len(self)))]
         columns = sorted({key for item in sample for key in item})
         self.format = chosen_format(cfg, columns, sample, self.path)
+        self.expected = signature(self.format, columns)
         self.single_split = False
 
     def __len__(self) -> int:
@@ -76,7 +77,9 @@ class JsonRows(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         fallback_id = index if self.items is not None else int(self.line_numbers[index])
-        return to_row(self._item(index), self.format, self.cfg, self._where(index), self.paths, fallback_id)
+        return to_row(
+            self._item(index), self.format, self.cfg, self._where(index), self.paths, fallback_id, self.expected
+        )
 
 
 def _is_json_array(path: str) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from idefics2_ft.data.formats import ImagePaths, chosen_format, to_row
+from idefics2_ft.data.formats import ImagePaths, chosen_format, signature, to_row
 from idefics2_ft.data.records import DataError, Row
 
 SAMPLE_ROWS = 32
@@ -41,10 +41,6 @@ def _slice(dataset: Any, start: int, stop: int | None) -> Any:
     return dataset.select(range(min(start, end), end))
 
 
-def has_images(features: Any) -> bool:
-    return undecoded(features) != features
-
-
 def open_table(cfg: Any, split: str, streaming: bool = False) -> tuple[Any, str, bool]:
     """``(dataset, base folder for relative image paths or None, holds one split only)`` of ``data.path``.
 
@@ -62,11 +58,15 @@ def open_table(cfg: Any, split: str, streaming: bool = False) -> tuple[Any, str,
         dataset = datasets.load_from_disk(path)
         single = isinstance(dataset, datasets.Dataset)
         if streaming:
-            dataset = dataset.to_iterable_dataset() if single else {k: v.to_iterable_dataset() for k, v in dataset.items()}
+            dataset = (
+                dataset.to_iterable_dataset() if single else {k: v.to_iterable_dataset() for k, v in dataset.items()}
+            )
     elif folder.is_file():
         kind = DATA_FILE_TYPES.get(folder.suffix.lower())
         if kind is None:
-            raise DataError(f"data.path={path}: a {folder.suffix or 'suffix-less'} file; data files are {sorted(DATA_FILE_TYPES)}.")
+            raise DataError(
+                f"data.path={path}: a {folder.suffix or 'suffix-less'} file; data files are {sorted(DATA_FILE_TYPES)}."
+            )
         dataset = datasets.load_dataset(kind, data_files={split: str(folder)}, split=split, streaming=streaming)
         single, base = True, folder.resolve().parent
     else:
@@ -101,6 +101,7 @@ class TableRows(Sequence):
         self.paths = ImagePaths(cfg.get("image_dir") or base)
         sample = self.dataset[: min(SAMPLE_ROWS, len(dataset))].to_pylist()
         self.format = chosen_format(cfg, dataset.column_names, sample, self.origin)
+        self.expected = signature(self.format, dataset.column_names)
         if self.format == "qa":
             needed = [cfg.question_column, cfg.answer_column, cfg.image_column]
             missing = [c for c in needed if c not in dataset.column_names]
@@ -120,4 +121,4 @@ class TableRows(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         item = self.dataset[int(index)].to_pylist()[0]
-        return to_row(item, self.format, self.cfg, f"{self.origin} row {index}", self.paths, index)
+        return to_row(item, self.format, self.cfg, f"{self.origin} row {index}", self.paths, index, self.expected)
