@@ -73,8 +73,9 @@ test-8b: $(VENV)/.installed ## the real-size 8B (random init) through recipe=doc
 bench: $(VENV)/.installed ## our loop against a bare PyTorch loop and HF Trainer on the same batches (outputs/bench.md, ~2 min)
 	$(PY) scripts/benchmarks/loops.py
 
-bench-mixed: $(VENV)/.installed ## data.group_by on mixed DocVQA-like pages, and HF Trainer's group_by_length (outputs/bench_mixed.md, ~10 min)
+bench-mixed: $(VENV)/.installed ## data.group_by on mixed DocVQA-like pages against HF Trainer's group_by_length, and a three-format mixture against one source (outputs/bench_mixed.md, bench_mixture.md; ~15 min)
 	$(PY) scripts/benchmarks/mixed_pages.py --repeats 3
+	$(PY) scripts/benchmarks/mixture.py --repeats 3
 
 bench-gpu: $(VENV)/.installed ## on a CUDA GPU: the 8B's measured memory, tokens/s and MFU against the plan (outputs/bench_gpu.md); says so and exits 0 without CUDA
 	$(PY) scripts/bench_gpu.py

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from idefics2_ft.data.dataset import row_to_record
-from idefics2_ft.data.formats import ImagePaths, chosen_format, signature, to_row
+from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.mixture import Source
 from idefics2_ft.data.records import DataError, Row
 
@@ -49,12 +49,12 @@ def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int |
     dataset, (fmt, expected), paths = open_stream(cfg, split, rank, world)
     if seed is not None and cfg.buffer_size:
         dataset = dataset.shuffle(seed=seed, buffer_size=cfg.buffer_size)
-    epoch, n = 0, 0
+    epoch, n, options = 0, 0, row_options(cfg)
     while True:
         dataset.set_epoch(epoch)
         read = 0
         for item in dataset:
-            yield to_row(item, fmt, cfg, f"{cfg.path}[{split}] row {n} (epoch {epoch})", paths, n, expected)
+            yield to_row(item, fmt, options, f"{cfg.path}[{split}] row {n} (epoch {epoch})", paths, n, expected)
             read, n = read + 1, n + 1
         if seed is None:
             return

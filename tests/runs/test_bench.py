@@ -54,3 +54,14 @@ def test_mixed_pages_compare_group_by_with_hf_group_by_length(tmp_path):
         pad, pixel_pad = (float(x.strip().rstrip("%")) for x in line.split("|")[4:6])
         assert rate(table, row) > 0 and 0 <= pad < 100 and 0 <= pixel_pad < 100
     assert "group_by=aspect / HF group_by_length" in table
+
+
+def test_a_three_format_mixture_against_one_source_and_the_shapes_of_a_large_mixture(tmp_path):
+    table = bench(
+        tmp_path, "mixture.py", "--steps", "2", "--n-train", "30", "--batch-size", "4", "--longest-edge", "64",
+        "--shape-rows", "300",
+    )  # fmt: skip
+    assert rate(table, "one source (JSONL)") > 0
+    assert rate(table, "three sources (JSONL, LLaVA JSON, TRL parquet)") > 0
+    assert "three sources / one source = " in table
+    assert re.search(r"record_shapes over a 300-row mixture .*: [\d.]+ s", table)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from idefics2_ft.data.formats import ImagePaths, chosen_format, signature, to_row
+from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.records import DataError, Row
 
 SAMPLE_ROWS = 32  # rows read to detect the format
@@ -38,6 +38,7 @@ class JsonRows(Sequence):
         columns = sorted({key for item in sample for key in item})
         self.format = chosen_format(cfg, columns, sample, self.path)
         self.expected = signature(self.format, columns)
+        self.options = row_options(cfg)
         self.single_split = False
 
     def __len__(self) -> int:
@@ -78,7 +79,7 @@ class JsonRows(Sequence):
             raise IndexError(index)
         fallback_id = index if self.items is not None else int(self.line_numbers[index])
         return to_row(
-            self._item(index), self.format, self.cfg, self._where(index), self.paths, fallback_id, self.expected
+            self._item(index), self.format, self.options, self._where(index), self.paths, fallback_id, self.expected
         )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from idefics2_ft.data.formats import ImagePaths, chosen_format, signature, to_row
+from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.records import DataError, Row
 
 SAMPLE_ROWS = 32
@@ -102,6 +102,7 @@ class TableRows(Sequence):
         sample = self.dataset[: min(SAMPLE_ROWS, len(dataset))].to_pylist()
         self.format = chosen_format(cfg, dataset.column_names, sample, self.origin)
         self.expected = signature(self.format, dataset.column_names)
+        self.options = row_options(cfg)
         if self.format == "qa":
             needed = [cfg.question_column, cfg.answer_column, cfg.image_column]
             missing = [c for c in needed if c not in dataset.column_names]
@@ -121,4 +122,4 @@ class TableRows(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         item = self.dataset[int(index)].to_pylist()[0]
-        return to_row(item, self.format, self.cfg, f"{self.origin} row {index}", self.paths, index, self.expected)
+        return to_row(item, self.format, self.options, f"{self.origin} row {index}", self.paths, index, self.expected)
