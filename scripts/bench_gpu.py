@@ -12,8 +12,14 @@ DeepSpeed is installed), one GPU. Each row gives the plan (``plan.json``), the m
 held, tokens/s, samples/s and MFU (the plan's FLOPs per step over the measured time per step and
 the GPU's dense bf16 peak). Times per step include the first step (warm-up) over ``--steps`` steps.
 
+Image splitting runs with the connector recomputed (``model.checkpoint_connector``, on by default
+when it trains) and, at batch 1 and 2, without it: the table's last lines give each one's peak per
+sample (batch 2's peak less batch 1's) and the time per step of recompute against without.
+
 Without CUDA it says so and exits 0. ``--dry-run`` runs the same code on the CPU with 2 decoder
-layers, 490-px pages and batch 1 and 2 only, so the script is exercised where no GPU is.
+layers, 490-px pages and batch 1 and 2 only, so the script is exercised where no GPU is;
+``--dry-run --recompute`` measures the recompute rows alone there (splitting on, recompute on and
+off, batch 1 and 2: the figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -39,17 +45,31 @@ from idefics2_ft.models.random_checkpoint import default_cache_dir  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def configurations(dry_run: bool) -> list[dict[str, str]]:
+RECOMPUTE = "model.checkpoint_connector"
+
+
+def recompute_rows() -> list[dict[str, str]]:
+    """Splitting on, the connector recomputed and not, batch 1 and 2."""
+    return [
+        {"data.batch_size": b, "data.do_image_splitting": "true", RECOMPUTE: c}
+        for c, b in itertools.product(("true", "false"), ("1", "2"))
+    ]
+
+
+def configurations(dry_run: bool, recompute: bool = False) -> list[dict[str, str]]:
     batches = ("1", "2")
+    if recompute:
+        return recompute_rows()
     if dry_run:
         return [{"data.batch_size": b} for b in batches]
     splitting = ("false", "true")
     attention = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
     strategies = ["auto"] + (["deepspeed_zero2"] if importlib.util.find_spec("deepspeed") else [])
-    return [
+    rows = [
         {"data.batch_size": b, "data.do_image_splitting": s, "model.attn_implementation": a, "strategy": st}
         for b, s, a, st in itertools.product(batches, splitting, attention, strategies)
     ]
+    return rows + [r for r in recompute_rows() if r[RECOMPUTE] == "false"]  # the rest are rows above
 
 
 def gpu_peak_tflops() -> tuple[str, float | None]:
@@ -96,15 +116,16 @@ def table(rows: list[dict], device: str, peak_tflops: float | None) -> str:
     lines = [
         f"GPU: {device}; dense bf16 peak {peak_tflops or '?'} TFLOP/s; {time.strftime('%Y-%m-%d')}",
         "",
-        "| batch | splitting | attention | strategy | plan GB (allocated / total) | measured GB (allocated / reserved) | "
-        "verdict | held | tokens/s | samples/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | splitting | recompute | attention | strategy | plan GB (allocated / total) | "
+        "measured GB (allocated / reserved) | verdict | held | tokens/s | samples/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         c = row["config"]
         cells = [
             c.get("data.batch_size", ""),
             c.get("data.do_image_splitting", "false"),
+            c.get(RECOMPUTE, "default"),
             c.get("model.attn_implementation", "sdpa"),
             c.get("strategy", "auto"),
         ]
@@ -132,13 +153,52 @@ def table(rows: list[dict], device: str, peak_tflops: float | None) -> str:
             + (f"{mfu:.0%}" if mfu is not None else "n/a")
             + " |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + recompute_summary(rows))
+
+
+def _measured(row: dict) -> float | None:
+    fit = (row.get("phases") or {}).get("phases", {}).get("fit", {})
+    if "cuda_max_allocated_gb" in fit:
+        return fit["cuda_max_allocated_gb"]
+    plan = row.get("plan") or {}
+    return plan.get("measured_gb")
+
+
+def recompute_summary(rows: list[dict]) -> list[str]:
+    """Per sample (batch 2 less batch 1) with splitting, recompute on and off: planned and measured
+    peaks, and the time per step of on against off at each batch."""
+    found: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        c = row["config"]
+        if row["rc"] == 0 and c.get("data.do_image_splitting") == "true":
+            found[(c.get(RECOMPUTE, "true"), c["data.batch_size"])] = row
+    if not all((r, b) in found for r in ("true", "false") for b in ("1", "2")):
+        return []
+    lines = ["", "With image splitting, per sample (the peak at batch 2 less the peak at batch 1):", ""]
+    lines += ["| connector | planned GB per sample | measured GB per sample | plan vs measured |", "|---|---|---|---|"]
+    per_sample = {}
+    for r in ("false", "true"):
+        planned = found[(r, "2")]["plan"]["total_gb"] - found[(r, "1")]["plan"]["total_gb"]
+        measured = _measured(found[(r, "2")]) - _measured(found[(r, "1")])
+        per_sample[r] = measured
+        name = "recomputed" if r == "true" else "kept (not recomputed)"
+        lines.append(f"| {name} | {planned:.2f} | {measured:.2f} | {planned / measured - 1:+.0%} |")
+    lines += [
+        "",
+        f"Measured per sample, recomputed against kept: {1 - per_sample['true'] / per_sample['false']:.0%} lower.",
+    ]
+    for b in ("1", "2"):
+        on = found[("true", b)]["phases"]["phases"]["fit"]["s_per_step"]
+        off = found[("false", b)]["phases"]["phases"]["fit"]["s_per_step"]
+        lines.append(f"Time per step at batch {b}, recomputed / kept: {on:.1f} s / {off:.1f} s = {on / off:.2f}x.")
+    return lines
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, 2 decoder layers, 490-px pages")
+    parser.add_argument("--recompute", action="store_true", help="only the recompute rows (splitting, on and off)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_gpu.md")
     parser.add_argument("--cache", type=Path, default=default_cache_dir())
     args = parser.parse_args(argv)
@@ -147,7 +207,7 @@ def main(argv: list[str]) -> int:
             "bench-gpu: no CUDA GPU here, nothing to measure (run it on a CUDA machine; --dry-run rehearses on the CPU)."
         )
         return 0
-    steps = 1 if args.dry_run else args.steps
+    steps = (2 if args.recompute else 1) if args.dry_run else args.steps
     checkpoint, docs = build(args.cache, text_layers=2 if args.dry_run else None)
     data = [
         f"model.name_or_path={checkpoint}",
@@ -159,7 +219,7 @@ def main(argv: list[str]) -> int:
     runs = args.out.parent / ("bench_gpu_runs" + ("_dry" if args.dry_run else ""))
     runs.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, config in enumerate(configurations(args.dry_run)):
+    for i, config in enumerate(configurations(args.dry_run, args.recompute)):
         print(f"[{i + 1}] {' '.join(f'{k}={v}' for k, v in config.items())}", flush=True)
         run_dir = runs / f"run{i}-{time.strftime('%H%M%S')}"
         rows.append(run_one(config, data, run_dir, steps, args.dry_run))

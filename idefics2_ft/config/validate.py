@@ -188,11 +188,6 @@ def _data_problems(cfg: DictConfig) -> list[str]:
             f"data.streaming=true with data.group_by={d.group_by} needs data.buffer_size (the records sorted "
             "together: a stream cannot be sorted whole): data.buffer_size=1000, or data.group_by=none."
         )
-    if d.streaming and d.source not in ("hub", "docvqa") and not d.mixture:
-        problems.append(
-            f"data.streaming=true reads data.path (a Hub dataset or data files), not data.source={d.source}: "
-            "use data=hub data.path=..., or data.streaming=false."
-        )
     return problems
 
 
@@ -209,6 +204,11 @@ def _source_problems(d: DictConfig, where: str) -> list[str]:
     if d.source in ("hub", "docvqa") and not d.path:
         problems.append(
             f"{where}.path is required with source {d.source}: a Hub dataset id, a local folder or a data file."
+        )
+    if d.streaming and d.source not in ("hub", "docvqa"):
+        problems.append(
+            f"data.streaming=true reads {where}.path (a Hub dataset or data files), not source {d.source}: "
+            f"give {where}.path, or set data.streaming=false."
         )
     if d.max_train_samples is not None and d.max_train_samples <= 0:
         problems.append(f"{where}.max_train_samples={d.max_train_samples}: must be positive, or null for every record.")

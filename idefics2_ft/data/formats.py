@@ -308,7 +308,9 @@ def chosen_format(cfg: Any, columns: Sequence[str], sample: Sequence[dict], wher
     needed = qa_columns if fmt == "qa" else signature(fmt, columns)
     if given and not set(needed) & set(columns):
         try:
-            hint = f"; its columns read as format={detect_format(columns, sample, qa_columns, where)}: set that, or auto"
+            hint = (
+                f"; its columns read as format={detect_format(columns, sample, qa_columns, where)}: set that, or auto"
+            )
         except DataError:
             hint = ""
         raise DataError(

@@ -61,6 +61,14 @@ def cauldron_texts(subset: str, item: dict) -> list[dict]:
     return [{"user": q, "assistant": a, "source": subset}]
 
 
+def cauldron_features():
+    """The Cauldron's columns, as its parquet files declare them: ``images`` and ``texts``."""
+    import datasets
+
+    turn = {"user": datasets.Value("string"), "assistant": datasets.Value("string"), "source": datasets.Value("string")}
+    return datasets.Features({"images": datasets.List(datasets.Image()), "texts": datasets.List(turn)})
+
+
 def write_cauldron(
     folder: str | Path, subsets: tuple[str, ...] = ("docvqa", "chartqa", "ai2d", "textvqa"), rows: int = 48
 ) -> Path:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from mixed_pages import mixed_overrides
 from shared import OUT, ROOT, Clock, common_arguments, compose_cfg, run, run_ours, spread
 
 from idefics2_ft.config import accumulation
@@ -74,20 +75,7 @@ def mixture_overrides(files: dict[str, Path]) -> str:
 
 
 def overrides(docs: dict[str, Path], args) -> list[str]:
-    return [
-        "data=jsonl",
-        f"data.train_file={docs['train']}",
-        f"data.val_file={docs['val']}",
-        "data.do_image_splitting=true",
-        f"data.longest_edge={args.longest_edge}",
-        "data.shortest_edge=16",
-        f"data.batch_size={args.batch_size}",
-        "data.max_length=null",
-        "data.group_by=aspect",
-        "model.tiny.vision_layers=1",
-        "model.tiny.text_layers=1",
-        f"data.num_workers={args.workers}",
-    ]
+    return [*mixed_overrides(docs, args), "data.group_by=aspect"]
 
 
 def mixture(args, extra) -> str:

@@ -1,6 +1,6 @@
 """A mixture of sources and a stream, end to end through ``train.py``: the ``cauldron_qlora`` recipe on a
 local Cauldron copy (each subset in its real column layout), a score per source, and exact resumes
-after kill -9."""
+after kill -9 (those in the fault tier)."""
 
 from __future__ import annotations
 
@@ -119,6 +119,7 @@ def test_the_recipe_trains_and_scores_each_source(cauldron, tmp_path):
     assert {p["source"] for p in predictions} == set(expected)
 
 
+@pytest.mark.faults  # kill -9 and resume: the fault tier (make test-faults)
 def test_a_mixture_resumes_after_kill_9_to_the_same_adapter(cauldron, tmp_path):
     overrides = [
         *CAULDRON_TINY,
@@ -140,6 +141,7 @@ def test_a_mixture_resumes_after_kill_9_to_the_same_adapter(cauldron, tmp_path):
     }
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("group_by", ["none", "length"])
 def test_a_stream_resumes_after_kill_9_to_the_same_adapter(tmp_path, group_by):
     trl = formats.write_trl(tmp_path / "trl", rows=40, kind="parquet")

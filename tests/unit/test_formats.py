@@ -223,18 +223,7 @@ def test_bad_rows_are_counted_by_kind_or_named(case, mode, tmp_path, red):
 
 
 def test_an_empty_cauldron_texts_list_is_a_counted_bad_record(tmp_path, red):
-    features = datasets.Features(
-        {
-            "images": datasets.List(datasets.Image()),
-            "texts": datasets.List(
-                {
-                    "user": datasets.Value("string"),
-                    "assistant": datasets.Value("string"),
-                    "source": datasets.Value("string"),
-                }
-            ),
-        }
-    )
+    features = formats.cauldron_features()
     table = datasets.Dataset.from_dict(
         {
             "images": [[{"bytes": _png(red), "path": None}]] * 2,
