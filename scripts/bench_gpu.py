@@ -98,6 +98,8 @@ def run_one(config: dict[str, str], data: list[str], run_dir: Path, steps: int, 
         overrides += ["data.longest_edge=490", "data.num_workers=0"]
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if dry_run:  # glibc then returns each freed tensor at once: RSS follows the live tensors (docs/memory.md)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     log = run_dir.with_suffix(".log")
     with open(log, "w") as f:
         rc = subprocess.run(

@@ -191,7 +191,22 @@ def _llava(value, speaker="human", image="r.png"):
     return {"image": image, "conversations": [{"from": speaker, "value": value}, {"from": "gpt", "value": "red"}]}
 
 
+def _trl(*user_parts):
+    return {
+        "images": ["r.png"],
+        "messages": [{"role": "user", "content": list(user_parts)}, {"role": "assistant", "content": "red"}],
+    }
+
+
 BAD = {
+    "a TRL part of an unknown type": (
+        [_trl({"type": "image"}, {"type": "text", "text": "Colour?"}), _trl({"type": "video"})],
+        "format_mismatch",
+    ),
+    "a TRL row with more images than image parts": (
+        [_trl({"type": "image"}, {"type": "text", "text": "Colour?"}), _trl({"type": "text", "text": "Colour?"})],
+        "too_many_images",
+    ),
     # case: (rows of a JSONL file, the kind counted)
     "a row of another format than the rest": (
         [_llava("<image>\nColour?"), {"messages": [{"role": "user", "content": "hi"}]}],

@@ -75,8 +75,8 @@ def check_sources(data_cfg: DictConfig) -> dict[str, int]:
 
     Reading parses the files (a bad JSON or non-UTF-8 line, a missing split fail here, with the file
     and line); checking applies ``check_row`` and looks for image files on disk, without opening
-    them. A streamed source is checked on its first ``data.buffer_size`` records (or 1,000), as
-    reading it whole is what streaming avoids. Returns the bad records per ``<split>/<kind>``, or
+    them. A streamed source is checked on the first ``data.buffer_size`` records of each split (or
+    1,000), as reading it whole is what streaming avoids. Returns the bad records per ``<split>/<kind>``, or
     ``<split>/<source>/<kind>`` in a mixture.
 
     Raises:
@@ -113,13 +113,13 @@ STREAM_CHECK_ROWS = 1000
 
 def _rows_to_check(source: Source, split_key: str, limit: int | None):
     cfg = source.cfg
-    if cfg.streaming and split_key == "train":
+    if cfg.streaming:  # both splits read as streams: neither downloads whole
         from itertools import islice
 
         from idefics2_ft.data.streaming import stream_rows
 
         n = min(limit or STREAM_CHECK_ROWS, cfg.buffer_size or STREAM_CHECK_ROWS)
-        yield from islice(stream_rows(cfg, cfg.train_split), n)
+        yield from islice(stream_rows(cfg, cfg.train_split if split_key == "train" else cfg.val_split), n)
         return
     rows = build_rows(cfg, split_key)
     for index in range(len(rows) if limit is None else min(limit, len(rows))):
