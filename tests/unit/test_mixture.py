@@ -125,3 +125,37 @@ def test_mixture_mistakes_are_refused_with_the_key_and_the_fix():
 def test_streaming_with_group_by_needs_a_buffer():
     said = _problems("data=cauldron", "data.streaming=true", "data.group_by=aspect")
     assert "data.streaming=true with data.group_by=aspect needs data.buffer_size" in said
+
+
+def test_a_mixtures_bad_records_are_counted_per_source_or_named_with_it(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from idefics2_ft.data import BadSampleError
+    from idefics2_ft.data.sources import check_sources
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "r.png")
+
+    def row(speaker):
+        return {
+            "image": "r.png",
+            "conversations": [{"from": "human", "value": "<image>Q?"}, {"from": speaker, "value": "A"}],
+        }
+
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps(row("gpt")) + "\n")
+    bad.write_text(json.dumps(row("gpt")) + "\n" + json.dumps(row("bot")) + "\n")
+    entries = (
+        f"[{{name: a, source: jsonl, train_file: '{good}', val_file: '{good}'}},"
+        f" {{name: b, source: jsonl, train_file: '{bad}', val_file: '{good}'}}]"
+    )
+    cfg = compose_config(["data=jsonl", f"data.mixture={entries}"])
+    assert check_sources(cfg.data) == {"train/b/unknown_role": 1}
+    cfg.data.on_bad_sample = "raise"
+    with pytest.raises(BadSampleError, match=rf"source b: {bad}:2: speaker from='bot'"):
+        check_sources(cfg.data)
+
+
+def test_an_unnamed_source_is_refused():
+    assert "data.mixture[0] has no name" in _problems("data=cauldron", "data.mixture=[{subset: ai2d, weight: 1.0}]")
