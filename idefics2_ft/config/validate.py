@@ -220,7 +220,9 @@ def _mixture_problems(d: DictConfig) -> list[str]:
     problems: list[str] = []
     unnamed = [i for i, e in enumerate(d.mixture) if OmegaConf.is_missing(e, "name")]
     if unnamed:
-        return [f"data.mixture[{i}] has no name: give each source one (name: docvqa), for its metric keys." for i in unnamed]
+        return [
+            f"data.mixture[{i}] has no name: give each source one (name: docvqa), for its metric keys." for i in unnamed
+        ]
     names = [e.name for e in d.mixture]
     doubles = sorted({n for n in names if names.count(n) > 1})
     if doubles:

@@ -141,6 +141,11 @@ class Idefics2DataModule(L.LightningDataModule):
         else:
             parts = [(s.name, build_rows(s.cfg, "train"), s.cfg.max_train_samples) for s in self.sources]
             rows = SourceRows(parts)
+            empty = [s.name for s, n in zip(self.sources, rows.sizes, strict=True) if n == 0]
+            if empty:
+                raise DataError(
+                    f"data.mixture source(s) {empty}: no training records (check the split and max_samples)."
+                )
             self.probs = probabilities(self.sources, rows.sizes)
             self.order = RecordOrder(rows.sizes, self.probs, self.seed)
             self.train_set = RecordDataset(rows)

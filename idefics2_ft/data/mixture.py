@@ -106,6 +106,12 @@ class RecordOrder:
             raise DataError("no training records: every source is empty (check data.max_train_samples and the splits).")
         self.sizes, self.seed = list(sizes), seed
         self.probs = list(probs) if probs is not None else [1.0]
+        empty = [i for i, (n, p) in enumerate(zip(self.sizes, self.probs, strict=False)) if n == 0 and p > 0]
+        if empty:
+            raise DataError(
+                f"data.mixture source(s) {empty} (by position) have no training records but are drawn from: "
+                "check their splits and max_samples."
+            )
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
     def __len__(self) -> int:
