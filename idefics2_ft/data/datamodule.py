@@ -9,13 +9,12 @@ from itertools import islice
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.dataset import RecordDataset
-from idefics2_ft.data.grouping import GroupedBatchSampler, index_stream, record_shapes, row_shape, sort_keys
+from idefics2_ft.data.grouping import GroupedBatchSampler, record_shapes, row_shape, sort_keys
 from idefics2_ft.data.images import pictures_per_image
 from idefics2_ft.data.mixture import RecordOrder, Source, SourceRows, probabilities, source_configs
 from idefics2_ft.data.records import BadSample, DataError, Row, message_text
@@ -47,7 +46,8 @@ class ResumableSampler(Sampler[int]):
         self.order = order  # a mixture's draws; None: a permutation of the records each epoch
 
     def __iter__(self) -> Iterator[int]:
-        stream = self.order.stream() if self.order is not None else index_stream(self.dataset_len, self.seed)
+        order = self.order if self.order is not None else RecordOrder([self.dataset_len], seed=self.seed)
+        stream = order.stream()
         for i in range(self.num_samples * self.num_replicas):
             index = next(stream)
             if i % self.num_replicas == self.rank and i // self.num_replicas >= self.start:
@@ -119,7 +119,6 @@ class Idefics2DataModule(L.LightningDataModule):
         self.train_stream: list[float] | None = None  # data.streaming: the sources' probabilities
 
     def setup(self, stage: str | None = None) -> None:
-        self.sources = source_configs(self.cfg)
         if self.train_set is None and self.train_stream is None and stage in (None, "fit"):
             crops = pictures_per_image(self.cfg.do_image_splitting)
             per_crop = self.processor.image_seq_len
@@ -288,13 +287,9 @@ class Idefics2DataModule(L.LightningDataModule):
         counts = dict.fromkeys(names, 0)
         size = self.cfg.batch_size
         if self.train_stream is not None:
-            chooser = torch.Generator().manual_seed(self.seed)
-            weights = torch.tensor(self.train_stream, dtype=torch.float64)
-            need = batches * size
-            picks: list[int] = []
-            while len(picks) < need:
-                picks += torch.multinomial(weights, 1024, replacement=True, generator=chooser).tolist()
-            for s in picks[:need]:
+            from idefics2_ft.data.streaming import source_picks
+
+            for s in islice(source_picks(self.train_stream, self.seed), batches * size):
                 counts[names[s]] += world  # every rank draws its own part of each source alike
             return counts
         rows = self.train_set.rows

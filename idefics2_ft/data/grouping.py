@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import count, islice
+from itertools import chain, islice
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
+from idefics2_ft.data.mixture import RecordOrder, epoch_permutations
 from idefics2_ft.data.records import Row, check_row
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,7 @@ POOL = 64  # batches' worth of records sorted together, then shuffled as batches
 
 def index_stream(n: int, seed: int) -> Iterator[int]:
     """Dataset indices epoch after epoch, each epoch a new permutation seeded by ``seed + epoch``."""
-    epoch = 0
-    while True:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        yield from torch.randperm(n, generator=generator).tolist()
-        epoch += 1
+    return chain.from_iterable(epoch_permutations(n, seed))
 
 
 @dataclass(frozen=True)
@@ -149,7 +146,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         size = self.batch_size * self.num_replicas
         carried: list[int] = []
         pool_no = 0
-        epochs = self.order.epochs() if self.order is not None else self._permutations()
+        order = self.order if self.order is not None else RecordOrder([len(self.keys)], seed=self.seed)
+        epochs = order.epochs()
         for drawn in epochs:
             records = carried + drawn
             whole = len(records) - len(records) % size
@@ -160,10 +158,6 @@ class GroupedBatchSampler(Sampler[list[int]]):
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pool_no)
                 yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
                 pool_no += 1
-
-    def _permutations(self) -> Iterator[list[int]]:
-        for epoch in count():
-            yield torch.randperm(len(self.keys), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain, count
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -106,12 +106,6 @@ class RecordOrder:
             raise DataError("no training records: every source is empty (check data.max_train_samples and the splits).")
         self.sizes, self.seed = list(sizes), seed
         self.probs = list(probs) if probs is not None else [1.0]
-        empty = [i for i, (n, p) in enumerate(zip(self.sizes, self.probs, strict=False)) if n == 0 and p > 0]
-        if empty:
-            raise DataError(
-                f"data.mixture source(s) {empty} (by position) have no training records but are drawn from: "
-                "check their splits and max_samples."
-            )
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
     def __len__(self) -> int:
@@ -120,12 +114,10 @@ class RecordOrder:
     def epochs(self) -> Iterator[list[int]]:
         """Each epoch's draws, in order."""
         if len(self.sizes) == 1:
-            epoch = 0
-            while True:
-                yield torch.randperm(self.sizes[0], generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-                epoch += 1
+            yield from epoch_permutations(self.sizes[0], self.seed)
         streams = [
-            _permutations(n, self.seed * 7919 + 104729 * (i + 1)) if n else iter(()) for i, n in enumerate(self.sizes)
+            chain.from_iterable(epoch_permutations(n, self.seed * 7919 + 104729 * (i + 1))) if n else iter(())
+            for i, n in enumerate(self.sizes)
         ]
         chooser = torch.Generator().manual_seed(self.seed)
         weights = torch.tensor(self.probs, dtype=torch.float64)
@@ -139,11 +131,10 @@ class RecordOrder:
             yield from epoch
 
 
-def _permutations(n: int, seed: int) -> Iterator[int]:
-    epoch = 0
-    while True:
-        yield from torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        epoch += 1
+def epoch_permutations(n: int, seed: int) -> Iterator[list[int]]:
+    """A permutation of ``range(n)`` per epoch, seeded by ``seed + epoch``."""
+    for epoch in count():
+        yield torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
 class SourceRows(Sequence):
@@ -185,6 +176,3 @@ class SourceRows(Sequence):
         row = self.parts[part][local]
         row.source = self.names[part]
         return row
-
-    def part_attr(self, name: str) -> list[Any]:
-        return [getattr(rows, name, None) for rows in self.parts]

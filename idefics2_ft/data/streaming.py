@@ -63,6 +63,14 @@ def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int |
         epoch += 1
 
 
+def source_picks(probs: Sequence[float], seed: int) -> Iterator[int]:
+    """The source each draw of a streamed mixture takes, by ``probs``, from ``seed`` (the same on every rank)."""
+    chooser = torch.Generator().manual_seed(seed)
+    weights = torch.tensor(list(probs), dtype=torch.float64)
+    while True:
+        yield from torch.multinomial(weights, 1024, replacement=True, generator=chooser).tolist()
+
+
 class StreamBatches(IterableDataset):
     """This rank's training batches (lists of records) from streamed sources, from batch ``start`` on.
 
@@ -105,13 +113,10 @@ class StreamBatches(IterableDataset):
             for row in streams[0]:
                 row.source = self.sources[0].name
                 yield row
-        chooser = torch.Generator().manual_seed(self.seed)
-        weights = torch.tensor(self.probs, dtype=torch.float64)
-        while True:
-            for s in torch.multinomial(weights, 1024, replacement=True, generator=chooser).tolist():
-                row = next(streams[s])
-                row.source = self.sources[s].name
-                yield row
+        for s in source_picks(self.probs, self.seed):
+            row = next(streams[s])
+            row.source = self.sources[s].name
+            yield row
 
     def row_batches(self) -> Iterator[list[Row]]:
         size = self.batch_size

@@ -75,6 +75,19 @@ def killed_then_resumed(tmp_path: Path, overrides: list[str], kill_after: int) -
     return run_dir
 
 
+RESUMABLE = ("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1", "peft.dropout=0.1", "eval.at_end=false")
+
+
+def assert_resume_is_exact(tmp_path: Path, overrides: list[str]) -> Path:
+    """6 steps straight, and killed after step 3's checkpoint then resumed: the same adapter, bit for bit."""
+    overrides = [*overrides, *RESUMABLE]
+    run_train(*overrides, f"run_dir={tmp_path / 'straight'}")
+    resumed = killed_then_resumed(tmp_path, overrides, kill_after=3)
+    a, b = adapter(tmp_path / "straight"), adapter(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return resumed
+
+
 def test_the_recipe_plans_and_lists_what_an_offline_node_needs():
     plan = subprocess.run([IDEFICS2_FT, "plan", "recipe=cauldron_qlora"], capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -125,15 +138,8 @@ def test_a_mixture_resumes_after_kill_9_to_the_same_adapter(cauldron, tmp_path):
         *CAULDRON_TINY,
         f"data.path={cauldron}",
         f"model.tiny.cache_dir={tmp_path / 'tiny'}",
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every_n_steps=1",
-        "peft.dropout=0.1",
-        "eval.at_end=false",
     ]
-    run_train(*overrides, f"run_dir={tmp_path / 'straight'}")
-    resumed = killed_then_resumed(tmp_path, overrides, kill_after=3)
-    a, b = adapter(tmp_path / "straight"), adapter(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = assert_resume_is_exact(tmp_path, overrides)
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     again = json.loads((resumed / "metrics.json").read_text())
     assert {k: v for k, v in straight.items() if k.startswith("data/samples/")} == {
@@ -156,12 +162,5 @@ def test_a_stream_resumes_after_kill_9_to_the_same_adapter(tmp_path, group_by):
         f"data.group_by={group_by}",
         "data.longest_edge=64",
         "data.shortest_edge=64",
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every_n_steps=1",
-        "peft.dropout=0.1",
-        "eval.at_end=false",
     ]
-    run_train(*overrides, f"run_dir={tmp_path / 'straight'}")
-    resumed = killed_then_resumed(tmp_path, overrides, kill_after=3)
-    a, b = adapter(tmp_path / "straight"), adapter(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(tmp_path, overrides)
