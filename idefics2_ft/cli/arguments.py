@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import TrainConfig
-from idefics2_ft.run_folder import RunFolder
+from idefics2_ft.run_folder import RunFolder, load_yaml
 
 
 def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
@@ -32,6 +32,8 @@ def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictC
     if "run_dir" not in pairs:
         raise SystemExit("run_dir=PATH is required: the folder of a finished training run.")
     run_dir = Path(pairs.pop("run_dir"))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SystemExit(f"run_dir={run_dir} is a file: run_dir must be a folder that train.py wrote.")
     if not RunFolder(run_dir).config.is_file():
         raise SystemExit(f"{RunFolder(run_dir).config} not found: run_dir must be a folder that train.py wrote.")
     own = dict(script_keys)
@@ -39,7 +41,7 @@ def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictC
         if key in script_keys:
             own[key] = pairs.pop(key)
     schema = OmegaConf.structured(TrainConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(RunFolder(run_dir).latest_config))
+    cfg = OmegaConf.merge(schema, load_yaml(RunFolder(run_dir).latest_config))  # RunFolderError names a bad file
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]))
     cfg.run_dir = str(run_dir)
     return cfg, own

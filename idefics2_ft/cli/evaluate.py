@@ -5,33 +5,66 @@
 Loads the run's adapter on its base as trained (or a merged model folder with model_dir=), answers
 every question of the split, prints a summary table and writes predictions.jsonl,
 eval_metrics.json and report.html (metrics, curves, a gallery of answers) to out_dir (default
-RUN/eval/<split>).
+RUN/eval/<split>), all at once when the evaluation is complete. A read-only run folder needs
+out_dir=; a folder that holds anything but an earlier evaluation of this run is refused.
 """
 
+import logging
+import shlex
 import sys
-from pathlib import Path
 
 from idefics2_ft.cli.arguments import parse_overrides, setup_logging
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import DataError
-from idefics2_ft.run_folder import RunFolder
-from idefics2_ft.tasks.evaluate import config_for_split, evaluate, format_table, load_run
+from idefics2_ft.run_folder import FolderLock, OutputRefused, RunFolder, RunFolderError
+from idefics2_ft.stops import Interrupted, StopPolicy, active
+from idefics2_ft.tasks.evaluate import (
+    config_for_split,
+    evaluate,
+    evaluation_output,
+    format_table,
+    load_run,
+    scored_weights,
+)
+
+log = logging.getLogger("idefics2_ft")
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
-    cfg, own = parse_overrides(argv, {"data.split": None, "model_dir": None, "out_dir": None})
-    split = own["data.split"] or cfg.data.val_split
+    policy = active() or StopPolicy("evaluate").install()
+    policy.completed("nothing was written yet", shlex.join(["idefics2-ft", "evaluate", *argv]))
     try:
-        cfg = config_for_split(cfg, split)  # a split the source does not have is refused here
-        model, processor = load_run(cfg, model_dir=own["model_dir"])
-        out_dir = Path(own["out_dir"] or RunFolder(cfg.run_dir).eval(split))
+        cfg, own = parse_overrides(argv, {"data.split": None, "model_dir": None, "out_dir": None})
+        policy.rehearse(cfg.debug.stop_at)
+        split = own["data.split"] or cfg.data.val_split
+        with policy.phase_of("checks"):
+            cfg = config_for_split(cfg, split)  # a split the source does not have is refused here
+            # where the results go, refused before a weight loads if it may not be written
+            target = evaluation_output(cfg, own["out_dir"] or RunFolder(cfg.run_dir).eval(split))
+            weights = scored_weights(cfg, own["model_dir"])
+            holder = FolderLock(cfg.run_dir).holder()
+            if holder:
+                log.warning(
+                    "run_dir=%s is in use by a training (pid %s on %s since %s): evaluating %s as it is now "
+                    "(saved after step %s, sha256 %s); eval_metrics.json records which.",
+                    *(cfg.run_dir, holder.get("pid"), holder.get("host"), holder.get("started")),
+                    *(weights["eval/weights"], weights["eval/trained_steps"], weights["eval/weights_sha256"]),
+                )
+        with policy.phase_of("model loading", "load"):
+            model, processor = load_run(cfg, model_dir=own["model_dir"])
         label = f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
-        metrics = evaluate(cfg, model, processor, split, out_dir, label)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+        with policy.phase_of("the evaluation", "evaluate"):
+            metrics = evaluate(cfg, model, processor, split, target, label, weights)
+    except (ConfigError, DataError, FileNotFoundError, OutputRefused, RunFolderError) as err:
         sys.stderr.write(f"evaluate failed: {err}\n")
         return 2
+    except Interrupted as stop:
+        sys.stderr.write(f"{stop}\n")
+        return stop.exit_code
+    finally:
+        policy.uninstall()
     sys.stdout.write(
-        format_table(metrics) + f"\n\nwrote {out_dir}/predictions.jsonl, eval_metrics.json and report.html\n"
+        format_table(metrics) + f"\n\nwrote {target.path}/predictions.jsonl, eval_metrics.json and report.html\n"
     )
     return 0

@@ -10,26 +10,42 @@ The token comes from HF_TOKEN or `huggingface-cli login` and is written nowhere.
 """
 
 import json
+import shlex
 import sys
 
 from idefics2_ft.cli.arguments import parse_overrides, setup_logging
 from idefics2_ft.config import ConfigError, validate
 from idefics2_ft.hub import HubError, check_write_access, push_targets
+from idefics2_ft.run_folder import OutputRefused, RunFolderError
+from idefics2_ft.stops import Interrupted, StopPolicy, active
 from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
-    cfg, _ = parse_overrides(argv, {})
-    cfg.resume = False
+    policy = active() or StopPolicy("export").install()
+    # an interrupted export leaves no export (the writer renames it into place once complete)
+    policy.completed("no export was written", shlex.join(["idefics2-ft", "export", *argv]))
     try:
-        validate(cfg)
-        if cfg.export.push_to_hub:
-            for repo_id in push_targets(cfg.export):
-                check_write_access(repo_id)
+        cfg, _ = parse_overrides(argv, {})
+        policy.rehearse(cfg.debug.stop_at)
+        cfg.resume = False
+        with policy.phase_of("checks"):
+            validate(cfg)
+            if cfg.export.push_to_hub:
+                for repo_id in push_targets(cfg.export):
+                    check_write_access(repo_id)
         out, report = export_run(cfg)
-    except (ConfigError, NonFiniteWeights, ParityError, HubError, FileNotFoundError) as err:
+    except (ConfigError, NonFiniteWeights, ParityError, HubError, FileNotFoundError, RunFolderError) as err:
         sys.stderr.write(f"export failed: {err}\n")
         return 1
+    except OutputRefused as err:
+        sys.stderr.write(f"export refused: {err}\n")
+        return 2
+    except Interrupted as stop:
+        sys.stderr.write(f"{stop}\n")
+        return stop.exit_code
+    finally:
+        policy.uninstall()
     sys.stdout.write(json.dumps(report, indent=2) + f"\nexported to {out}\n")
     return 0

@@ -14,18 +14,21 @@ folder; the published idefics2-8b's for its Hub id; a stand-in's own).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from idefics2_ft.cli import compose_config
 from idefics2_ft.hardware import GPUS
 from idefics2_ft.models import base_config
 from idefics2_ft.planning import format_plan, plan_run, setup_from_cfg, workload_from_cfg
 from idefics2_ft.planning.batch import largest_batch
+from idefics2_ft.run_folder import OutputRefused, atomic_write_text, claim_output_file
 
+PLAN_KIND = "idefics2-ft plan"  # plan.json=FILE is replaced only when it says it was written by this command
 OWN = {"plan.gpu_gb": 24.0, "plan.text_tokens": 128, "plan.images": 1, "plan.answer_tokens": 32, "plan.json": None}
 
 
 def main(argv: list[str]) -> int:
+    import sys
+
     own = dict(OWN)
     overrides = []
     for arg in argv:
@@ -34,6 +37,12 @@ def main(argv: list[str]) -> int:
             own[key] = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
+    if own["plan.json"]:
+        try:  # refused before any work: an existing file that is not an earlier plan is kept
+            claim_output_file(own["plan.json"], PLAN_KIND, "plan.json")
+        except OutputRefused as err:
+            print(f"plan refused: {err}", file=sys.stderr)
+            return 2
     cfg = compose_config(overrides)
     config = base_config(cfg)
     if cfg.data.batch_size == "auto":
@@ -57,5 +66,5 @@ def main(argv: list[str]) -> int:
             f"| {name} | {memory} GB | {p.total_gb:.1f} GB | {p.verdict.split(':')[0]}{fix} | {p.times[name]:.1f} | {hours:.1f} |"
         )
     if own["plan.json"]:
-        Path(own["plan.json"]).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+        atomic_write_text(own["plan.json"], json.dumps({"written_by": PLAN_KIND, **plan.to_json()}, indent=2) + "\n")
     return 0

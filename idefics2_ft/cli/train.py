@@ -3,6 +3,7 @@ front door to :func:`idefics2_ft.tasks.train.train`."""
 
 import faulthandler
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from idefics2_ft.config import CONF_DIR, ConfigError, register_configs
+from idefics2_ft.stops import Interrupted, StopPolicy, active
 
 register_configs()
 
@@ -66,11 +68,54 @@ def _default_of(group: str) -> str | None:
 
 
 def main() -> None:
+    prog = "python train.py" if sys.argv[0].endswith("train.py") else "idefics2-ft train"
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-        prog = "python train.py" if sys.argv[0].endswith("train.py") else "idefics2-ft train"
         print(help_text(prog))
         return
-    _hydra_main()
+    problem = run_dir_problem(sys.argv[1:])  # Hydra makes the folder before any code of ours runs
+    if problem:
+        sys.stderr.write(f"{problem}\n")
+        sys.exit(2)
+    policy = active() or StopPolicy("train").install()  # before Hydra composes anything
+    policy.completed("nothing was written yet", " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
+    try:
+        _hydra_main()
+    except Interrupted as stop:  # before the run folder was known (Hydra's composition)
+        sys.stderr.write(f"{stop}\n")
+        sys.exit(stop.exit_code)
+
+
+def run_dir_problem(args: list[str]) -> str | None:
+    """What stops Hydra from making the run folder, in one line with the fix (else a traceback): a
+    ``run_dir`` its grammar cannot read unquoted, one that is a file, a place that cannot be written."""
+    import os
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from idefics2_ft.run_folder import hydra_arg
+
+    given = [a for a in args if a.split("=", 1)[0].lstrip("+~") == "run_dir"]
+    if given:
+        raw = given[-1].split("=", 1)[1]
+        try:
+            value = OverridesParser.create().parse_override(given[-1]).value()
+        except Exception:  # Hydra's grammar: non-ASCII letters, ~, brackets ... need quotes
+            return (
+                f"run_dir={raw}: Hydra cannot read this value unquoted (it holds characters outside its plain "
+                f"grammar, such as non-ASCII letters, ~ or brackets). Quote it: {hydra_arg('run_dir', raw)}"
+            )
+        if not isinstance(value, str) or "${" in value:
+            return None  # a sweep or an interpolation: Hydra and the run check it
+        folder = Path(value)
+    else:
+        folder = Path("outputs")  # the default run_dir lies under outputs/ in the current folder
+    if folder.exists() and not folder.is_dir():
+        return f"run_dir={folder} is a file, not a folder: choose another run_dir."
+    existing = next((p for p in [folder.absolute(), *folder.absolute().parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        where = f"run_dir={folder}" if given else "the default run_dir (outputs/... in the current folder)"
+        return f"{where} cannot be created: {existing} is not writable. Set run_dir= to a folder you can write."
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -78,8 +123,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     from idefics2_ft.cli import register_demo
     from idefics2_ft.data.records import DataError
     from idefics2_ft.hub import HubError
+    from idefics2_ft.run_folder import FolderLock, OutputRefused, RunFolderError
     from idefics2_ft.tasks.train import OutOfMemory, train
-    from idefics2_ft.training import CheckpointSaveFailed, Diverged, Preempted, Stopped
+    from idefics2_ft.training import CheckpointCorrupt, CheckpointSaveFailed, Diverged, Preempted
 
     register_demo()  # here, not at import: a sweep's job runs this function in a process of its own
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -87,9 +133,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
         _close_process_group()
-    except (ConfigError, DataError, HubError) as err:
+    except (ConfigError, DataError, HubError, CheckpointCorrupt, RunFolderError, OutputRefused) as err:
         logging.getLogger("idefics2_ft").error("%s", err)
-        _remove_if_empty(Path(cfg.run_dir))  # Hydra made the folder; a refused run leaves none behind
+        FolderLock(cfg.run_dir).remove_folder_if_unused()  # Hydra made the folder; a refused run leaves none behind
         sys.exit(2)
     except Diverged as err:
         logging.getLogger("idefics2_ft").error("%s", err)
@@ -97,7 +143,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (CheckpointSaveFailed, OutOfMemory) as err:  # one line here; the chained tracebacks are in train.log
         logging.getLogger("idefics2_ft").error("%s", err)
         sys.exit(1)
-    except Stopped as stop:  # SIGTERM or Ctrl-C: saved at a step boundary; the shell's code for the signal
+    except Interrupted as stop:  # SIGTERM or Ctrl-C, in any phase (stops.py): the shell's code for the signal
         logging.getLogger("idefics2_ft").error("%s", stop)
         sys.exit(stop.exit_code)
     except Preempted as stop:  # checkpointed and requeued: not a failure
@@ -123,10 +169,3 @@ def _close_process_group() -> None:
         faulthandler.dump_traceback_later(CLOSE_TIMEOUT_S, exit=True)
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()  # only succeeds on an empty folder
-    except OSError:
-        pass

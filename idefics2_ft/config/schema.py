@@ -270,6 +270,9 @@ class DebugConfig:
     # Stop with an error when this optimizer step starts: rehearse a crash (last.ckpt is written
     # on the way out) and `resume=true` on your cluster before a long run depends on it.
     crash_at_step: int | None = None
+    # Send this process SIGTERM (or `PHASE:SIGINT`) when it enters PHASE: rehearse a stop there and see
+    # what it leaves (the fault tier does, for each phase: `checks`, `model loading`, `fit`, ...).
+    stop_at: str | None = None
 
 
 @dataclass

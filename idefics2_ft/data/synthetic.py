@@ -111,6 +111,6 @@ def write_docs(
             record = {"images": [image], "messages": messages, "answers": answers, "question_type": key.lower()}
             lines.append(json.dumps(record))
         path = folder / f"{split}.jsonl"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n")  # generated pages for tests and benchmarks, in a folder made for them
         out[split] = path
     return out

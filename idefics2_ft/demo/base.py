@@ -93,7 +93,7 @@ def ensure_tiny_base(cfg: DictConfig) -> Path:
             )
     report["stage1/wall_s"] = time.perf_counter() - start
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # this pid's own partial folder, if a killed build left one
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "stage1.json").write_text(json.dumps(report, indent=2))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from idefics2_ft.run_folder import MARKER
+
 log = logging.getLogger(__name__)
 
 
@@ -115,7 +117,11 @@ def push_folder(folder: Path, repo_id: str, private: bool, commit_message: str, 
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, revision=revision
+            folder_path=str(folder),
+            repo_id=repo_id,
+            commit_message=commit_message,
+            revision=revision,
+            ignore_patterns=[MARKER],  # our own note of what wrote the folder, not part of the model
         )
     except Exception as err:
         if _network_error(err):

@@ -84,6 +84,11 @@ def write_random_checkpoint(
     if is_complete(folder, config, seed):
         log.info("Random-init checkpoint: using %s", folder)
         return folder
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise FileExistsError(
+            f"{folder} already holds files that are not a random-init checkpoint written here: they are kept, and "
+            "nothing was written. Choose another folder for the checkpoint."
+        )
     start = time.perf_counter()
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Idefics2ForConditionalGeneration(config).state_dict().items()}
@@ -94,7 +99,7 @@ def write_random_checkpoint(
         "Writing a random-init checkpoint: %.2f B parameters, %d shards, into %s", total / 1e9, len(shards), folder
     )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # this pid's own partial folder, if a killed build left one
     tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
@@ -121,7 +126,7 @@ def write_random_checkpoint(
         "config": config.to_diff_dict(),
     }
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # an older checkpoint of ours (its marker is checked above), or nothing
     tmp.rename(folder)
     log.info("Random-init checkpoint written to %s in %.0f s", folder, time.perf_counter() - start)
     return folder

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from idefics2_ft.run_folder import atomic_write_text
+
 GB = 1e9
 STATUS = Path("/proc/self/status")
 
@@ -131,7 +133,7 @@ class Phases:
         }
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.summary(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.summary(), indent=2) + "\n")
 
     def line(self) -> str:
         """One line for the log: ``load 212 s (9.80 GB), fit 395 s (15.3 GB), ...``."""

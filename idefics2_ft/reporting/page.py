@@ -20,7 +20,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.reporting.gallery import gallery_cards, is_right, png_data_uri, thumbnail
-from idefics2_ft.run_folder import HISTORY_FILE, REPORT_FILE, RunFolder, read_history, read_metrics, redacted
+from idefics2_ft.run_folder import (
+    HISTORY_FILE,
+    REPORT_FILE,
+    RunFolder,
+    atomic_write_text,
+    read_history,
+    read_metrics,
+    redacted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +217,7 @@ def write_report(
     )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / REPORT_FILE
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, page)  # the run's own report, or inside an evaluation's partial folder
     return path
 
 

@@ -3,9 +3,9 @@ run, and what a resume may change.
 
 Schedule keys take effect on a resume and are recorded; the model, the adapter's shape, the data,
 the seed and the precision make it another experiment and are refused unless ``resume_changes``
-names them. ``config.yaml`` stays the first part's config; each resume writes
-``config.resume-N.yaml`` and a line of ``resumes.jsonl`` with what it changed
-(``docs/run-folder.md``)."""
+names them. ``config.yaml`` stays the first part's config; each resume that trains its first step
+writes ``config.resume-N.yaml`` and a line of ``resumes.jsonl`` with what it changed (a resume
+stopped before that leaves the folder as it was; ``docs/run-folder.md``)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import ConfigError
+from idefics2_ft.data.fingerprint import same_file
 from idefics2_ft.ranks import is_rank_zero
-from idefics2_ft.run_folder import RunFolder, read_base_record, redacted, remove_outputs, run_outputs, slurm_restarted
+from idefics2_ft.run_folder import (
+    RunFolder,
+    atomic_write_text,
+    load_yaml,
+    read_base_record,
+    redacted,
+    remove_outputs,
+    run_outputs,
+    slurm_restarted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,7 @@ def previous_config(run_dir: Path) -> dict[str, Any] | None:
     """The config the run was last trained with: the newest ``config.resume-N.yaml``, else ``config.yaml``."""
     folder = RunFolder(run_dir)
     path = folder.latest_config
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else None
+    return OmegaConf.to_container(load_yaml(path), resolve=True) if path.is_file() else None
 
 
 def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> dict[str, tuple[Any, Any]]:
@@ -68,11 +78,23 @@ def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> di
 
 
 def edited_data(run_dir: Path, data_fingerprint: dict | None) -> list[str]:
-    """What of the data differs from the fingerprint the run recorded (``train_file``, ...)."""
+    """What of the data differs from the fingerprint the run recorded (``train_file``, ...): by content,
+    never by modification time (``data/fingerprint.py``)."""
     recorded = (read_base_record(run_dir) or {}).get("data")
     if recorded is None or data_fingerprint is None:
         return []
-    return sorted(k for k in set(recorded) | set(data_fingerprint) if recorded.get(k) != data_fingerprint.get(k))
+    return sorted(_differing(recorded, data_fingerprint))
+
+
+def _differing(recorded: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(recorded) | set(now)):
+        old, new = recorded.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):  # a mixture: per source
+            out += _differing(old, new, f"{prefix}{key}/")
+        elif not same_file(old, new):
+            out.append(prefix + key)
+    return out
 
 
 def is_experiment(key: str) -> bool:
@@ -86,8 +108,20 @@ def check_resume(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) 
     Raises:
         ConfigError: naming each refused key with its old and new value, and the fix.
     """
-    found = changes(cfg, run_dir, data_fingerprint)
     accepted = set(cfg.resume_changes)
+    if previous_config(run_dir) is None or read_base_record(run_dir) is None:
+        missing = [p.name for p in (RunFolder(run_dir).config, RunFolder(run_dir).base_record) if not p.is_file()]
+        if "all" not in accepted:
+            raise ConfigError(
+                [
+                    f"resume=true: {run_dir} holds checkpoints/last.ckpt but not {' or '.join(missing)}, which this "
+                    "resume must be compared with (model, adapter, data): it cannot tell whether it continues the "
+                    "same experiment. Restore those files from where the checkpoint came from, or continue anyway "
+                    "with resume_changes=[all]."
+                ]
+            )
+        log.warning("resume_changes=[all]: %s is missing; this resume is not compared with the run.", missing)
+    found = changes(cfg, run_dir, data_fingerprint)
     if all(f"data.{k}" in accepted for k in edited_data(run_dir, data_fingerprint)):
         accepted.add("data (files)")  # the files of keys accepted by name (data.train_file) differ, of course
     problems = []
@@ -97,7 +131,12 @@ def check_resume(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) 
                 f"resume=true with {key} changed ({old!r} -> {new!r}): checkpoints/last.ckpt holds adapters of the "
                 "old shape, so this cannot continue it. Start a new run_dir."
             )
-        elif is_experiment(key) and key not in accepted and not (key == "data (files)" and "data" in accepted):
+        elif (
+            is_experiment(key)
+            and key not in accepted
+            and "all" not in accepted
+            and not (key == "data (files)" and "data" in accepted)
+        ):
             accept = "data" if key == "data (files)" else key
             problems.append(
                 f"resume=true with {key} changed ({old!r} -> {new!r}): the resumed part would be another experiment. "
@@ -109,18 +148,20 @@ def check_resume(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) 
 
 
 def record_resume(cfg: DictConfig, run_dir: Path, found: dict[str, tuple[Any, Any]]) -> Path:
-    """Write ``config.resume-N.yaml`` and a line of ``resumes.jsonl``; log what changed."""
+    """Write ``config.resume-N.yaml`` and a line of ``resumes.jsonl``; log what changed. Called once the
+    resume has trained its first step (``RecordResume``): a resume that never trained leaves no trace."""
     folder = RunFolder(run_dir)
-    number = len(folder.resume_configs()) + 1
+    resumed = folder.resume_configs()
+    number = (int(resumed[-1].stem.rsplit("-", 1)[1]) if resumed else 0) + 1
     path = folder.resume_config(number)
-    OmegaConf.save(OmegaConf.create(redacted(cfg)), path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))))
     entry = {
         "resume": number,
         "at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": path.name,
         "changed": {k: [v[0], v[1]] for k, v in found.items()},
     }
-    with open(folder.resumes, "a", encoding="utf-8") as f:
+    with open(folder.resumes, "a", encoding="utf-8") as f:  # appended: one line per resume, never rewritten
         f.write(json.dumps(entry) + "\n")
     if found:
         listed = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in found.items())

@@ -14,7 +14,7 @@ from idefics2_ft.config import ConfigError
 from idefics2_ft.data import build_rows
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
 from idefics2_ft.models.generation import stop_token_ids
-from idefics2_ft.run_folder import RunFolder, read_base_record, unfinished
+from idefics2_ft.run_folder import Output, RunFolder, output_folder, read_base_record, read_metrics, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -101,28 +101,71 @@ def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | Non
     return model, processor
 
 
+def evaluation_output(cfg: DictConfig, out_dir: str | Path) -> Output:
+    """Claim ``out_dir`` for an evaluation of this run (``run_folder.output_folder``): before any work.
+
+    Raises:
+        OutputRefused: the folder holds something else, lies where the run keeps its own files, or
+            cannot be written (a read-only run folder: the message says to set ``out_dir=``).
+    """
+    return output_folder(Path(cfg.run_dir), out_dir, "evaluation", "out_dir")
+
+
+def scored_weights(cfg: DictConfig, model_dir: str | None = None) -> dict[str, Any]:
+    """Which weights an evaluation scores: the folder, a hash of its weight files, and the step the run
+    had trained when they were saved (a training may own the folder and replace them later)."""
+    import hashlib
+
+    run = RunFolder(cfg.run_dir)
+    folder = Path(model_dir) if model_dir else (run.full_model if run.full_model.is_dir() else run.adapter)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return {
+        "eval/weights": str(folder),
+        "eval/weights_sha256": digest.hexdigest()[:16],
+        "eval/trained_steps": read_metrics(run.root).get("train/steps", "?"),
+    }
+
+
 def evaluate(
-    cfg: DictConfig, model, processor, split: str, out_dir: Path, label: str = "the run's weights as trained"
+    cfg: DictConfig,
+    model,
+    processor,
+    split: str,
+    out_dir: Path | Output,
+    label: str = "the run's weights as trained",
+    weights: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Greedy answers on ``split`` (left-padded batches); writes predictions.jsonl, metrics JSON and
-    report.html (``label`` says there which model answered).
+    report.html (``label`` says there which model answered), all at once when the evaluation is
+    complete: an interrupted one leaves nothing at ``out_dir``.
 
     Args:
         cfg: the run's config.
         model: the model to evaluate (``load_run`` gives it).
         processor: its processor.
         split: the split to answer.
-        out_dir: where predictions.jsonl, eval_metrics.json and report.html go.
+        out_dir: where predictions.jsonl, eval_metrics.json and report.html go (claimed, if a path).
         label: which model answered, for the report.
+        weights: which weights answered (``scored_weights``), recorded in the metrics.
 
     Returns:
         Flat metrics: ``eval/accuracy``, ``eval/anls``, ``eval/<metric>/<question type>``, ``eval/loss``,
         ``eval/split``.
+
+    Raises:
+        OutputRefused: ``out_dir`` may not be written (before any question is answered).
     """
     import lightning as L
 
     from idefics2_ft.data.datamodule import Idefics2DataModule
     from idefics2_ft.training.lightning_module import Idefics2Module
+    from idefics2_ft.training.trainer import follow_stop_policy
+
+    target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
 
     data_cfg = OmegaConf.merge(cfg.data, {"val_split": split})
     datamodule = Idefics2DataModule(data_cfg, processor)
@@ -141,42 +184,34 @@ def evaluate(
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_checkpointing=False,
     )
+    follow_stop_policy(trainer)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     rows = module.val_predictions
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
     other = "anls" if data_cfg.metric == "accuracy" else "accuracy"
     metrics[f"eval/{other}"] = sum(r[other] for r in rows) / len(rows) if rows else float("nan")
     metrics["eval/split"] = split
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(
-                json.dumps(
-                    {
-                        "id": row["id"],
-                        "prediction": row["prediction"],
-                        "references": row["answers"],
-                        "question_type": row["question_type"],
-                        "source": row.get("source"),
-                        row.get("metric", "score"): row.get("score"),
-                        "accuracy": row["accuracy"],
-                        "anls": row["anls"],
-                    }
-                )
-                + "\n"
-            )
-    (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    metrics.update(weights or {})
     from idefics2_ft.reporting import evaluation_report
 
-    report = evaluation_report(
-        cfg,
-        out_dir,
-        metrics,
-        rows,
-        datamodule.val_set.rows,
-        label,
-    )
-    log.info("Report: %s", report)
+    lines = [
+        {
+            "id": row["id"],
+            "prediction": row["prediction"],
+            "references": row["answers"],
+            "question_type": row["question_type"],
+            "source": row.get("source"),
+            row.get("metric", "score"): row.get("score"),
+            "accuracy": row["accuracy"],
+            "anls": row["anls"],
+        }
+        for row in rows
+    ]
+    with target.writing() as folder:  # all three files appear together, once complete
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+        (folder / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        evaluation_report(cfg, folder, metrics, rows, datamodule.val_set.rows, label)
+    log.info("Report: %s", target.path / "report.html")
     return metrics
 
 

@@ -26,7 +26,8 @@ from idefics2_ft.models import load_full_precision, load_idefics2, load_processo
 from idefics2_ft.models.bases import describe_base
 from idefics2_ft.models.generation import generation_config
 from idefics2_ft.reporting.page import TEMPLATES
-from idefics2_ft.run_folder import RunFolder, read_metrics, redacted, unfinished
+from idefics2_ft.run_folder import MARKER, Output, RunFolder, output_folder, read_metrics, redacted, unfinished
+from idefics2_ft.stops import StopPolicy, active
 from idefics2_ft.tasks.evaluate import base_model_path
 
 log = logging.getLogger(__name__)
@@ -246,32 +247,52 @@ def _template(name: str) -> Template:
     return Template((TEMPLATES / name).read_text(encoding="utf-8"))
 
 
-def _write_export(cfg: DictConfig, kind: str, out: Path, adapter_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def _write_export(
+    cfg: DictConfig, kind: str, target: Output, adapter_dir: Path, metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Write one export (``merged``: merge, check parity, save; ``adapter``: copy it) with its card,
-    into a temporary folder renamed over ``out`` once complete. Returns the parity report."""
+    through the output writer: it appears at ``target`` once complete, and replaces only an earlier
+    export of the same kind from this run. Returns the parity report."""
     e = cfg.export
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    policy = active() or StopPolicy("export")
     report: dict[str, Any] = {}
-    if kind == "adapter":
-        shutil.copytree(adapter_dir, tmp)
-        # PEFT reads no generation config from an adapter folder: the card shows the one line that does
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-        generation_config(tokenizer).save_pretrained(tmp)
-    else:
-        merged, processor, report = merge_and_check(
-            cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
-        )
-        # stop where the fine-tuned model stops, so that a plain generate() answers as we did
-        merged.generation_config = generation_config(processor.tokenizer, merged.generation_config)
-        merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
-        processor.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(cfg, metrics, report, kind == "adapter"))
-    (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("Exported the %s to %s", "merged model" if kind == "merged" else "adapter", out)
+    merged = processor = None
+    if kind == "merged":
+        with policy.phase_of("the merge", "merge"):
+            merged, processor, report = merge_and_check(
+                cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
+            )
+            # stop where the fine-tuned model stops, so that a plain generate() answers as we did
+            merged.generation_config = generation_config(processor.tokenizer, merged.generation_config)
+    with policy.phase_of("the export save", "export_save"), target.writing() as tmp:
+        if kind == "adapter":
+            shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+            # PEFT reads no generation config from an adapter folder: the card shows the one line that does
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+            generation_config(tokenizer).save_pretrained(tmp)
+        else:
+            merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
+            processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(cfg, metrics, report, kind == "adapter"))
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+    log.info("Exported the %s to %s", "merged model" if kind == "merged" else "adapter", target.path)
     return report
+
+
+def export_targets(cfg: DictConfig) -> list[tuple[str, Output]]:
+    """What an export writes, each target claimed (before any work): the merged model or the adapter at
+    ``export.out_dir`` (default ``RUN/export``), and with ``export.with_adapter`` the adapter beside it.
+
+    Raises:
+        OutputRefused: a target holds anything but this run's earlier export of the same kind, is the run
+            folder or contains it, or lies where the run keeps its own files.
+    """
+    e = cfg.export
+    out = Path(e.out_dir) if e.out_dir else RunFolder(cfg.run_dir).export
+    exports = [("adapter" if e.adapter_only else "merged", out)]
+    if e.with_adapter and not e.adapter_only:
+        exports.append(("adapter", out.with_name(out.name + "-adapter")))
+    return [(kind, output_folder(Path(cfg.run_dir), p, EXPORT_KINDS[kind], "export.out_dir")) for kind, p in exports]
 
 
 def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
@@ -292,26 +313,25 @@ def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[
     """
     e = cfg.export
     run = RunFolder(cfg.run_dir)
-    out = Path(e.out_dir) if e.out_dir else run.export
     if metrics is None:
         metrics = read_metrics(run.root)
     adapter_dir = run.adapter
     not_finished = unfinished(run.root)
     if not_finished:
         raise FileNotFoundError(not_finished)
+    targets = export_targets(cfg)
     check_adapter_is_finite(adapter_dir)
-    # what to write: the merged model or the adapter; with export.with_adapter, the adapter beside it too
-    exports = [("adapter" if e.adapter_only else "merged", out)]
-    if e.with_adapter and not e.adapter_only:
-        exports.append(("adapter", out.with_name(out.name + "-adapter")))
     report: dict[str, Any] = {}
-    for kind, folder in exports:
-        report.update(_write_export(cfg, kind, folder, adapter_dir, metrics))
+    for kind, target in targets:
+        report.update(_write_export(cfg, kind, target, adapter_dir, metrics))
     if e.push_to_hub:
         from idefics2_ft.hub import push_folder, push_targets
 
-        for (kind, folder), repo_id in zip(exports, push_targets(e), strict=True):
-            url = push_folder(folder, repo_id, e.hub.private, e.hub.commit_message, e.hub.revision)
+        for (kind, target), repo_id in zip(targets, push_targets(e), strict=True):
+            url = push_folder(target.path, repo_id, e.hub.private, e.hub.commit_message, e.hub.revision)
             report[f"hub/commit/{kind}"] = url
             log.info("Pushed the %s to %s", "merged model" if kind == "merged" else "adapter", url)
-    return out, report
+    return targets[0][1].path, report
+
+
+EXPORT_KINDS = {"merged": "export", "adapter": "export-adapter"}  # the output kinds their markers name

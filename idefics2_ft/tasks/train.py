@@ -11,7 +11,8 @@ import json
 import logging
 import shlex
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +43,26 @@ from idefics2_ft.reporting import TrackerRecord
 from idefics2_ft.run_folder import (
     FolderLock,
     RunFolder,
+    atomic_write_text,
+    hydra_arg,
     log_to_file,
     read_base_record,
     resume_checkpoint,
+    resume_command,
     save_config,
     slurm_restarted,
+    weights_output,
     write_base_record,
     write_results,
 )
+from idefics2_ft.stops import StopPolicy, active
 from idefics2_ft.tasks.claim import check_resume, claim_run_dir, in_use, previous_config, record_resume
 from idefics2_ft.training import (
     Diverged,
     Idefics2Module,
+    OnFirstStep,
     Preempted,
+    checkpoint_step,
     describe_run,
     log_adapter_artifact,
     make_optimizer_factory,
@@ -92,68 +100,137 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         Preempted: SLURM signalled the job; ``last.ckpt`` is written and the job requeued.
         Diverged: a non-finite loss or gradient norm; nothing is saved after the last good checkpoint.
     """
-    # 1. validate: everything that can be checked before a weight loads
-    check_versions()
-    resolve_batch_size(cfg)
-    validate(cfg)
-    lock = FolderLock(cfg.run_dir)
-    if is_rank_zero():  # the other ranks of this run are the same owner
-        holder = lock.acquire()
-        if holder is not None:
-            raise ConfigError([in_use(cfg.run_dir, holder)])
+    # the signal policy first: a stop in any phase below exits 143/130 with one line (stops.py)
+    policy = active()
+    owned = policy is None
+    if owned:
+        policy = StopPolicy("train").install()
+    policy.rehearse(cfg.debug.stop_at)
     try:
-        return _checked_and_run(cfg)
+        # 1. validate: everything that can be checked before a weight loads
+        with policy.phase_of("checks"):
+            check_versions()
+            resolve_batch_size(cfg)
+            validate(cfg)
+        lock = FolderLock(cfg.run_dir)
+        if is_rank_zero():  # the other ranks of this run are the same owner
+            try:
+                holder = lock.acquire()
+            except OSError as err:  # EROFS, EACCES: a snapshot, a colleague's run
+                raise ConfigError(
+                    [
+                        f"run_dir={cfg.run_dir} cannot be written ({err.strerror}): a read-only run folder can be "
+                        "evaluated (idefics2-ft evaluate ... out_dir=ELSEWHERE) but not trained in; copy it to a "
+                        "folder you can write to continue it."
+                    ]
+                ) from None
+            if holder is not None:
+                raise ConfigError([in_use(cfg.run_dir, holder)])
+        try:
+            return _checked_and_run(cfg, policy)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if owned:
+            policy.uninstall()
 
 
-def _checked_and_run(cfg: DictConfig) -> dict[str, Any]:
-    storage = quant_storage_for(cfg)
-    if storage != cfg.peft.quant_storage:
-        log.info("strategy=%s shards the 4-bit base: peft.quant_storage=%s", cfg.strategy.name, storage)
-        cfg.peft.quant_storage = storage
-    if cfg.export.push_to_hub and not cfg.debug.show_labels:
-        from idefics2_ft.hub import check_write_access, push_targets
+def _checked_and_run(cfg: DictConfig, policy: StopPolicy) -> dict[str, Any]:
+    with policy.phase_of("checks"):
+        storage = quant_storage_for(cfg)
+        if storage != cfg.peft.quant_storage:
+            log.info("strategy=%s shards the 4-bit base: peft.quant_storage=%s", cfg.strategy.name, storage)
+            cfg.peft.quant_storage = storage
+        if cfg.export.push_to_hub and not cfg.debug.show_labels:
+            from idefics2_ft.hub import check_write_access, push_targets
 
-        for repo_id in push_targets(cfg.export):
-            check_write_access(repo_id)  # a missing token fails now, not after training
-    # without a network, the cache must hold the model and the data: say so in seconds, with the fix
-    from idefics2_ft.hub import preflight
+            for repo_id in push_targets(cfg.export):
+                check_write_access(repo_id)  # a missing token fails now, not after training
+        # without a network, the cache must hold the model and the data: say so in seconds, with the fix
+        from idefics2_ft.hub import preflight
 
-    log.info("Hub: %s", preflight(cfg, prefetch_command(cfg)))
-    # every record of both splits read and checked (before the demo's stage 1 trains for minutes)
-    check_sources(cfg.data)
-    claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
-    run_dir = Path(cfg.run_dir)
-    fingerprint = data_fingerprint(cfg.data)
-    resuming = (cfg.resume or slurm_restarted()) and RunFolder(run_dir).last_checkpoint.is_file()
-    # a resume that would mix two experiments is refused here, before anything is written
-    changed = check_resume(cfg, run_dir, fingerprint) if resuming else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero():
-        if changed is None:
-            save_config(cfg, run_dir)  # config.yaml: the first part's config, never rewritten by a resume
-            RunFolder(run_dir).command.write_text(train_command(cfg) + "\n", encoding="utf-8")
-        else:
-            record_resume(cfg, run_dir, changed)
+        log.info("Hub: %s", preflight(cfg, prefetch_command(cfg)))
+        # every record of both splits read and checked (before the demo's stage 1 trains for minutes)
+        check_sources(cfg.data)
+        claim_run_dir(cfg)  # a folder holding another run: refused unless resume=true or overwrite=true
+        run_dir = Path(cfg.run_dir)
+        if cfg.export.at_end or cfg.export.push_to_hub:
+            from idefics2_ft.tasks.export import export_targets
+
+            export_targets(cfg)  # an export.out_dir that may not be written is refused now, not after training
+        fingerprint = data_fingerprint(cfg.data)
+        last = RunFolder(run_dir).last_checkpoint
+        resuming = (cfg.resume or slurm_restarted()) and last.is_file()
+        # a resume that would mix two experiments, or that cannot continue its checkpoint, is refused
+        # here, before anything is written
+        changed = check_resume(cfg, run_dir, fingerprint) if resuming else None
+        step = _check_checkpoint(cfg, last) if resuming else None
+    if not run_dir.is_dir():
+        run_dir.mkdir(parents=True)
+    if is_rank_zero() and changed is None:
+        save_config(cfg, run_dir)  # config.yaml: the first part's config, never rewritten by a resume
+        atomic_write_text(RunFolder(run_dir).command, train_command(cfg) + "\n")
+    if resuming:
+        policy.completed(f"{last} still holds step {step}; this resume trained nothing", resume_command(run_dir))
+    else:
+        policy.completed("nothing trained yet", resume_command(run_dir))
     with log_to_file(run_dir) if is_rank_zero() else nullcontext():
-        return _run(cfg, run_dir, fingerprint)
+        return _run(cfg, run_dir, fingerprint, policy, changed)
 
 
-def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
+def _check_checkpoint(cfg: DictConfig, last: Path) -> int:
+    """The step ``last`` holds, once it reads back whole (else it is named, with an intact older one)
+    and the schedule goes on from it.
+
+    Raises:
+        ConfigError: ``trainer.max_steps`` is below the checkpoint's step.
+    """
+    step = checkpoint_step(last)
+    if cfg.trainer.max_steps >= 0 and cfg.trainer.max_steps < step:
+        raise ConfigError(
+            [
+                f"resume=true with trainer.max_steps={cfg.trainer.max_steps}, below the step {last} holds ({step}): "
+                f"it cannot go back. Set trainer.max_steps={step} or more (the same to only finish the run), or "
+                "start a new run_dir."
+            ]
+        )
+    return step
+
+
+# The phases of a training as phases.json names them, and as a stop's line names them
+PHASES = {
+    "base": "the base build",
+    "data": "data loading",
+    "load": "model loading",
+    "validate_before": "the validation before training",
+    "fit": "fit",
+    "validate": "the final validation",
+    "save": "the adapter save",
+    "report": "the report",
+    "export": "the export",
+}
+
+
+def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, changed: dict | None) -> dict[str, Any]:
     started = time.perf_counter()
-    phases = Phases(RunFolder(run_dir).phases if is_rank_zero() else None)  # wall time and peak memory of each
+    profile = Phases(RunFolder(run_dir).phases if is_rank_zero() else None)  # wall time and peak memory of each
+
+    @contextmanager
+    def phase(name: str) -> Iterator[dict]:
+        with profile(name) as record, policy.phase_of(PHASES[name], name):
+            yield record
 
     # 2. the base and the data: a first batch collated before any weight loads
-    with phases("base"):  # a stand-in base built just now (the demo's stage 1); else nothing
+    with phase("base"):  # a stand-in base built just now (the demo's stage 1); else nothing
         model_path = base_path(cfg)
     base_s = time.perf_counter() - started
     # Seeded after the base: the run then starts from the same random state whether a stand-in base
     # was just built in this process or read from its cache (same seed, same adapter).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if is_rank_zero():
-        write_base_record(run_dir, {**base_record(cfg, model_path), "data": fingerprint})
-    with phases("data"):
+    record = {**base_record(cfg, model_path), "data": fingerprint}
+    if is_rank_zero() and changed is None:  # a resume records its base and data once it trains a step
+        write_base_record(run_dir, record)
+    with phase("data"):
         processor = load_processor(model_path, cfg.data, cfg.model.revision)
         datamodule = Idefics2DataModule(
             cfg.data, processor, seed=cfg.seed, max_steps=cfg.trainer.max_steps, accumulate=accumulation(cfg)
@@ -169,7 +246,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
     plan = _plan(cfg, model_path, first, run_dir)
 
     # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
-    with phases("load"):  # read the shards, quantize to NF4, attach the adapters
+    with phase("load"):  # read the shards, quantize to NF4, attach the adapters
         model = load_idefics2(model_path, cfg.model, cfg.peft)
         model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_connector)
     model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
@@ -186,7 +263,10 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
         source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
     )
     flops = plan.flops_per_token if plan is not None else None
-    trainer = make_trainer(cfg, run_dir, flops, callbacks=[TrackerRecord(cfg, run_dir)])
+    callbacks: list = [TrackerRecord(cfg, run_dir)]
+    if changed is not None:  # the resume's history: written once it has trained its first step
+        callbacks.append(OnFirstStep(lambda: _record_resume(cfg, run_dir, changed, record)))
+    trainer = make_trainer(cfg, run_dir, flops, callbacks=callbacks)
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     built = Path(model_path) / "stage1.json"  # what building a stand-in base measured (the demo's stage 1)
     if built.is_file():
@@ -195,13 +275,13 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
     # 4. fit, with a validation pass before (fresh runs) and after
     resume_from = resume_checkpoint(cfg, run_dir)
     if cfg.eval.before_training and resume_from is None:
-        with phases("validate_before"):
+        with phase("validate_before"):
             before = _validate(trainer, module, datamodule, cfg.trainer.limit_val_batches)
         metrics.update({k.replace("val/", "before/val/", 1): v for k, v in before.items()})
         trainer.limit_val_batches = cfg.trainer.limit_val_batches if cfg.trainer.val_check_interval else 0
     frozen_before = frozen_fingerprint(model)
     try:
-        with phases("fit") as fit:
+        with phase("fit") as fit, policy.deferred():  # a signal stops at the next step boundary, saved
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
             fit["steps"] = trainer.global_step - module.first_step
     except Preempted:
@@ -209,17 +289,19 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
         raise
     except torch.cuda.OutOfMemoryError as err:  # one line with the figures and the batch to use; no retry
         raise OutOfMemory(out_of_memory_message(cfg, plan, trainer.global_step)) from err
+    last = RunFolder(run_dir).last_checkpoint
+    policy.completed(f"{last} holds the last step ({trainer.global_step}); no adapter was saved")
     fit["s_per_step"] = round(fit["wall_s"] / max(fit["steps"], 1), 3)
     metrics["train/wall_s"] = fit["wall_s"]
     metrics["train/frozen_base_unchanged"] = int(_unchanged(frozen_before, frozen_fingerprint(model)))
-    metrics.update(_measured_against_plan(plan, phases, run_dir))
+    metrics.update(_measured_against_plan(plan, profile, run_dir))
     metrics.update(describe_run(cfg, trainer))
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
     if non_finite_parameters(trained):  # the divergence guard stops before this; never save such weights
         raise Diverged(f"Trainable weights are not finite after training ({non_finite_parameters(trained)[:3]}).")
     metrics["train/ranks_in_sync"] = check_ranks_in_sync(trained)
     if cfg.eval.at_end:
-        with phases("validate"):
+        with phase("validate"):
             metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
     if not metrics.get("val/n_questions") and not module.val_metrics.get("val/n_questions"):
         reason = (
@@ -241,28 +323,47 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict) -> dict[str, Any]:
 
     # 5. save: one ordinary adapter whatever the strategy, the metrics, the predictions; export
     if trainer.is_global_zero:
-        with phases("save"):
-            out = RunFolder(run_dir).weights(full=cfg.peft.method == "full")
-            module.model.save_pretrained(out, state_dict=trained)
-            processor.save_pretrained(out)
-            write_results(run_dir, metrics, getattr(module, "val_predictions", None))
+        _save(cfg, run_dir, module, processor, trained, metrics, phase, policy)
+        with phase("report"):
             _report(cfg, run_dir, metrics, module, datamodule)
-            if cfg.logger.type == "wandb" and cfg.logger.log_model:
-                log.info("W&B: the adapter is the artifact %s", log_adapter_artifact(trainer, out, cfg.name))
+        if cfg.logger.type == "wandb" and cfg.logger.log_model:
+            out = RunFolder(run_dir).weights(full=cfg.peft.method == "full")
+            log.info("W&B: the adapter is the artifact %s", log_adapter_artifact(trainer, out, cfg.name))
         hint = offline_sync_hint(trainer)
         if hint:
             log.info(hint)
         if cfg.export.at_end or cfg.export.push_to_hub:
             from idefics2_ft.tasks.export import export_run
 
-            with phases("export"):
+            with phase("export"):
                 folder, report = export_run(cfg, metrics)
             metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
             write_results(run_dir, metrics)
             log.info("Export: %s", folder)
-        log.info("Phases: %s (phases.json)", phases.line())
+        log.info("Phases: %s (phases.json)", profile.line())
         log.info("Run folder: %s", run_dir)
     return metrics
+
+
+def _save(cfg, run_dir: Path, module, processor, trained: dict, metrics: dict, phase, policy: StopPolicy) -> None:
+    """The adapter (``model/`` for ``peft=full``) written whole or not at all, then the predictions
+    and ``metrics.json``; the stop line says from here that the run is trained."""
+    full = cfg.peft.method == "full"
+    target = weights_output(run_dir, full)
+    with phase("save"), target.writing() as folder:
+        module.model.save_pretrained(folder, state_dict=trained)
+        processor.save_pretrained(folder)
+    write_results(run_dir, metrics, getattr(module, "val_predictions", None))
+    policy.completed(
+        f"{target.path.name}/ and metrics.json are saved: the run is trained",
+        resume_command(run_dir, "export"),
+    )
+
+
+def _record_resume(cfg: DictConfig, run_dir: Path, changed: dict, record: dict) -> None:
+    """A resume that trained its first step: its config and changes, and the base and data it trains on."""
+    record_resume(cfg, run_dir, changed)
+    write_base_record(run_dir, record)
 
 
 class OutOfMemory(RuntimeError):
@@ -322,9 +423,9 @@ def _task_overrides(cfg: DictConfig) -> list[str]:
 
 def train_command(cfg: DictConfig) -> str:
     """``idefics2-ft train`` with this run's overrides, ``run_dir`` and ``resume=true``: what continues it."""
-    skip = ("run_dir=", "resume=", "overwrite=", "hydra.")
+    skip = ("run_dir=", "resume=", "overwrite=", "hydra.", "debug.stop_at=", "debug.crash_at_step=")
     kept = [shlex.quote(o) for o in _task_overrides(cfg) if not o.startswith(skip)]
-    return " ".join(["idefics2-ft train", *kept, shlex.quote(f"run_dir={cfg.run_dir}"), "resume=true"])
+    return " ".join(["idefics2-ft train", *kept, hydra_arg("run_dir", cfg.run_dir), "resume=true"])
 
 
 def prefetch_command(cfg: DictConfig) -> str:
@@ -351,7 +452,7 @@ def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan 
     log.info("Plan (first batch): %s; %s", plan.verdict, plan.fix or "details in plan.json")
     log.info("The model by part:\n%s", format_parts(plan))
     if is_rank_zero():
-        RunFolder(run_dir).plan.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+        atomic_write_text(RunFolder(run_dir).plan, json.dumps(plan.to_json(), indent=2) + "\n")
     return plan
 
 
@@ -368,7 +469,7 @@ def _measured_against_plan(plan: Plan | None, phases: Phases, run_dir: Path) -> 
     )
     if is_rank_zero():
         record = {**plan.to_json(), "measured_gb": measured}
-        RunFolder(run_dir).plan.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(RunFolder(run_dir).plan, json.dumps(record, indent=2) + "\n")
     return {"memory/planned_gb": round(planned, 3), "memory/measured_gb": measured}
 
 

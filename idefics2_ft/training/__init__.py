@@ -6,6 +6,7 @@ from idefics2_ft.training.callbacks import (
     CrashAt,
     Diverged,
     DivergenceGuard,
+    OnFirstStep,
     Preempted,
     RehearsedCrash,
     StopOnSignal,
@@ -15,8 +16,10 @@ from idefics2_ft.training.callbacks import (
 )
 from idefics2_ft.training.checkpoints import (
     AtomicCheckpointIO,
+    CheckpointCorrupt,
     CheckpointSaveFailed,
     GuardedCheckpoint,
+    checkpoint_step,
     remove_stale_temp_files,
 )
 from idefics2_ft.training.lightning_module import MODEL_INPUTS, Idefics2Module
@@ -27,6 +30,7 @@ from idefics2_ft.training.trainer import describe_run, make_trainer, resolve_pre
 __all__ = [
     "MODEL_INPUTS",
     "AtomicCheckpointIO",
+    "CheckpointCorrupt",
     "CheckpointSaveFailed",
     "CrashAt",
     "Diverged",
@@ -34,11 +38,13 @@ __all__ = [
     "GuardedCheckpoint",
     "Idefics2Module",
     "KeepingCSVLogger",
+    "OnFirstStep",
     "Preempted",
     "RehearsedCrash",
     "StopOnSignal",
     "StopOnSlurmSignal",
     "Stopped",
+    "checkpoint_step",
     "describe_run",
     "log_adapter_artifact",
     "make_logger",

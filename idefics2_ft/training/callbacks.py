@@ -8,14 +8,13 @@ import math
 import os
 import signal
 import subprocess
-import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from idefics2_ft.ranks import is_rank_zero
+from idefics2_ft.stops import Interrupted, active
 
 log = logging.getLogger(__name__)
 
@@ -129,57 +128,30 @@ class StopOnSlurmSignal(Callback):
             raise Preempted(f"SLURM signalled the job: stopped after step {trainer.global_step}.")
 
 
-class Stopped(RuntimeError):
-    """SIGTERM or SIGINT stopped the run at an optimizer-step boundary, with ``last.ckpt`` written.
+class Stopped(Interrupted):
+    """SIGTERM or SIGINT stopped the fit at an optimizer-step boundary, with ``last.ckpt`` written
+    (``GuardedCheckpoint`` saves on the way out for this one, never for an ``Interrupted`` mid-step).
 
     ``exit_code`` is what a shell reports for the signal: 143 for SIGTERM, 130 for SIGINT.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum, self.step = signum, step
-        name = signal.Signals(signum).name
-        super().__init__(f"Stopped by {name} at step {step}; {checkpoint} holds step {step}; continue with resume=true")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
+    def __init__(self, signum: int, step: int, checkpoint: Path, command: str = "") -> None:
+        self.step = step
+        super().__init__(signum, f"fit, at step {step}", f"{checkpoint} holds step {step}", command)
 
 
 class StopOnSignal(Callback):
     """Stop every rank at the same optimizer-step boundary on SIGTERM (``docker stop``, Kubernetes,
     a scheduler's cancel) or SIGINT (Ctrl-C), save ``last.ckpt`` and raise ``Stopped``.
 
-    Lightning's own SIGTERM handling stops wherever the step is and exits 0, and Ctrl-C raises in
-    the middle of a step. Here the handlers, installed once training starts (after Lightning's),
-    only raise a flag; the ranks agree on it at the next step boundary. A second Ctrl-C stops at once.
+    The command's ``StopPolicy`` (``idefics2_ft/stops.py``) owns the handlers for its whole life; during
+    the fit it defers, so a signal only raises its flag, read here at each step boundary (the ranks
+    agree on it). A second signal stops at once, without a save. Without a policy (``train()`` called
+    in a thread), the fit is not stoppable by signal.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self) -> None:
-        self.signum: int | None = None
         self._step = -1
-        self._previous: dict[int, Any] = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._flag)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.on_train_end(trainer, pl_module)
-
-    def _flag(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: now
-        self.signum = signum
-        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step = trainer.global_step
@@ -187,12 +159,32 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step:
             return  # mid-accumulation: not a step boundary
-        signum = self.signum or 0
+        policy = active()
+        signum = (policy.signum if policy is not None else None) or 0
         if trainer.world_size > 1:  # every rank stops at the same step, whichever was signalled
             signum = int(trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max"))
         if signum:
             checkpoint = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-            raise Stopped(signum, trainer.global_step, checkpoint)
+            raise Stopped(signum, trainer.global_step, checkpoint, policy.command if policy is not None else "")
+
+
+class OnFirstStep(Callback):
+    """Call ``action()`` once, on rank 0, when the fit completes its first optimizer step (a resume's
+    record is written then: a resume stopped before it leaves no trace)."""
+
+    def __init__(self, action) -> None:
+        self.action = action
+        self._step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.action is None or trainer.global_step == self._step:
+            return
+        if trainer.is_global_zero:
+            self.action()
+        self.action = None
 
 
 def requeue_slurm_job() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from idefics2_ft.models import non_finite_parameters
-from idefics2_ft.training.callbacks import Diverged
+from idefics2_ft.stops import Interrupted, active
+from idefics2_ft.training.callbacks import Diverged, Stopped
 
 log = logging.getLogger(__name__)
 
+LAST = "last.ckpt"
 TEMP_MARK = ".tmp-"  # checkpoints/.last.ckpt.tmp-<pid>: a save in progress, or one a kill cut short
 
 
@@ -102,6 +105,8 @@ class GuardedCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, Diverged):
             return
+        if isinstance(exception, Interrupted) and not isinstance(exception, Stopped):
+            return  # a stop in the middle of a step: the weights may be half-updated; the last save stands
         super().on_exception(trainer, pl_module, exception)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -113,4 +118,56 @@ class GuardedCheckpoint(ModelCheckpoint):
                 ", ".join(bad[:3]) or "on another rank",
             )
             return
-        super()._save_checkpoint(trainer, filepath)
+        policy = active()
+        with policy.phase_of("a checkpoint save", "checkpoint") if policy is not None else nullcontext():
+            super()._save_checkpoint(trainer, filepath)
+        if policy is not None and Path(filepath).name == LAST:
+            policy.completed(f"{filepath} holds step {trainer.global_step}")
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint that does not read back whole: the message names it, and an intact older one if any."""
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint holds, after checking that every member of its zip reads back
+    with the right CRC (a truncated or damaged file fails here, before any model loads).
+
+    Raises:
+        CheckpointCorrupt: naming the file, what is wrong, and an intact older checkpoint beside it.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise zipfile.BadZipFile(f"member {damaged} fails its CRC check")
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["global_step"])
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, KeyError, ValueError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        others = [p for p in intact_checkpoints(path.parent) if p != path]
+        offer = (
+            f"{others[0]} (step {checkpoint_step(others[0])}) is intact: copy it over {path.name} "
+            f"(cp '{others[0]}' '{path}') and resume again"
+            if others
+            else "no intact checkpoint lies beside it: start a new run_dir (or overwrite=true)"
+        )
+        raise CheckpointCorrupt(f"{path} is corrupt ({why}): nothing was loaded. {offer}.") from None
+
+
+def intact_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints in ``folder`` whose zip reads back whole, the newest step first."""
+    import zipfile
+
+    found = []
+    for path in Path(folder).glob("*.ckpt"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is None:
+                    found.append(path)
+        except (zipfile.BadZipFile, OSError):
+            continue
+    return sorted(found, key=lambda p: (p.name != LAST, -p.stat().st_mtime))

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 from idefics2_ft.ranks import is_rank_zero
-from idefics2_ft.run_folder import HISTORY_FILE, read_history
+from idefics2_ft.run_folder import HISTORY_FILE, atomic_write_text, read_history
 
 TRAIN_KEYS = ("train/loss", "train/lr")
 
@@ -37,7 +37,7 @@ class History(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path and is_rank_zero() and self.path.is_file():  # resumed: keep the steps done
             kept = [row for row in read_history(self.path.parent) if row["step"] <= trainer.global_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not is_rank_zero() or not trainer._logger_connector.should_update_logs:

@@ -32,6 +32,7 @@ class _KeepingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             fields, rows = reader.fieldnames or [], list(reader)
         kept = [r for r in rows if not (r.get("train/loss") and int(r.get("step") or 0) >= step)]
+        # the run's own logs/metrics.csv, rewritten by the process that owns the folder (FolderLock)
         with open(self.metrics_file_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()

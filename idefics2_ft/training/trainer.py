@@ -18,6 +18,7 @@ from idefics2_ft.console import on_a_terminal
 from idefics2_ft.hardware import peak_tflops
 from idefics2_ft.ranks import is_rank_zero
 from idefics2_ft.run_folder import LAST_CHECKPOINT, RunFolder
+from idefics2_ft.stops import active
 from idefics2_ft.training.callbacks import CrashAt, DivergenceGuard, StopOnSignal, StopOnSlurmSignal
 from idefics2_ft.training.checkpoints import AtomicCheckpointIO, GuardedCheckpoint, remove_stale_temp_files
 from idefics2_ft.training.history import History
@@ -78,8 +79,8 @@ def make_trainer(
         TrimReplayedRows(),
         PerfMetrics(flops_per_token, peak * 1e12 if peak else None),
         History(run_dir),
-        StopOnSignal(),
         *callbacks,
+        StopOnSignal(),  # last: a step that stops has been checkpointed and recorded by the ones before
     ]
     if cfg.debug.crash_at_step:
         callbacks.append(CrashAt(cfg.debug.crash_at_step))
@@ -115,11 +116,28 @@ def make_trainer(
         deterministic=t.deterministic,
         use_distributed_sampler=False,  # the DataModule shards the data itself (resumable)
     )
+    follow_stop_policy(trainer)
     log.info(
         "Effective batch: %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
         *(cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, accumulate),
         cfg.data.batch_size * trainer.world_size * accumulate,
     )
+    return trainer
+
+
+def follow_stop_policy(trainer: L.Trainer) -> L.Trainer:
+    """Leave SIGTERM and SIGINT to the command's ``StopPolicy`` (``idefics2_ft/stops.py``).
+
+    Lightning installs its own SIGTERM handler for each ``fit`` and ``validate``: it ends a validation
+    with ``SIGTERMException``, a ``SystemExit`` with code 0, so a pipeline read a stopped run as a
+    success. Switched off here; the policy forwards each signal to the ranks this process launched
+    (what Lightning's handler did), and every rank stops as the policy says.
+    """
+    trainer._signal_connector.register_signal_handlers = lambda: None
+    policy = active()
+    launcher = trainer.strategy.launcher
+    if policy is not None and launcher is not None and hasattr(launcher, "kill"):
+        policy.on_signal(launcher.kill)
     return trainer
 
 

@@ -22,7 +22,7 @@ PACKAGE = ROOT / "idefics2_ft"
 LAYERS = [
     (
         "foundations",
-        {"config", "data", "models", "metrics", "versions", "ranks", "hardware", "console", "run_folder"},
+        {"config", "data", "models", "metrics", "versions", "ranks", "hardware", "console", "stops", "run_folder"},
     ),
     ("components", {"training", "planning", "reporting", "hub", "demo"}),
     ("tasks", {"tasks"}),
