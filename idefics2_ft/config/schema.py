@@ -137,9 +137,10 @@ class DataConfig:
     # several sources, sampled by weight (docs/your-data.md#mixtures); null: the one source above
     mixture: list[MixtureSource] | None = None
     # read a Hub dataset or data files as a stream (nothing downloads whole); shuffling and
-    # data.group_by then work within data.buffer_size records
+    # data.group_by then work within data.buffer_size records (datasets' shuffle buffer, held in
+    # memory with their images undecoded); null reads a stream in its stored order, unshuffled
     streaming: bool = False
-    buffer_size: int | None = None
+    buffer_size: int | None = 1000
     train_split: str = "train"
     val_split: str = "validation"
     train_file: str | None = None  # source=jsonl: a .jsonl / .json / .parquet file, in any format

@@ -88,7 +88,8 @@ class ValCollator:
             gen_inputs=gen,
             answers=[r["answers"] for r in ok],
             question_types=[r.get("question_type") for r in ok],
-            ids=[r.get("id") for r in ok],
+            ids=[r.get("id") for r in ok],  # the data's own: several questions may share one
+            keys=[r["index"] for r in ok],  # the record's index in the validation set: unique
             sources=[r.get("source") for r in ok],
             questions=[question_of(r["messages"]) for r in ok],
         )
@@ -163,6 +164,9 @@ class Idefics2DataModule(L.LightningDataModule):
     def _stream_probs(self) -> list[float]:
         """A streamed mixture's probabilities: the weights, and an equal share of what they leave for the
         sources without one (a stream's size is unknown)."""
+        from idefics2_ft.data.streaming import log_shuffle
+
+        log_shuffle(self.cfg)
         probs = probabilities(self.sources, [1] * len(self.sources))
         log.info(
             "Streaming: %s.",

@@ -14,6 +14,8 @@ Examples of each, and the message for each mistake: ``docs/your-data.md``.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,6 +98,51 @@ def _text(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
+def as_text(value: Any) -> str | None:
+    """A stored question or answer as text: a string as it is, a number as it reads (``3``, ``2.5``; an
+    integral float such as ``3.0``, as a pandas or parquet column of numbers with a gap holds ``3``, as
+    ``"3"``); None where there is none (None, NaN).
+
+    Raises:
+        TypeError: the value is neither text nor a number (the message says what it is).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if math.isnan(number):
+            return None
+        return str(int(number)) if number.is_integer() else str(value)
+    raise TypeError(f"{type(value).__name__} {_short(value)}, not text or a number")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def answer_texts(value: Any, column: str) -> tuple[list[str], tuple[str, str] | None]:
+    """The reference answers a column holds (one, or a list), as text; and the problem of a row whose
+    column holds no answer (None, NaN, an empty list: ``missing_answer``) or a value that is not one
+    (``unreadable_text``), naming the column."""
+    texts = []
+    for item in as_list(value):
+        try:
+            text = as_text(item)
+        except TypeError as err:
+            return [], ("unreadable_text", f"column {column!r} holds {err}: give the answer as text or a number")
+        if text is not None:
+            texts.append(text)
+    if not texts:
+        held = "an empty list" if isinstance(value, (list, tuple)) and not value else repr(value)
+        return [], ("missing_answer", f"column {column!r} holds no answer ({held}): fill it in, or leave the row out")
+    return texts, None
+
+
 def split_markers(text: str) -> list[dict]:
     """``"<image>\\nWhat is it?"`` -> an image part, then the text (the newline after a marker goes with it)."""
     parts: list[dict] = []
@@ -121,7 +168,7 @@ def _clean_parts(content: list) -> list[dict]:
         if kind == "image":
             parts.append({"type": "image"})
         elif kind == "text":
-            parts.append(_text(part.get("text") or ""))
+            parts.append(_text(as_text(part.get("text")) or ""))
         else:
             raise ValueError(f"a content part of type {kind!r} (parts are 'image' or 'text')")
     return parts
@@ -176,8 +223,8 @@ def cauldron_messages(item: dict) -> tuple[list[dict], list, str | None]:
         return [], images, "empty_texts"
     messages = []
     for turn in texts:
-        messages.append({"role": "user", "content": [_text(turn.get("user") or "")]})
-        messages.append({"role": "assistant", "content": [_text(turn.get("assistant") or "")]})
+        messages.append({"role": "user", "content": [_text(as_text(turn.get("user")) or "")]})
+        messages.append({"role": "assistant", "content": [_text(as_text(turn.get("assistant")) or "")]})
     return _images_first(messages, len(images)), images, None
 
 
@@ -191,7 +238,7 @@ def llava_messages(item: dict) -> tuple[list[dict], list, str | None]:
             if speaker not in SPEAKERS:
                 known = ", ".join(sorted(SPEAKERS))
                 return [], images, f"unknown_role:speaker from={speaker!r} (use one of {known})"
-            turns.append((SPEAKERS[speaker], turn.get("value") or ""))
+            turns.append((SPEAKERS[speaker], as_text(turn.get("value")) or ""))
     elif isinstance(item.get("messages"), list):
         turns = [(m.get("role"), m.get("content") or "") for m in item["messages"]]
         if not all(isinstance(text, str) for _, text in turns):
@@ -252,8 +299,10 @@ def to_row(
         return Row(messages=[], origin=origin, problem=("format_mismatch", f"not a {fmt} row: {err}"))
     if cfg.system_prompt and messages and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": [_text(cfg.system_prompt)]}, *messages]
-    answers = item.get("answers")
-    if answers is None:
+    answers, unreadable = answer_texts(item.get("answers"), "answers")
+    if unreadable is not None and unreadable[0] != "missing_answer":
+        return Row(messages=[], origin=origin, problem=unreadable)
+    if not answers:  # no reference answers given: the last assistant turn is the reference
         last = [m for m in messages if m.get("role") == "assistant"]
         answers = [message_text(last[-1])] if last else []
     qtype = item.get(cfg.type_column or "question_type")
@@ -278,14 +327,18 @@ def _qa_row(item: dict, cfg: Any, origin: str, paths: ImagePaths, index: int) ->
     missing = [c for c in (cfg.question_column, cfg.answer_column, cfg.image_column) if c not in item]
     if missing:
         return Row(messages=[], origin=origin, problem=("format_mismatch", f"no column(s) {missing} (format qa)"))
-    answers = as_list(item[cfg.answer_column])
+    answers, problem = answer_texts(item[cfg.answer_column], cfg.answer_column)
+    try:
+        question = as_text(item[cfg.question_column]) or ""
+    except TypeError as err:
+        problem = ("unreadable_text", f"column {cfg.question_column!r} holds {err}: give the question as text")
+    if problem is not None:
+        return Row(messages=[], origin=origin, problem=problem)
     images = as_list(item[cfg.image_column])
     qtype = item.get(cfg.type_column) if cfg.type_column else None
     return Row(
         # train on the first reference answer; all of them are kept for the metric
-        messages=qa_messages(
-            item[cfg.question_column] or "", answers[0] if answers else "", cfg.system_prompt, len(images)
-        ),
+        messages=qa_messages(question, answers[0], cfg.system_prompt, len(images)),
         images=[paths(ref) for ref in images],
         answers=answers,
         id=_row_id(item, cfg, index),

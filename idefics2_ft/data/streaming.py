@@ -1,10 +1,12 @@
 """``data.streaming=true``: read sources as streams (``datasets.IterableDataset``), nothing downloaded whole.
 
 Each rank reads its own part of every stream (``datasets.distributed.split_dataset_by_node``);
-``data.buffer_size`` records are shuffled together (``datasets``' shuffle buffer) and, with
-``data.group_by``, sorted and cut into batches together. The batches are a pure function of the
-seed, so a resumed run reads past what it had consumed and goes on exactly where the first run
-stopped (reading again what it skips, without decoding its images). How: ``docs/your-data.md#streaming``.
+``data.buffer_size`` records (1,000 unless set) are shuffled together (``datasets``' shuffle buffer,
+reshuffled each epoch) and, with ``data.group_by``, sorted and cut into batches together;
+``data.buffer_size=null`` reads a stream in its stored order, with a warning. The batches are a
+pure function of the seed, so a resumed run reads past what it had consumed and goes on exactly
+where the first run stopped (reading again what it skips, without decoding its images). How:
+``docs/your-data.md#streaming``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,21 @@ def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int |
         if not read:
             raise DataError(f"{cfg.path}[{split}]: rank {rank} of {world} reads no record of the stream.")
         epoch += 1
+
+
+def log_shuffle(cfg: Any) -> None:
+    """Say how a streamed training set is shuffled: within ``data.buffer_size`` records, or not at all."""
+    if cfg.buffer_size:
+        log.info(
+            "Streaming: each stream is shuffled within a buffer of %s records (datasets' shuffle buffer, "
+            "reshuffled each epoch from the seed; data.buffer_size sets it).",
+            f"{cfg.buffer_size:,}",
+        )
+    else:
+        log.warning(
+            "Streaming: data.buffer_size=null: each stream trains in its stored order, unshuffled (a file "
+            "sorted by class trains class after class, whatever the seed). Set data.buffer_size=1000 to shuffle."
+        )
 
 
 def source_picks(probs: Sequence[float], seed: int) -> Iterator[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -66,7 +66,7 @@ class Idefics2Module(L.LightningModule):
         self.skipped: Counter[str] = Counter()  # bad records per "<stage>/<kind>", each record once
         self._bad_seen: set[tuple[str, int]] = set()
         self.val_metrics: dict[str, float] = {}
-        self._val_rows: list[dict] = []
+        self._val_rows: list[tuple[int, dict]] = []  # (the record's index in the validation set, its row)
         self._val_loss: list[tuple[float, int]] = []
         self._pending_rng: torch.Tensor | None = None
         self._step_rng: tuple[int, torch.Tensor | None] = (-1, None)
@@ -215,8 +215,15 @@ class Idefics2Module(L.LightningModule):
         n = len(predictions)
         sources = batch.get("sources") or [None] * n
         questions = batch.get("questions") or [""] * n
-        for pred, refs, qtype, rid, source, question in zip(
-            predictions, batch["answers"], batch["question_types"], batch["ids"], sources, questions, strict=True
+        for key, pred, refs, qtype, rid, source, question in zip(
+            batch["keys"],
+            predictions,
+            batch["answers"],
+            batch["question_types"],
+            batch["ids"],
+            sources,
+            questions,
+            strict=True,
         ):
             metric = self.source_metrics.get(source, self.metric) if source else self.metric
             row = {"id": rid if source is None else f"{source}/{rid}", "prediction": pred, "answers": refs}
@@ -224,7 +231,7 @@ class Idefics2Module(L.LightningModule):
             row["accuracy"] = exact_match(pred, refs)
             row["anls"] = anls(pred, refs)
             row[metric] = row["score"]
-            self._val_rows.append(row)
+            self._val_rows.append((key, row))
 
     @torch.no_grad()
     def generate(self, inputs: dict) -> list[str]:
@@ -244,17 +251,13 @@ class Idefics2Module(L.LightningModule):
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def on_validation_epoch_end(self) -> None:
-        rows, losses = self._val_rows, self._val_loss
+        keyed, losses = self._val_rows, self._val_loss
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (rows, losses))
-            rows = [r for part, _ in gathered for r in part]
+            dist.all_gather_object(gathered, (keyed, losses))
+            keyed = [r for part, _ in gathered for r in part]
             losses = [x for _, part in gathered for x in part]
-            # a DistributedSampler pads with repeats: count each question once
-            unique = {}
-            for r in rows:
-                unique.setdefault(str(r["id"]), r)
-            rows = list(unique.values())
+        rows = unique_questions(keyed)
         metrics: dict[str, float] = {}
         total = sum(n for _, n in losses)
         if total:
@@ -309,6 +312,22 @@ class Idefics2Module(L.LightningModule):
         self._pending_rng = checkpoint.get("rng_torch")
         self.skipped = Counter(checkpoint.get("skipped_samples", {}))
         self._bad_seen = {tuple(seen) for seen in checkpoint.get("skipped_seen", [])}
+
+
+def unique_questions(keyed: Iterable[tuple[int, dict]]) -> list[dict]:
+    """The scored rows of every rank, each question once, in the validation set's order.
+
+    A ``DistributedSampler`` pads the last ranks' share with repeats of the first records; they are
+    told apart by the record's index in the validation set (the key), never by the data's ``id``,
+    which several questions share (LLaVA-style data: one id per image, several questions each).
+
+    Args:
+        keyed: ``(index in the validation set, scored row)`` pairs, gathered from the ranks.
+    """
+    unique: dict[int, dict] = {}
+    for key, row in keyed:
+        unique.setdefault(key, row)
+    return [unique[key] for key in sorted(unique)]
 
 
 def score_metrics(rows: list[dict], metric: str) -> dict[str, float]:

@@ -123,7 +123,8 @@ def test_mixture_mistakes_are_refused_with_the_key_and_the_fix():
 
 
 def test_streaming_with_group_by_needs_a_buffer():
-    said = _problems("data=cauldron", "data.streaming=true", "data.group_by=aspect")
+    assert compose_config(["data=cauldron"]).data.buffer_size == 1000  # the default: a buffer
+    said = _problems("data=cauldron", "data.streaming=true", "data.group_by=aspect", "data.buffer_size=null")
     assert "data.streaming=true with data.group_by=aspect needs data.buffer_size" in said
 
 

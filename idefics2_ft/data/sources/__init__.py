@@ -81,13 +81,18 @@ def check_sources(data_cfg: DictConfig) -> dict[str, int]:
 
     Raises:
         BadSampleError: with ``data.on_bad_sample=raise``, at the first bad record, naming where it is.
+        DataError: every record checked of a source's split is bad (a mixture would draw nothing but
+            skipped records from it, and ``val/score`` would leave it out), naming the source and the
+            first record's reason.
     """
     counts: dict[str, int] = {}
     first: dict[str, str] = {}  # kind -> where its first record is, and why it is bad
     for source in source_configs(data_cfg):
         cfg = source.cfg
         for split_key, limit in (("train", cfg.max_train_samples), ("val", cfg.max_val_samples)):
+            checked, bad, first_bad = 0, 0, ""
             for index, row in enumerate(_rows_to_check(source, split_key, limit)):
+                checked += 1
                 problem = check_row(row)
                 missing = [ref for ref in row.images if isinstance(ref, str) and not Path(ref).is_file()]
                 if problem is None and missing:
@@ -102,10 +107,37 @@ def check_sources(data_cfg: DictConfig) -> dict[str, int]:
                 key = f"{split_key}/{source.key(problem[0])}"
                 counts[key] = counts.get(key, 0) + 1
                 first.setdefault(key, f"{where}: {problem[1]}")
+                bad += 1
+                first_bad = first_bad or f"{where}: {problem[1]}"
+            if checked and bad == checked:
+                raise DataError(_all_bad(source, split_key, checked, first_bad))
     if counts:
         kinds = "; ".join(f"{key} {n} (the first: {first[key]})" for key, n in counts.items())
         log.warning("Data check: %d bad record(s) will be skipped: %s", sum(counts.values()), kinds)
     return counts
+
+
+def _all_bad(source: Source, split_key: str, checked: int, first_bad: str) -> str:
+    """The refusal of a source whose checked records of a split are all bad, with the fix."""
+    if source.cfg.streaming:
+        records = f"the first {checked:,} {split_key} records read from the stream"
+    else:
+        records = f"all {checked:,} {split_key} records"
+    if source.cfg.source == "jsonl":
+        key = "train_file" if split_key == "train" else "val_file"
+    else:
+        key = "train_split" if split_key == "train" else "val_split"
+    if source.name is None:
+        effect = "nothing would train" if split_key == "train" else "nothing would be scored"
+        return (
+            f"data: {records} are bad, so {effect} (the first, {first_bad}). "
+            f"Fix the records as that says, or point data.{key} at other records."
+        )
+    effect = "its draws would all be skipped" if split_key == "train" else "val/score would leave it out"
+    return (
+        f"data.mixture source {source.name!r}: {records} are bad, so {effect} (the first, {first_bad}). "
+        f"Fix its records as that says, point its {key} at other records, or remove it from data.mixture."
+    )
 
 
 STREAM_CHECK_ROWS = 1000

@@ -6,8 +6,9 @@ the columns (``data.format=auto``) and converted by ``idefics2_ft.data.formats``
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,48 @@ def open_table(cfg: Any, split: str, streaming: bool = False) -> tuple[Any, str,
     if start or stop is not None:
         dataset = _slice(dataset, start, stop)
     if isinstance(dataset, datasets.IterableDataset):
-        dataset = dataset.decode(False)  # images stay bytes and paths until a record is read
+        # images stay bytes and paths until a record is read; decode(False) alone would leave the
+        # Json columns (the content parts of a JSON file's messages) as JSON text too
+        dataset = dataset.decode(False).cast(undecoded_media(dataset.features))
     return dataset, base, single
+
+
+def undecoded_media(features: Any) -> Any:
+    """``features`` with its media (images and kin) left undecoded and its ``Json`` values still decoded.
+
+    ``datasets`` reads the content parts of a JSON file's messages (``[{"type": "image"}, {"type":
+    "text", ...}]``, dicts with different keys) as a ``Json`` feature: stored as JSON text, decoded
+    into dicts on read. Turning decoding off for every feature would leave that text.
+    """
+    import datasets
+
+    features = copy.deepcopy(features)
+
+    def visit(feature: Any) -> None:
+        if isinstance(feature, dict):
+            for value in feature.values():
+                visit(value)
+        elif isinstance(feature, (list, tuple)):
+            for value in feature:
+                visit(value)
+        elif hasattr(feature, "feature"):  # List, LargeList
+            visit(feature.feature)
+        if hasattr(feature, "decode") and not isinstance(feature, datasets.Json):
+            feature.decode = False
+
+    visit(features)
+    return datasets.Features(dict(features))  # rebuilt: Features caches which columns it decodes
+
+
+def json_decoder(features: Any) -> Callable[[dict], dict] | None:
+    """What turns a row as Arrow stores it into the row as read, media left as stored (bytes and
+    path): it decodes the ``Json`` columns. None when the table has none (the row is then as read)."""
+    from datasets.features.features import require_decoding
+
+    lazy = undecoded_media(features)
+    if not any(require_decoding(feature) for feature in lazy.values()):
+        return None
+    return lazy.decode_example
 
 
 class TableRows(Sequence):
@@ -97,9 +138,10 @@ class TableRows(Sequence):
         dataset, base, self.single_split = open_table(cfg, split)
         # rows as Arrow gives images as stored (bytes and path), decoded only when a record is read
         self.dataset, self.cfg = dataset.with_format("arrow"), cfg
+        self.decode = json_decoder(dataset.features)
         self.origin = f"{cfg.path}[{split}]"
         self.paths = ImagePaths(cfg.get("image_dir") or base)
-        sample = self.dataset[: min(SAMPLE_ROWS, len(dataset))].to_pylist()
+        sample = [self._item(row) for row in self.dataset[: min(SAMPLE_ROWS, len(dataset))].to_pylist()]
         self.format = chosen_format(cfg, dataset.column_names, sample, self.origin)
         self.expected = signature(self.format, dataset.column_names)
         self.options = row_options(cfg)
@@ -116,10 +158,14 @@ class TableRows(Sequence):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _item(self, stored: dict) -> dict:
+        """A row as Arrow gives it (images as stored), its ``Json`` columns decoded."""
+        return self.decode(stored) if self.decode is not None else stored
+
     def __getitem__(self, index: int) -> Row:  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         if not 0 <= index < len(self):
             raise IndexError(index)
-        item = self.dataset[int(index)].to_pylist()[0]
+        item = self._item(self.dataset[int(index)].to_pylist()[0])
         return to_row(item, self.format, self.options, f"{self.origin} row {index}", self.paths, index, self.expected)
