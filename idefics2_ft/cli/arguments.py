@@ -47,6 +47,13 @@ def parse_overrides(argv: list[str], script_keys: dict[str, Any]) -> tuple[DictC
     return cfg, own
 
 
+def rehearsed_stop(argv: list[str]) -> str | None:
+    """``debug.stop_at`` from this command line only: a run trained with it keeps it in its config, and
+    the commands that read the run must not stop themselves for that."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("debug.stop_at=")]
+    return given[-1] if given else None
+
+
 def setup_logging() -> None:
     """Our own messages on stderr (Lightning and transformers keep their own handlers)."""
     logger = logging.getLogger("idefics2_ft")

@@ -13,7 +13,7 @@ import logging
 import shlex
 import sys
 
-from idefics2_ft.cli.arguments import parse_overrides, setup_logging
+from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_logging
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import DataError
 from idefics2_ft.run_folder import FolderLock, OutputRefused, RunFolder, RunFolderError
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     policy.completed("nothing was written yet", shlex.join(["idefics2-ft", "evaluate", *argv]))
     try:
         cfg, own = parse_overrides(argv, {"data.split": None, "model_dir": None, "out_dir": None})
-        policy.rehearse(cfg.debug.stop_at)
+        policy.rehearse(rehearsed_stop(argv))
         split = own["data.split"] or cfg.data.val_split
         with policy.phase_of("checks"):
             cfg = config_for_split(cfg, split)  # a split the source does not have is refused here

@@ -13,7 +13,7 @@ import json
 import shlex
 import sys
 
-from idefics2_ft.cli.arguments import parse_overrides, setup_logging
+from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_logging
 from idefics2_ft.config import ConfigError, validate
 from idefics2_ft.hub import HubError, check_write_access, push_targets
 from idefics2_ft.run_folder import OutputRefused, RunFolderError
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     policy.completed("no export was written", shlex.join(["idefics2-ft", "export", *argv]))
     try:
         cfg, _ = parse_overrides(argv, {})
-        policy.rehearse(cfg.debug.stop_at)
+        policy.rehearse(rehearsed_stop(argv))
         cfg.resume = False
         with policy.phase_of("checks"):
             validate(cfg)

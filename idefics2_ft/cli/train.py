@@ -113,6 +113,12 @@ def run_dir_problem(args: list[str]) -> str | None:
         return f"run_dir={folder} is a file, not a folder: choose another run_dir."
     existing = next((p for p in [folder.absolute(), *folder.absolute().parents] if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        if given and existing == folder.absolute():
+            return (
+                f"run_dir={folder} is read-only: a read-only run folder (a colleague's run, a snapshot) can be "
+                "evaluated (idefics2-ft evaluate run_dir=... out_dir=ELSEWHERE) but not trained in; copy it to a "
+                "folder you can write to continue it."
+            )
         where = f"run_dir={folder}" if given else "the default run_dir (outputs/... in the current folder)"
         return f"{where} cannot be created: {existing} is not writable. Set run_dir= to a folder you can write."
     return None

@@ -103,6 +103,7 @@ def write_cauldron(
         (folder / subset).mkdir(parents=True, exist_ok=True)
         table.to_parquet(str(folder / subset / "train-00000-of-00001.parquet"))
         configs.append(f"- config_name: {subset}\n  data_files:\n  - split: train\n    path: {subset}/train-*")
+    # the demo's fixtures: files it names itself, in a folder the caller made for them
     (folder / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n# A local Cauldron copy\n")
     return folder
 

@@ -114,6 +114,7 @@ def write_random_checkpoint(
         weight_map.update(dict.fromkeys(names, file))
         log.info("  shard %d/%d written (%.0f s)", index, len(shards), time.perf_counter() - start)
     index_json = {"metadata": {"total_size": total * value_bytes}, "weight_map": weight_map}
+    # into this build's own partial folder, renamed into place once complete
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
     config.save_pretrained(tmp)
     image_seq_len = config.perceiver_config.resampler_n_latents

@@ -38,7 +38,7 @@ def memory_status() -> dict[str, float] | None:
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak RSS of this process to its current RSS; False where not possible."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5")  # a kernel control file, not an output
         return True
     except OSError:
         return False

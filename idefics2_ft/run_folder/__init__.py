@@ -211,7 +211,7 @@ def remove_outputs(run_dir: Path) -> None:
     """Remove what ``overwrite=true`` replaces: every output of an earlier run, exports included."""
     run_dir = Path(run_dir)
     ours = run_identity(run_dir)  # before base_model.json, which holds it, goes
-    for name in REPLACED_BY_OVERWRITE:
+    for name in REPLACED_BY_OVERWRITE:  # the names this project gives a run's own files, and only those
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -292,26 +292,25 @@ def hydra_arg(key: str, value: object) -> str:
     return shlex.quote(f"{key}={text}")
 
 
-def resume_command(run_dir: Path, command: str = "train") -> str:
+def resume_command(run_dir: Path) -> str:
     """The command that continues the run in ``run_dir``, on that folder wherever it is now: the
-    overrides in ``command.txt`` plus ``run_dir`` and ``resume=true`` (``command`` other than
-    ``train``: ``idefics2-ft COMMAND run_dir=...``)."""
+    overrides in ``command.txt`` plus ``run_dir``, and ``resume=true`` once it holds a checkpoint."""
     folder = hydra_arg("run_dir", run_dir)
-    if command != "train":
-        return f"idefics2-ft {command} {folder}"
+    if RunFolder(run_dir).last_checkpoint.is_file():
+        folder += " resume=true"
     import shlex
 
     path = RunFolder(run_dir).command
     if not path.is_file():
-        return f"idefics2-ft train <the run's overrides> {folder} resume=true"
+        return f"idefics2-ft train <the run's overrides> {folder}"
     try:
         words = shlex.split(path.read_text(encoding="utf-8"))
     except ValueError:  # an edited command.txt with an open quote
-        return f"idefics2-ft train <the overrides in {path}> {folder} resume=true"
+        return f"idefics2-ft train <the overrides in {path}> {folder}"
     # command.txt holds the command as the run started it, with the run_dir of that day: replaced here
     words = words[2:] if words[:2] == ["idefics2-ft", "train"] else words
     kept = [shlex.quote(w) for w in words if not w.startswith(("run_dir=", "resume="))]
-    return " ".join(["idefics2-ft train", *kept, folder, "resume=true"])
+    return " ".join(["idefics2-ft train", *kept, folder])
 
 
 def unfinished(run_dir: Path) -> str | None:

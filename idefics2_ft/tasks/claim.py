@@ -71,6 +71,8 @@ def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> di
         for key in sorted(set(old) | set(new))
         if not key.startswith(NOT_COMPARED) and old.get(key) != new.get(key)
     }
+    if not old.get("data.streaming") and not new.get("data.streaming"):
+        found.pop("data.buffer_size", None)  # the shuffle buffer of a stream: no stream, no effect
     edited = edited_data(run_dir, data_fingerprint)
     if edited:
         found["data (files)"] = ("as trained", f"changed since: {', '.join(edited)}")

@@ -273,6 +273,7 @@ def _write_export(
         else:
             merged.save_pretrained(tmp, max_shard_size=e.max_shard_size)
             processor.save_pretrained(tmp)
+        # inside the writer's partial folder: the export appears whole, once this block ends
         (tmp / "README.md").write_text(model_card(cfg, metrics, report, kind == "adapter"))
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
     log.info("Exported the %s to %s", "merged model" if kind == "merged" else "adapter", target.path)

@@ -354,10 +354,7 @@ def _save(cfg, run_dir: Path, module, processor, trained: dict, metrics: dict, p
         module.model.save_pretrained(folder, state_dict=trained)
         processor.save_pretrained(folder)
     write_results(run_dir, metrics, getattr(module, "val_predictions", None))
-    policy.completed(
-        f"{target.path.name}/ and metrics.json are saved: the run is trained",
-        resume_command(run_dir, "export"),
-    )
+    policy.completed(f"{target.path.name}/ and metrics.json are saved: the run is trained", resume_command(run_dir))
 
 
 def _record_resume(cfg: DictConfig, run_dir: Path, changed: dict, record: dict) -> None:

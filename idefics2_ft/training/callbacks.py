@@ -165,7 +165,10 @@ class StopOnSignal(Callback):
             signum = int(trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max"))
         if signum:
             checkpoint = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-            raise Stopped(signum, trainer.global_step, checkpoint, policy.command if policy is not None else "")
+            command = policy.command if policy is not None else ""
+            if command and not command.endswith("resume=true"):  # last.ckpt is written on the way out
+                command += " resume=true"
+            raise Stopped(signum, trainer.global_step, checkpoint, command)
 
 
 class OnFirstStep(Callback):

@@ -15,6 +15,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from idefics2_ft.models import non_finite_parameters
+from idefics2_ft.run_folder import resume_command
 from idefics2_ft.stops import Interrupted, active
 from idefics2_ft.training.callbacks import Diverged, Stopped
 
@@ -75,7 +76,7 @@ def remove_stale_temp_files(checkpoint_dir: Path) -> list[Path]:
     """Delete the partial temporary files that killed saves left behind; returns them."""
     stale = sorted(Path(checkpoint_dir).glob(f".*{TEMP_MARK}*")) if Path(checkpoint_dir).is_dir() else []
     for path in stale:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # .NAME.tmp-PID: the names AtomicCheckpointIO gives its own partial files
     if stale:
         log.warning("Removed %d partial checkpoint file(s) a killed save left behind: %s", len(stale), stale)
     return stale
@@ -121,8 +122,8 @@ class GuardedCheckpoint(ModelCheckpoint):
         policy = active()
         with policy.phase_of("a checkpoint save", "checkpoint") if policy is not None else nullcontext():
             super()._save_checkpoint(trainer, filepath)
-        if policy is not None and Path(filepath).name == LAST:
-            policy.completed(f"{filepath} holds step {trainer.global_step}")
+        if policy is not None and Path(filepath).name == LAST:  # from now on a resume continues the run
+            policy.completed(f"{filepath} holds step {trainer.global_step}", resume_command(Path(filepath).parents[1]))
 
 
 class CheckpointCorrupt(RuntimeError):

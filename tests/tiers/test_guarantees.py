@@ -126,7 +126,8 @@ def test_evaluate_never_replaces_what_it_did_not_write_and_records_what_it_score
 
     rc, out, err = tool("evaluate", f"run_dir={run_dir}", "trainer.enable_progress_bar=false")
     assert rc == 0, err[-2000:]
-    scored = json.loads((run_dir / "eval" / "validation" / "eval_metrics.json").read_text())
+    (written,) = (run_dir / "eval").glob("*/eval_metrics.json")
+    scored = json.loads(written.read_text())
     assert scored["eval/trained_steps"] == 2 and len(scored["eval/weights_sha256"]) == 16
     assert scored["eval/weights"] == str(run_dir / "adapter")
 
@@ -244,9 +245,9 @@ def test_the_same_bytes_staged_again_resume_and_an_interrupted_resume_leaves_no_
 
     rc, out, _ = run(*resumed)
     assert rc == 0, out[-3000:]
-    assert "Resume 1: the same config as before" in out
+    assert "Resume 1 changes debug.crash_at_step: 3 -> None" in out and "data (files)" not in out  # the same data
     assert [p.name for p in run_dir.glob("config.resume-*")] == ["config.resume-1.yaml"]
-    TABLE.append(("the same data staged again (new mtime), resume=true", "trains on: the same config as before", "0"))
+    TABLE.append(("the same data staged again (new mtime), resume=true", "trains on: the data is the same", "0"))
 
 
 def test_a_resume_that_cannot_be_checked_or_continued_is_refused_before_any_weight_loads(finished, cache, tmp_path):
@@ -261,7 +262,7 @@ def test_a_resume_that_cannot_be_checked_or_continued_is_refused_before_any_weig
     TABLE.append(("resume=true on a folder holding only checkpoints/", short(line, tmp_path), "2"))
 
     # max_steps below the checkpoint's step
-    rc, out, _ = run(*base_overrides(cache, run_dir, "resume=true", "trainer.max_steps=1"))
+    rc, out, _ = run(*base_overrides(cache, run_dir, "resume=true", "trainer.max_steps=1", "optim.warmup_steps=0"))
     line = last_error_line(out)
     assert rc == 2 and "trainer.max_steps=1, below the step" in line, out[-2000:]
     TABLE.append(("resume=true with trainer.max_steps below the checkpoint's", short(line, tmp_path), "2"))
@@ -325,16 +326,35 @@ def test_evaluate_on_a_folder_a_training_owns_says_so_and_records_what_it_scored
     assert proc.returncode == 143
 
 
-def test_a_run_dir_that_is_a_file_is_named(tmp_path):
+def test_a_run_dir_hydra_cannot_make_is_named_in_one_line(tmp_path, read_only):
     not_a_folder = tmp_path / "run"
     not_a_folder.write_text("x")
     rc, _, err = tool("evaluate", f"run_dir={not_a_folder}")
     assert rc != 0 and "is a file" in err and "Traceback" not in err, err
-    rc, out, _ = run(f"run_dir={not_a_folder}", "trainer.max_steps=1")
-    assert rc != 0 and "Traceback" not in out, out[-2000:]
-    TABLE.append(
-        ("a run_dir that is a file", short(last_error_line(out) or out.strip().splitlines()[-1], tmp_path), f"{rc}")
-    )
+    cases = [
+        ("a run_dir that is a file", [f"run_dir={not_a_folder}"], ROOT, "is a file, not a folder"),
+        ("a non-ASCII run_dir, unquoted", [f"run_dir={tmp_path}/été"], ROOT, "Quote it: \"run_dir='"),
+    ]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cases.append(("the default run_dir in a read-only folder", [], read_only(cwd), "is not writable. Set run_dir="))
+    for case, args, where, says in cases:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args, "trainer.max_steps=1"],
+            cwd=where,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        line = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and says in line and "Traceback" not in out.stderr, out.stderr[-2000:]
+        TABLE.append((case, short(line, tmp_path), "2"))
+        if "Quote it: " in line:  # the quoting it suggests is what Hydra reads back as the folder
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            (word,) = shlex.split(line.split("Quote it: ")[1])
+            assert OverridesParser.create().parse_override(word).value() == f"{tmp_path}/été"
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -372,6 +392,27 @@ def test_a_read_only_run_folder_is_evaluated_elsewhere_and_never_trained_in(fini
     assert rc == 0 and (tmp_path / "scores" / "eval_metrics.json").is_file(), err[-2000:]
 
     rc, out, _ = run(*base_overrides(cache, view, "resume=true", "trainer.max_steps=3"))
-    line = last_error_line(out)
-    assert rc == 2 and "cannot be written" in line and "copy it" in line and "Traceback" not in out, out[-2000:]
+    line = out.strip().splitlines()[-1]  # said before Hydra starts: a plain line
+    assert rc == 2 and "is read-only" in line and "copy it" in line and "Traceback" not in out, out[-2000:]
     TABLE.append(("resume=true in a read-only run folder", short(line, tmp_path), "2"))
+
+
+def test_a_read_only_datasets_cache_is_named_and_leaves_no_run_folder(cache, tmp_path, read_only):
+    import pandas as pd
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    picture = {"bytes": (tmp_path / "red.png").read_bytes(), "path": None}
+    pd.DataFrame([{"question": "What color?", "answer": "red", "image": picture}] * 8).to_parquet(
+        tmp_path / "qa.parquet"
+    )
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    run_dir = tmp_path / "run"
+    view = read_only(hf_home)
+    env = {"HF_HOME": str(view), "HF_DATASETS_CACHE": str(view / "datasets")}
+    rc, out, _ = run(*base_overrides(cache, run_dir, "data=hub", f"data.path={tmp_path / 'qa.parquet'}"), env=env)
+    line = last_error_line(out)
+    assert rc == 2 and "could not write its cache" in line and "set HF_DATASETS_CACHE" in line, out[-2000:]
+    assert not run_dir.exists()  # a refused run leaves no folder behind
+    TABLE.append(("a read-only HF_HOME (datasets' cache)", short(line, tmp_path), "2"))

@@ -321,7 +321,9 @@ def test_the_printed_commands_parse_back_in_the_shell_and_in_hydra_to_the_folder
     (word,) = shlex.split(arg)  # one shell word
     assert OverridesParser.create().parse_override(word).value() == run_dir
     run = tmp_path / "moved"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
+    assert "resume=true" not in resume_command(run)  # nothing to resume from: the same command starts it
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
     (run / "command.txt").write_text("idefics2-ft train recipe=x 'peft.r=16' run_dir=/old/place resume=true\n")
     words = shlex.split(resume_command(run))
     assert words[:4] == ["idefics2-ft", "train", "recipe=x", "peft.r=16"]

@@ -7,6 +7,7 @@ the columns (``data.format=auto``) and converted by ``idefics2_ft.data.formats``
 from __future__ import annotations
 
 import copy
+import errno
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,8 +47,30 @@ def open_table(cfg: Any, split: str, streaming: bool = False) -> tuple[Any, str,
     """``(dataset, base folder for relative image paths or None, holds one split only)`` of ``data.path``.
 
     Raises:
-        DataError: the path holds no such split (naming the ones it has) or cannot be read.
+        DataError: the path holds no such split (naming the ones it has) or cannot be read, or
+            ``datasets`` cannot write its cache (naming ``HF_DATASETS_CACHE``).
     """
+    import datasets
+
+    try:
+        return _open_table(cfg, split, streaming)
+    except OSError as err:
+        cache = Path(datasets.config.HF_DATASETS_CACHE).resolve()
+        where = Path(err.filename).resolve() if isinstance(err.filename, str) else None
+        if (
+            err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM)
+            or where is None
+            or cache not in (where, *where.parents)
+        ):
+            raise
+        raise DataError(
+            f"data.path={cfg.path}: datasets could not write its cache ({where}: {err.strerror}). Reading data "
+            f"files keeps an Arrow copy in HF_DATASETS_CACHE ({cache}): set HF_DATASETS_CACHE (or HF_HOME) to a "
+            "folder you can write."
+        ) from None
+
+
+def _open_table(cfg: Any, split: str, streaming: bool) -> tuple[Any, str, bool]:
     import datasets
 
     split, start, stop = parse_split(split)
