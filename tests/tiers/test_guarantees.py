@@ -416,3 +416,85 @@ def test_a_read_only_datasets_cache_is_named_and_leaves_no_run_folder(cache, tmp
     assert rc == 2 and "could not write its cache" in line and "set HF_DATASETS_CACHE" in line, out[-2000:]
     assert not run_dir.exists()  # a refused run leaves no folder behind
     TABLE.append(("a read-only HF_HOME (datasets' cache)", short(line, tmp_path), "2"))
+
+
+# ---------------------------------------------------------------- 5. documented data works, bad data is named
+def test_the_projects_own_jsonl_streams_shuffled_and_numbers_are_answers(cache, tmp_path):
+    data = jsonl_data(tmp_path / "data", n=16)
+    rc, out, _ = run(
+        *base_overrides(cache, tmp_path / "stream", "data=hub", f"data.path={data}", "data.streaming=true")
+    )
+    assert rc == 0 and "not a trl row" not in out, out[-3000:]
+    assert "shuffled within a buffer of 1,000 records" in out
+    TABLE.append(("data.streaming=true on the project's TRL JSONL", "trains; the log says the shuffle buffer", "0"))
+
+    import pandas as pd
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    picture = {"bytes": (tmp_path / "red.png").read_bytes(), "path": None}
+    numbers = [{"question": "How many sides?", "answer": a, "image": picture} for a in (3, 4, 2.5, 3.0) * 4]
+    pd.DataFrame(numbers).to_parquet(tmp_path / "numbers.parquet")
+    qa = ["data=hub", "data.answer_column=answer"]
+    overrides = base_overrides(cache, tmp_path / "numbers", *qa, f"data.path={tmp_path / 'numbers.parquet'}")
+    rc, out, _ = run(*overrides)
+    assert rc == 0 and "TypeError" not in out, out[-3000:]
+    TABLE.append(("numeric answers in a question/answer table", "read as text (3, 2.5, 3.0 -> '3')", "0"))
+
+    pd.DataFrame([*numbers, {"question": "How many?", "answer": float("nan"), "image": picture}]).to_parquet(
+        tmp_path / "nan.parquet"
+    )
+    rc, out, _ = run(
+        *base_overrides(
+            cache, tmp_path / "nan", *qa, f"data.path={tmp_path / 'nan.parquet'}", "data.on_bad_sample=raise"
+        )
+    )
+    line = last_error_line(out)
+    assert rc == 2 and "nan.parquet" in line and "answer" in line and "Traceback" not in out, out[-3000:]
+    TABLE.append(("a NaN answer, data.on_bad_sample=raise", short(line, tmp_path), "2"))
+
+
+def test_a_mixture_source_of_bad_records_and_a_batch_that_never_fits_are_refused(cache, tmp_path):
+    good = jsonl_data(tmp_path / "good", n=8)
+    bad = tmp_path / "bad" / "train.jsonl"
+    bad.parent.mkdir()
+    bad.write_text(good.read_text().replace("good.png", "nowhere.png"))  # every record: a missing image
+    mixture = (
+        f"+data.mixture=[{{name: fine, path: '{good}', weight: 0.5}}, {{name: broken, path: '{bad}', weight: 0.5}}]"
+    )
+    rc, out, _ = run(*base_overrides(cache, tmp_path / "mix", "data=hub", f"data.path={good}", mixture))
+    line = last_error_line(out)
+    assert rc == 2 and "broken" in line and "image not found" in line, out[-3000:]
+    TABLE.append(("a mixture source whose records are all bad", short(line, tmp_path), "2"))
+
+    rc, out, _ = run(*base_overrides(cache, tmp_path / "auto", "data.batch_size=auto", "plan.gpu_gb=0.001"))
+    line = last_error_line(out)
+    assert rc == 2 and "not even a batch of 1 fits" in line and "fits (" not in out, out[-3000:]
+    TABLE.append(("data.batch_size=auto when batch 1 does not fit", short(line, tmp_path), "2"))
+
+
+def test_ddp_validation_keeps_every_question_when_ids_repeat(cache, tmp_path):
+    from idefics2_ft.demo import formats
+
+    files = {}
+    for split in ("train", "test"):
+        path = formats.write_llava(tmp_path / "llava", rows=24 if split == "train" else 12, split=split)
+        rows = json.loads(path.read_text())
+        for i, row in enumerate(rows):
+            row["id"] = f"image-{i // 4}"  # LLaVA-style: one id per image, several questions each
+        path.write_text(json.dumps(rows))
+        files[split] = path
+    data = ["data=jsonl", f"data.train_file={files['train']}", f"data.val_file={files['test']}"]
+    extra = [
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.batch_size=2",
+        "data.eval_batch_size=5",
+    ]
+    rc, out, _ = run(*base_overrides(cache, tmp_path / "run", *data, *extra))
+    assert rc == 0, out[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    predictions = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
+    assert metrics["val/n_questions"] == 12 and len(predictions) == 12
+    TABLE.append(("DDP validation with ids repeated per image", "12 of 12 questions scored and predicted", "0"))
