@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import TINY_RUN, run_train
+from tests.helpers import TINY_RUN, assert_same_adapters, run_train
 
 TWO_RANKS = ["strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2"]
 
@@ -45,11 +45,8 @@ def test_fsdp_two_ranks_equal_one_process_over_the_global_batch(runs):
     assert two["val/n_questions"] == 12
     config = (tmp / "two" / "config.yaml").read_text()
     assert "quant_storage: float32" in config  # the 4-bit weights were stored in the compute dtype
-    a, b = adapter(tmp / "one"), adapter(tmp / "two")
-    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)  # it trained (B starts at zero)
+    assert any("lora_B" in k for k in adapter(tmp / "one"))
+    assert_same_adapters(tmp / "one", tmp / "two")  # and it trained: LoRA B (zero at first) moved
 
 
 def test_fsdp_with_group_by_equals_one_process_over_the_global_batch(runs):
@@ -58,12 +55,9 @@ def test_fsdp_with_group_by_equals_one_process_over_the_global_batch(runs):
     grouped = [*common, "data.group_by=length"]
     run_train(*grouped, "data.batch_size=4", f"run_dir={tmp / 'one-grouped'}")
     run_train(*grouped, *TWO_RANKS, f"run_dir={tmp / 'two-grouped'}")
-    a, b = adapter(tmp / "one-grouped"), adapter(tmp / "two-grouped")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
-    ungrouped = adapter(tmp / "one")
-    assert any(not torch.equal(a[k], ungrouped[k]) for k in a)  # grouping changed the batches
+    assert_same_adapters(tmp / "one-grouped", tmp / "two-grouped")
+    with pytest.raises(AssertionError, match="more than float summation order explains"):
+        assert_same_adapters(tmp / "one", tmp / "one-grouped")  # grouping changed the batches, and that shows
 
 
 def test_the_gathered_adapter_reproduces_the_sharded_model(runs, tmp_path):
@@ -100,9 +94,7 @@ def test_fsdp_resumes_from_its_checkpoint_where_the_uninterrupted_run_ends(runs)
     names = set(state["state_dict"])
     assert names and all("lora_" in n for n in names)
     run_train(*common, *TWO_RANKS, f"run_dir={resumed}", "resume=true")
-    a, b = adapter(tmp / "two"), adapter(resumed)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert_same_adapters(tmp / "two", resumed)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +116,5 @@ def test_the_recomputed_connector_trains_under_fsdp_and_ddp_as_one_process(strat
     run_train(*connector, f"strategy={strategy}", *TWO_RANKS[1:], f"run_dir={two}")
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["params/trainable/connector"] > 0 and metrics["train/ranks_in_sync"] is True
-    a, b = adapter(one), adapter(two)
-    assert any(".connector." in k for k in a) and a.keys() == b.keys()
-    for key in a:  # fp32 sums in another order move a few elements by ~1e-6 (see test_ddp.py)
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert any(".connector." in k for k in adapter(one))
+    assert_same_adapters(one, two)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from idefics2_ft.data.records import BadSampleError
 from idefics2_ft.tasks.train import train
+from tests.helpers import assert_same_adapters
 
 RUN_FILES = {"config.yaml", "metrics.json", "predictions.jsonl", "checkpoints", "adapter", "logs", "train.log"}
 
@@ -59,10 +60,6 @@ def test_checkpoint_holds_trainable_weights_only(tiny_run_cfg, tmp_path):
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and ckpt["global_step"] == 4
 
 
-def _adapter(run_dir):
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
-
-
 def test_resume_ends_where_the_uninterrupted_run_ends(tiny_run_cfg, tmp_path, monkeypatch):
     common = ("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", "peft.dropout=0.1", "eval.at_end=false")
     straight = tiny_run_cfg(*common, run_dir=tmp_path / "straight")
@@ -85,10 +82,7 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tiny_run_cfg, tmp_path, mo
     monkeypatch.setattr(Idefics2Module, "training_step", original)
     metrics = train(tiny_run_cfg(*common, "resume=true", run_dir=tmp_path / "resumed"))
     assert metrics["train/steps"] == 6
-    a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_adapters(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_show_labels_prints_the_first_batch_and_loads_no_weights(tiny_run_cfg, tmp_path):

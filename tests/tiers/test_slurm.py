@@ -13,10 +13,8 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.helpers import ROOT, TINY_RUN, run_train
+from tests.helpers import ROOT, TINY_RUN, assert_same_adapters, run_train
 
 CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"
 
@@ -166,10 +164,7 @@ def test_a_preempted_job_checkpoints_requeues_and_finishes_as_if_uninterrupted(s
     assert f"Requeued SLURM job {job_id}" in text and "(SLURM restarted the job)" in text
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train/steps"] == 150 and metrics["train/ranks_in_sync"] is True
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_adapters(tmp_path / "straight", run_dir)
 
 
 @pytest.mark.slurm
