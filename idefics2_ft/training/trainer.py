@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from idefics2_ft.training.checkpoints import AtomicCheckpointIO, GuardedCheckpoi
 from idefics2_ft.training.history import History
 from idefics2_ft.training.loggers import TrimReplayedRows, make_logger
 from idefics2_ft.training.progress import LineProgress, PerfMetrics, on_cuda
-from idefics2_ft.training.strategies import make_strategy
+from idefics2_ft.training.strategies import keep_cpu_4bit_layout, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def make_trainer(
         enable_version_counter=False,  # one last.ckpt, never last-v1.ckpt beside an older one
     )
     peak = peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    quiet_warnings_known_false()
     callbacks: list = [
+        TrainableFourBitLayout(),
         checkpoint,
         DivergenceGuard(checkpoint_dir / LAST_CHECKPOINT),
         TrimReplayedRows(),
@@ -139,6 +142,37 @@ def follow_stop_policy(trainer: L.Trainer) -> L.Trainer:
     if policy is not None and launcher is not None and hasattr(launcher, "kill"):
         policy.on_signal(launcher.kill)
     return trainer
+
+
+class TrainableFourBitLayout(Callback):
+    """Keep bitsandbytes' 4-bit weights in the layout whose matmul has a backward, for the whole
+    life of the Trainer (validations included).
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without gradients (every
+    validation) repacks the weight for its CPU inference kernel and flags it; from then on every
+    forward, training's too, goes through ``bitsandbytes::gemv_4bit``, which has no backward: torch
+    warns that backprop through it "may lead to silently incorrect behavior", and it is incorrect:
+    the gradient of the layer's input loses the 4-bit weight's part, so every LoRA layer below
+    trains on a wrong gradient (tests/unit/test_4bit_gradients.py). Kept in the trainable layout,
+    the path is never taken and the warning cannot come; it is left unfiltered, so that a path
+    that brings it back shows. Evaluation and prediction outside training keep the fast kernel.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        keep_cpu_4bit_layout(pl_module)
+
+
+def quiet_warnings_known_false() -> None:
+    """Filter the warnings a run prints that are false for this project (by message: any other
+    warning still shows). Called where the Trainer is made, not at import."""
+    # Lightning asks whether the DataLoader object has state_dict(); ours needs none: each
+    # train_dataloader() is built after the restore and starts at the restored step
+    # (ResumableSampler, GroupedBatchSampler and the streams take start=consumed), and a resumed run
+    # ends with the uninterrupted run's adapter (tests/tiers/test_faults.py, tests/runs/test_train.py).
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+    # Lightning 2.6's own code (lightning/pytorch/utilities/_pytree.py) calls torch's deprecated
+    # LeafSpec: nothing a user can change; it works as it is in the torch and Lightning we allow
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def describe_run(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
