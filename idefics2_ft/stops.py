@@ -3,6 +3,9 @@
 ``StopPolicy.install()`` runs first thing in every command (train, evaluate, export), before
 anything slow. From then on:
 
+- during start-up (until the first phase begins: imports, Hydra's composition), a signal is held
+  and raised as the first phase begins; a second one ends the process at once with the line (an
+  exception raised inside an import would leave modules half-initialised and print their traceback);
 - outside a deferred block, SIGTERM (``docker stop``, a scheduler's cancel) or SIGINT (Ctrl-C)
   raises ``Interrupted`` at once, naming the phase the command was in;
 - inside ``deferred()`` (the fit), a signal only raises a flag: the ranks agree on it at the next
@@ -76,6 +79,7 @@ class StopPolicy:
         self._previous: dict[int, Any] = {}
         self._on_signal: list[Callable[[int], None]] = []
         self._rehearse: tuple[str, int] | None = None
+        self._starting = True  # until the first phase: see the module's docstring
 
     def rehearse(self, spec: str | None) -> None:
         """``PHASE`` or ``PHASE:SIGINT``: send this process the signal (SIGTERM by default) when it enters
@@ -112,6 +116,10 @@ class StopPolicy:
     @contextmanager
     def phase_of(self, name: str, key: str | None = None) -> Iterator[None]:
         """The command is in phase ``name`` (``key``: its short name, for ``rehearse``) while the block runs."""
+        if self._starting:
+            self._starting = False
+            if self.signum is not None:  # held since start-up
+                raise self.interrupted()
         before, self.phase = self.phase, name
         if self._rehearse is not None and self._rehearse[0] in (name, key):
             os.kill(os.getpid(), self._rehearse[1])  # delivered before the next bytecode: inside the phase
@@ -147,6 +155,11 @@ class StopPolicy:
     def _handle(self, signum: int, frame: object) -> None:
         first = self.signum is None
         self.signum = signum
+        if self._starting:
+            if first:
+                return  # held: raised as the first phase begins
+            os.write(2, f"{self.interrupted(signum)}\n".encode())
+            os._exit(128 + signum)  # asked twice during imports: now, without a half-imported traceback
         for callback in self._on_signal:
             callback(signum)
         if self._deferred and first:

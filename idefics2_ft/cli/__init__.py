@@ -39,6 +39,15 @@ def register_demo() -> None:
     demo.register()
 
 
+def same_command(command: str, args: list[str], prog: str = "idefics2-ft") -> str:
+    """The command line again, as a shell reads it, without the rehearsal flags (``debug.stop_at``,
+    ``debug.crash_at_step``): what continues a command stopped before it wrote anything."""
+    import shlex
+
+    kept = [a for a in args if not a.startswith(("debug.stop_at=", "debug.crash_at_step="))]
+    return " ".join([prog, *([command] if command else []), *(shlex.quote(a) for a in kept)])
+
+
 def usage() -> str:
     lines = ["usage: idefics2-ft COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
@@ -61,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"idefics2-ft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if command in ("train", "evaluate", "export"):  # before the command's imports: a stop is never a traceback
+        from idefics2_ft.stops import StopPolicy
+
+        StopPolicy(command).install().completed("nothing was written yet", same_command(command, rest))
     module = importlib.import_module(f"idefics2_ft.cli.{command}")
     if command == "train":  # Hydra reads sys.argv itself
         sys.argv = [f"idefics2-ft {command}", *rest]

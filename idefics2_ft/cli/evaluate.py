@@ -10,9 +10,9 @@ out_dir=; a folder that holds anything but an earlier evaluation of this run is 
 """
 
 import logging
-import shlex
 import sys
 
+from idefics2_ft.cli import same_command
 from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_logging
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import DataError
@@ -33,7 +33,7 @@ log = logging.getLogger("idefics2_ft")
 def main(argv: list[str]) -> int:
     setup_logging()
     policy = active() or StopPolicy("evaluate").install()
-    policy.completed("nothing was written yet", shlex.join(["idefics2-ft", "evaluate", *argv]))
+    policy.completed("nothing was written yet", same_command("evaluate", argv))
     try:
         cfg, own = parse_overrides(argv, {"data.split": None, "model_dir": None, "out_dir": None})
         policy.rehearse(rehearsed_stop(argv))

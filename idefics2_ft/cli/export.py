@@ -10,9 +10,9 @@ The token comes from HF_TOKEN or `huggingface-cli login` and is written nowhere.
 """
 
 import json
-import shlex
 import sys
 
+from idefics2_ft.cli import same_command
 from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_logging
 from idefics2_ft.config import ConfigError, validate
 from idefics2_ft.hub import HubError, check_write_access, push_targets
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     setup_logging()
     policy = active() or StopPolicy("export").install()
     # an interrupted export leaves no export (the writer renames it into place once complete)
-    policy.completed("no export was written", shlex.join(["idefics2-ft", "export", *argv]))
+    policy.completed("no export was written", same_command("export", argv))
     try:
         cfg, _ = parse_overrides(argv, {})
         policy.rehearse(rehearsed_stop(argv))

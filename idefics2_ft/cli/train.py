@@ -3,7 +3,6 @@ front door to :func:`idefics2_ft.tasks.train.train`."""
 
 import faulthandler
 import logging
-import shlex
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from idefics2_ft.cli import same_command
 from idefics2_ft.config import CONF_DIR, ConfigError, register_configs
 from idefics2_ft.stops import Interrupted, StopPolicy, active
 
@@ -77,7 +77,7 @@ def main() -> None:
         sys.stderr.write(f"{problem}\n")
         sys.exit(2)
     policy = active() or StopPolicy("train").install()  # before Hydra composes anything
-    policy.completed("nothing was written yet", " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
+    policy.completed("nothing was written yet", same_command("", sys.argv[1:], prog))
     try:
         _hydra_main()
     except Interrupted as stop:  # before the run folder was known (Hydra's composition)
@@ -151,6 +151,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(1)
     except Interrupted as stop:  # SIGTERM or Ctrl-C, in any phase (stops.py): the shell's code for the signal
         logging.getLogger("idefics2_ft").error("%s", stop)
+        FolderLock(cfg.run_dir).remove_folder_if_unused()  # stopped before it wrote anything: no empty folder
         sys.exit(stop.exit_code)
     except Preempted as stop:  # checkpointed and requeued: not a failure
         logging.getLogger("idefics2_ft").warning("%s", stop)

@@ -119,8 +119,8 @@ def load_yaml(path: Path) -> DictConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or type(err).__name__
         raise RunFolderError(
-            f"{path} is not valid YAML{where}: {problem}. Fix that line, or restore the file from the run's "
-            "train.log (the config is logged when it starts)."
+            f"{path} is not valid YAML{where}: {problem}. Fix that line (config.yaml is the config the run was "
+            "composed with; command.txt the command that composes it again)."
         ) from None
 
 
@@ -207,22 +207,70 @@ def run_outputs(run_dir: Path) -> list[str]:
     return found
 
 
-def remove_outputs(run_dir: Path) -> None:
-    """Remove what ``overwrite=true`` replaces: every output of an earlier run, exports included."""
+def remove_outputs(run_dir: Path) -> tuple[list[str], list[str]]:
+    """Remove what ``overwrite=true`` replaces: the run's own files by their names (``checkpoints/``,
+    ``adapter/``, ``logs/``, ``metrics.json``, ...) and the output folders whose marker names this run
+    (``export/``, ``eval/<split>/``, ``export-adapter/``, ...). A symlink is unlinked, never followed;
+    anything else (a note in ``eval/``, a folder the user made) is kept. Everything is decided before
+    anything is removed.
+
+    Returns:
+        What was removed and what was kept, by name.
+
+    Raises:
+        RunFolderError: a removal failed (naming it; what was removed before is listed).
+    """
     run_dir = Path(run_dir)
     ours = run_identity(run_dir)  # before base_model.json, which holds it, goes
+    signature = {
+        "export": "export_report.json",
+        "export-adapter": "export_report.json",
+        "evaluation": "eval_metrics.json",
+    }
+
+    def our_output(folder: Path) -> bool:
+        if folder.is_symlink() or not folder.is_dir():
+            return False
+        marker = read_marker(folder)
+        if marker is not None:
+            return marker.get("owner") in ours
+        return any((folder / f).is_file() for f in set(signature.values()))  # written before markers existed
+
+    doomed: list[Path] = []
+    kept: list[str] = []
     for name in REPLACED_BY_OVERWRITE:  # the names this project gives a run's own files, and only those
         path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for path in RunFolder(run_dir).resume_configs():
-        path.unlink()
-    for path in run_dir.iterdir():  # exports and evaluations written elsewhere in the folder (RUN/export-adapter)
-        marker = read_marker(path) if path.is_dir() else None
-        if marker is not None and marker.get("owner") in ours:
-            shutil.rmtree(path)  # an output this run wrote (its marker says so)
+        if name in (EXPORT_DIR, EVAL_DIR) or not (path.exists() or path.is_symlink()):
+            continue
+        doomed.append(path)
+    doomed += RunFolder(run_dir).resume_configs()
+    for path in sorted(run_dir.iterdir()):  # exports written anywhere in the folder (RUN/export-adapter)
+        if path not in doomed and our_output(path):
+            doomed.append(path)
+        elif path.name in (EXPORT_DIR, EVAL_DIR) and path.is_symlink():
+            kept.append(f"{path.name} (a link: not followed)")
+        elif path.name in (EXPORT_DIR, EVAL_DIR) and path.is_dir():
+            inner = [p for p in sorted(path.iterdir()) if not our_output(p)] if path.name == EVAL_DIR else [path]
+            kept += [str(p.relative_to(run_dir)) + ("/" if p.is_dir() else "") for p in inner]
+            if path.name == EVAL_DIR:
+                doomed += [p for p in sorted(path.iterdir()) if our_output(p)]
+    removed: list[str] = []
+    for path in doomed:
+        try:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()  # a link itself, never what it points to
+            else:
+                shutil.rmtree(path)
+        except OSError as err:
+            raise RunFolderError(
+                f"overwrite=true could not remove {path} ({err.strerror}); removed before it: "
+                f"{', '.join(removed) or 'nothing'}. Fix its permissions, or choose another run_dir."
+            ) from None
+        removed.append(str(path.relative_to(run_dir)) + ("/" if not path.suffix and not path.is_file() else ""))
+    eval_dir = run_dir / EVAL_DIR
+    if eval_dir.is_dir() and not eval_dir.is_symlink() and not any(eval_dir.iterdir()):
+        eval_dir.rmdir()
+    return removed, kept
 
 
 # Keys such as `token`, `hf_token`, `api_key`, `password` (not `max_new_tokens`).
@@ -286,7 +334,8 @@ def hydra_arg(key: str, value: object) -> str:
 
     text = str(value)
     if not HYDRA_PLAIN.fullmatch(text):
-        text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        # Hydra's quoted strings: a quote is escaped; backslashes only where they precede one (or the end)
+        text = "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
         if not any(c in text for c in '"$`\\!'):
             return f'"{key}={text}"'  # reads better than shlex's '\''-splicing, and means the same to the shell
     return shlex.quote(f"{key}={text}")
@@ -302,11 +351,11 @@ def resume_command(run_dir: Path) -> str:
 
     path = RunFolder(run_dir).command
     if not path.is_file():
-        return f"idefics2-ft train <the run's overrides> {folder}"
+        return f"idefics2-ft train {folder} (add the run's overrides: its command.txt is missing)"
     try:
         words = shlex.split(path.read_text(encoding="utf-8"))
     except ValueError:  # an edited command.txt with an open quote
-        return f"idefics2-ft train <the overrides in {path}> {folder}"
+        return f"idefics2-ft train {folder} (add the run's overrides: {path} does not parse)"
     # command.txt holds the command as the run started it, with the run_dir of that day: replaced here
     words = words[2:] if words[:2] == ["idefics2-ft", "train"] else words
     kept = [shlex.quote(w) for w in words if not w.startswith(("run_dir=", "resume="))]

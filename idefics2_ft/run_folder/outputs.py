@@ -71,6 +71,7 @@ class Output:
     kind: str
     owner: str
     replaces: bool
+    run_dir: str | None = None  # the run folder it was written from (a copy of a run is another writer)
 
     @contextmanager
     def writing(self) -> Iterator[Path]:
@@ -89,7 +90,9 @@ class Output:
         atomic_write_text(tmp / MARKER, json.dumps(marker))
         try:
             yield tmp
-            atomic_write_text(tmp / MARKER, json.dumps({**marker, "complete": True, "written": _now()}))
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
+            done = {**marker, "complete": True, "written": _now(), "run_dir": self.run_dir, "files": files}
+            atomic_write_text(tmp / MARKER, json.dumps(done))
             self._swap_in(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the partial folder this call created
@@ -105,7 +108,13 @@ class Output:
                     f"the new {self.kind} is discarded."
                 )
             old = self.path.parent / f".{self.path.name}{PARTIAL}old-{os.getpid()}"
-            os.rename(self.path, old)
+            try:
+                os.rename(self.path, old)
+            except OSError as err:  # a mount point (EBUSY) or the like: claim_output refuses those first
+                raise OutputRefused(
+                    f"{self.path} cannot be replaced ({err.strerror}): the new {self.kind} is discarded. Give a "
+                    f"subfolder of it instead, such as {self.path / self.kind}."
+                ) from None
         os.rename(tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # the earlier output of this kind and run, or an empty folder
@@ -154,8 +163,18 @@ def _listing(folder: Path) -> str:
     return shown + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
+def _added_files(folder: Path, marker: dict) -> str:
+    """The files in an earlier output that its writer did not write (its marker lists what it wrote),
+    named for a refusal; empty when there are none (or the marker predates the list)."""
+    if "files" not in marker:
+        return ""
+    written = set(marker["files"])
+    added = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MARKER and str(p.relative_to(folder)) not in written
+    )
+    return ", ".join(added[:LISTED]) + (f" and {len(added) - LISTED} more" if len(added) > LISTED else "")
 
 
 def claim_output(
@@ -210,14 +229,38 @@ def claim_output(
                 f"Nothing was written; choose a folder of its own, such as {Path(run_root) / kind}."
             )
     replaces = False
+    this_run = str(Path(run_root).resolve()) if run_root is not None else None
     if where.exists() or path.is_symlink():
         if not where.is_dir():
             raise OutputRefused(
                 f"{key}={path} is a file, not a folder: nothing was written; choose a folder for the {kind}."
             )
+        if os.path.ismount(where):
+            raise OutputRefused(
+                f"{key}={path} is a mount point: a folder that cannot be renamed into place. Nothing was written; "
+                f"give a subfolder of it, such as {path / kind}."
+            )
         marker = read_marker(where)
-        if marker is not None and marker.get("kind") == kind and marker.get("owner") in owners:
+        outside = this_run is not None and Path(this_run) not in where.parents
+        copied = (
+            outside
+            and marker is not None
+            and marker.get("owner") in owners
+            and marker.get("run_dir") not in (None, this_run)
+        )
+        if marker is not None and marker.get("kind") == kind and marker.get("owner") in owners and not copied:
+            extras = _added_files(where, marker)
+            if extras:
+                raise OutputRefused(
+                    f"{key}={path} holds the earlier {kind} of this run and files it did not write ({extras}): "
+                    f"nothing was written, and they are kept. Move them away, or choose another {key}."
+                )
             replaces = True
+        elif copied:
+            raise OutputRefused(
+                f"{key}={path} holds the {marker.get('kind')} written from {marker.get('run_dir')}, a copy of this "
+                f"run that has gone its own way: it is not replaced. Nothing was written; choose another {key}."
+            )
         elif marker is not None and marker.get("complete"):
             whose = "this run" if marker.get("owner") in owners else f"another run ({marker.get('owner')})"
             raise OutputRefused(
@@ -239,7 +282,7 @@ def claim_output(
             f"{key}={path}: {writable} is not writable (a read-only run folder or snapshot?). Nothing was written; "
             f"set {key} to a folder you can write."
         )
-    return Output(where, kind, owners[0], replaces)
+    return Output(where, kind, owners[0], replaces, this_run)
 
 
 def claim_output_file(path: str | Path, kind: str, key: str) -> Path:

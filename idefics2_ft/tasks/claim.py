@@ -39,6 +39,8 @@ EXPERIMENT = ("model.", "peft.", "data.", "seed", "trainer.precision")
 HARMLESS = ("data.num_workers", "data.eval_batch_size", "data.max_val_samples", "data.on_bad_sample")
 # The adapter's shape: last.ckpt holds adapters of the old shape, so no resume_changes can accept it.
 SHAPE = ("peft.method", "peft.r", "peft.target", "peft.modules_to_save", "peft.skip_modules")
+# Where the data files are: another path holding the same content (by fingerprint) is the same data.
+MOVABLE = ("data.train_file", "data.val_file", "data.path")  # not data.image_dir: images are not fingerprinted
 NOT_COMPARED = ("run_dir", "resume", "overwrite", "resume_changes")
 
 
@@ -126,6 +128,13 @@ def check_resume(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) 
     found = changes(cfg, run_dir, data_fingerprint)
     if all(f"data.{k}" in accepted for k in edited_data(run_dir, data_fingerprint)):
         accepted.add("data (files)")  # the files of keys accepted by name (data.train_file) differ, of course
+    recorded = (read_base_record(run_dir) or {}).get("data")
+    if recorded and "hub" not in recorded and not edited_data(run_dir, data_fingerprint):
+        # the same bytes at another path (data staged anew on a node's local disk): the same data
+        moved = [k for k in found if k in MOVABLE and k not in accepted]
+        accepted.update(moved)
+        if moved:
+            log.info("Resume: %s moved, with the same content (by fingerprint): the same data.", ", ".join(moved))
     problems = []
     for key, (old, new) in found.items():
         if key.startswith(SHAPE):
@@ -202,5 +211,7 @@ def claim_run_dir(cfg: DictConfig) -> None:
             ]
         )
     if is_rank_zero():
-        remove_outputs(run_dir)
-        log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir, ", ".join(found))
+        removed, kept = remove_outputs(run_dir)
+        log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir, ", ".join(removed))
+        if kept:
+            log.warning("overwrite=true kept what this project did not write there: %s", ", ".join(kept))

@@ -48,7 +48,6 @@ from idefics2_ft.run_folder import (
     log_to_file,
     read_base_record,
     resume_checkpoint,
-    resume_command,
     save_config,
     slurm_restarted,
     weights_output,
@@ -170,10 +169,11 @@ def _checked_and_run(cfg: DictConfig, policy: StopPolicy) -> dict[str, Any]:
     if is_rank_zero() and changed is None:
         save_config(cfg, run_dir)  # config.yaml: the first part's config, never rewritten by a resume
         atomic_write_text(RunFolder(run_dir).command, train_command(cfg) + "\n")
+    # the command that continues from here: this command's own overrides (a resume's new ones included)
     if resuming:
-        policy.completed(f"{last} still holds step {step}; this resume trained nothing", resume_command(run_dir))
+        policy.completed(f"{last} still holds step {step}; this resume trained nothing", train_command(cfg))
     else:
-        policy.completed("nothing trained yet", resume_command(run_dir))
+        policy.completed("nothing trained yet", train_command(cfg, resume=last.is_file()))
     with log_to_file(run_dir) if is_rank_zero() else nullcontext():
         return _run(cfg, run_dir, fingerprint, policy, changed)
 
@@ -213,7 +213,8 @@ PHASES = {
 
 def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, changed: dict | None) -> dict[str, Any]:
     started = time.perf_counter()
-    profile = Phases(RunFolder(run_dir).phases if is_rank_zero() else None)  # wall time and peak memory of each
+    # wall time and peak memory of each phase; a resume writes phases.json (and plan.json) once it trains
+    profile = Phases(RunFolder(run_dir).phases if is_rank_zero() and changed is None else None)
 
     @contextmanager
     def phase(name: str) -> Iterator[dict]:
@@ -243,7 +244,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
         return {"debug/show_labels": text}
 
     # the plan: memory and time per step from the real shapes and this first batch (plan.json)
-    plan = _plan(cfg, model_path, first, run_dir)
+    plan = _plan(cfg, model_path, first, run_dir, write=changed is None)
 
     # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
     with phase("load"):  # read the shards, quantize to NF4, attach the adapters
@@ -265,7 +266,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
     flops = plan.flops_per_token if plan is not None else None
     callbacks: list = [TrackerRecord(cfg, run_dir)]
     if changed is not None:  # the resume's history: written once it has trained its first step
-        callbacks.append(OnFirstStep(lambda: _record_resume(cfg, run_dir, changed, record)))
+        callbacks.append(OnFirstStep(lambda: _record_resume(cfg, run_dir, changed, record, profile, plan)))
     trainer = make_trainer(cfg, run_dir, flops, callbacks=callbacks)
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
     built = Path(model_path) / "stage1.json"  # what building a stand-in base measured (the demo's stage 1)
@@ -354,13 +355,19 @@ def _save(cfg, run_dir: Path, module, processor, trained: dict, metrics: dict, p
         module.model.save_pretrained(folder, state_dict=trained)
         processor.save_pretrained(folder)
     write_results(run_dir, metrics, getattr(module, "val_predictions", None))
-    policy.completed(f"{target.path.name}/ and metrics.json are saved: the run is trained", resume_command(run_dir))
+    policy.completed(f"{target.path.name}/ and metrics.json are saved: the run is trained", train_command(cfg))
 
 
-def _record_resume(cfg: DictConfig, run_dir: Path, changed: dict, record: dict) -> None:
-    """A resume that trained its first step: its config and changes, and the base and data it trains on."""
+def _record_resume(cfg: DictConfig, run_dir: Path, changed: dict, record: dict, profile: Phases, plan) -> None:
+    """A resume that trained its first step: its config and changes, the base and data it trains on,
+    its plan and its phases so far."""
     record_resume(cfg, run_dir, changed)
     write_base_record(run_dir, record)
+    profile.path = RunFolder(run_dir).phases
+    profile.write(profile.path)
+    if plan is not None:
+        atomic_write_text(RunFolder(run_dir).plan, json.dumps(plan.to_json(), indent=2) + "\n")
+    atomic_write_text(RunFolder(run_dir).command, train_command(cfg) + "\n")  # the newest part's command
 
 
 class OutOfMemory(RuntimeError):
@@ -418,11 +425,14 @@ def _task_overrides(cfg: DictConfig) -> list[str]:
         return overrides
 
 
-def train_command(cfg: DictConfig) -> str:
-    """``idefics2-ft train`` with this run's overrides, ``run_dir`` and ``resume=true``: what continues it."""
+def train_command(cfg: DictConfig, resume: bool = True) -> str:
+    """``idefics2-ft train`` with this run's overrides, ``run_dir`` and ``resume=true``: what continues it
+    (``resume=False``: what starts it again, before it holds a checkpoint)."""
     skip = ("run_dir=", "resume=", "overwrite=", "hydra.", "debug.stop_at=", "debug.crash_at_step=")
     kept = [shlex.quote(o) for o in _task_overrides(cfg) if not o.startswith(skip)]
-    return " ".join(["idefics2-ft train", *kept, hydra_arg("run_dir", cfg.run_dir), "resume=true"])
+    return " ".join(
+        ["idefics2-ft train", *kept, hydra_arg("run_dir", cfg.run_dir), *(["resume=true"] if resume else [])]
+    )
 
 
 def prefetch_command(cfg: DictConfig) -> str:
@@ -437,8 +447,8 @@ def base_path(cfg: DictConfig) -> str:
     return resolve_base(cfg, read_base_record(cfg.run_dir) if cfg.resume else None)
 
 
-def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan | None:
-    """Plan this run (rank 0 writes plan.json) and log the verdict and the model by part."""
+def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path, write: bool = True) -> Plan | None:
+    """Plan this run (rank 0 writes plan.json, if ``write``) and log the verdict and the model by part."""
     try:
         config = AutoConfig.from_pretrained(model_path, revision=cfg.model.revision)
     except (OSError, ValueError) as err:  # a Hub id without network: from_pretrained will say more
@@ -448,7 +458,7 @@ def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path) -> Plan 
     plan = plan_run(config, workload_from_batch(first, config, cfg), setup_from_cfg(cfg, device), available_gb(device))
     log.info("Plan (first batch): %s; %s", plan.verdict, plan.fix or "details in plan.json")
     log.info("The model by part:\n%s", format_parts(plan))
-    if is_rank_zero():
+    if is_rank_zero() and write:
         atomic_write_text(RunFolder(run_dir).plan, json.dumps(plan.to_json(), indent=2) + "\n")
     return plan
 

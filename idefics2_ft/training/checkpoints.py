@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +16,6 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from idefics2_ft.models import non_finite_parameters
-from idefics2_ft.run_folder import resume_command
 from idefics2_ft.stops import Interrupted, active
 from idefics2_ft.training.callbacks import Diverged, Stopped
 
@@ -108,6 +108,12 @@ class GuardedCheckpoint(ModelCheckpoint):
             return
         if isinstance(exception, Interrupted) and not isinstance(exception, Stopped):
             return  # a stop in the middle of a step: the weights may be half-updated; the last save stands
+        if isinstance(exception, Stopped):  # saved without Lightning's line: the stop's own line says where
+            if self._should_save_on_exception(trainer):
+                candidates = self._monitor_candidates(trainer)
+                self._save_checkpoint(trainer, self.format_checkpoint_name(metrics=candidates))
+                self._save_last_checkpoint(trainer, candidates)
+            return
         super().on_exception(trainer, pl_module, exception)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -123,7 +129,10 @@ class GuardedCheckpoint(ModelCheckpoint):
         with policy.phase_of("a checkpoint save", "checkpoint") if policy is not None else nullcontext():
             super()._save_checkpoint(trainer, filepath)
         if policy is not None and Path(filepath).name == LAST:  # from now on a resume continues the run
-            policy.completed(f"{filepath} holds step {trainer.global_step}", resume_command(Path(filepath).parents[1]))
+            command = policy.command
+            if command and not command.endswith("resume=true"):
+                command += " resume=true"
+            policy.completed(f"{filepath} holds step {trainer.global_step}", command)
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -152,7 +161,7 @@ def checkpoint_step(path: Path) -> int:
         others = [p for p in intact_checkpoints(path.parent) if p != path]
         offer = (
             f"{others[0]} (step {checkpoint_step(others[0])}) is intact: copy it over {path.name} "
-            f"(cp '{others[0]}' '{path}') and resume again"
+            f"({shlex.join(['cp', str(others[0]), str(path)])}) and resume again"
             if others
             else "no intact checkpoint lies beside it: start a new run_dir (or overwrite=true)"
         )

@@ -498,3 +498,17 @@ def test_ddp_validation_keeps_every_question_when_ids_repeat(cache, tmp_path):
     predictions = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert metrics["val/n_questions"] == 12 and len(predictions) == 12
     TABLE.append(("DDP validation with ids repeated per image", "12 of 12 questions scored and predicted", "0"))
+
+
+def test_a_stopped_resume_prints_its_own_command_and_it_finishes_the_resumed_schedule(finished, cache, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    resumed = base_overrides(cache, run_dir, "resume=true", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1")
+    rc, out, _ = run(*resumed, "debug.stop_at=checkpoint")
+    line = stop_line(out)
+    assert rc == 143 and "trainer.max_steps=6" in line and "debug.stop_at" not in line, out[-3000:]
+    command = shlex.split(line.split("Continue with: ", 1)[1].rstrip("."))
+    rc, stdout, stderr = tool(command[1], *command[2:])
+    assert rc == 0, (stdout + stderr)[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["train/steps"] == 6
+    assert "trainer.max_steps=6" in (run_dir / "command.txt").read_text()  # the newest part's command
+    TABLE.append(("a stopped resume's continue command", "carries the resume's own overrides; it finishes", "0"))

@@ -151,11 +151,38 @@ def test_a_partial_folder_a_killed_writer_left_is_removed_by_the_next_write_and_
 def test_overwrite_removes_the_outputs_this_run_wrote_and_nothing_else(tmp_path):
     run = a_run(tmp_path)
     write(output_folder(run, run / "export-fp16", "export", "export.out_dir"), {"a": "1"})
+    write(output_folder(run, run / "eval" / "test", "evaluation", "out_dir"), {"eval_metrics.json": "{}"})
+    (run / "eval" / "my_notes.txt").write_text("mine")
     (run / "export_notes").mkdir()
     (run / "export_notes" / "todo.txt").write_text("mine")
-    remove_outputs(run)
-    assert not (run / "export-fp16").exists() and not (run / "adapter").exists()
-    assert (run / "export_notes" / "todo.txt").read_text() == "mine"
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "model.bin").write_text("theirs")
+    (run / "export").symlink_to(precious)  # a link named like an output: never followed
+    removed, kept = remove_outputs(run)
+    assert (
+        not (run / "export-fp16").exists() and not (run / "adapter").exists() and not (run / "eval" / "test").exists()
+    )
+    assert (run / "export_notes" / "todo.txt").read_text() == "mine" and (run / "eval" / "my_notes.txt").is_file()
+    assert (precious / "model.bin").read_text() == "theirs" and (run / "export").is_symlink()
+    assert "eval/my_notes.txt" in kept and "export (a link: not followed)" in kept and "checkpoints/" in removed
+
+
+def test_a_replaced_output_keeps_files_someone_added_and_a_mount_point_is_refused(tmp_path):
+    run = a_run(tmp_path)
+    write(output_folder(run, run / "export", "export", "export.out_dir"), {"model.safetensors": "one"})
+    (run / "export" / "my_notes.md").write_text("mine")
+    with pytest.raises(OutputRefused, match=r"files it did not write \(my_notes.md\).*they are kept"):
+        output_folder(run, run / "export", "export", "export.out_dir")
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        return  # mounting needs root: the rest is checked where it runs as root (CI)
+    try:
+        with pytest.raises(OutputRefused, match="is a mount point.*give a subfolder"):
+            output_folder(run, mount, "export", "export.out_dir")
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_plan_file_replaces_only_an_earlier_plan(tmp_path):
@@ -257,6 +284,29 @@ def test_a_signal_stops_any_phase_at_once_naming_it_and_a_deferred_one_at_the_bo
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # uninstalled: the handlers before it are back
 
 
+def test_a_signal_during_start_up_is_held_until_the_first_phase(tmp_path):
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from idefics2_ft.stops import Interrupted, StopPolicy
+        policy = StopPolicy("train").install()
+        policy.done = ""
+        os.kill(os.getpid(), signal.SIGINT)  # during imports: held, nothing raised here
+        time.sleep(0.2)
+        print("imports went on", flush=True)
+        try:
+            with policy.phase_of("checks"):
+                print("never", flush=True)
+        except Interrupted as stop:
+            print(stop, flush=True)
+            sys.exit(stop.exit_code)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+    assert out.stdout.splitlines() == ["imports went on", "Stopped by SIGINT during train start-up."]
+
+
 def test_a_rehearsed_stop_fires_on_entering_its_phase():
     with StopPolicy("export") as policy:
         policy.rehearse("merge:SIGINT")
@@ -315,7 +365,9 @@ def test_a_stray_copy_of_a_resume_config_is_not_a_resume_and_bad_yaml_is_named(t
         load_yaml(bad)
 
 
-@pytest.mark.parametrize("run_dir", ["outputs/plain", "my runs/a,b", "outputs/été", "it's/x=y", "~/runs/[1]"])
+@pytest.mark.parametrize(
+    "run_dir", ["outputs/plain", "my runs/a,b", "outputs/été", "it's/x=y", "~/runs/[1]", "a\\b", "ends\\"]
+)
 def test_the_printed_commands_parse_back_in_the_shell_and_in_hydra_to_the_folder(tmp_path, run_dir):
     arg = hydra_arg("run_dir", run_dir)
     (word,) = shlex.split(arg)  # one shell word
