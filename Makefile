@@ -11,6 +11,14 @@ EXTRAS ?= dev,deepspeed,slurm
 PIP_FLAGS ?= -q
 MIN_VENV ?= .venv-min
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
+# The fast and fault tiers run JOBS tests at a time (pytest-xdist), each process on one thread: a tiny
+# run keeps one core busy whatever its threads (imports, data, the report are Python), so on 2 cores
+# two at a time take ~0.6 of the wall time, where 2 threads each would only contend. The fast tier
+# keeps each test file on one worker (module fixtures train once), in collection order (the files of
+# long runs first, the many short unit tests fill in after); the fault tier spreads its cases one by
+# one (a module with its own plain-list table stays on one worker: tests/conftest.py).
+JOBS ?= 2
+PARALLEL := OMP_NUM_THREADS=1
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-browser demo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
@@ -37,8 +45,8 @@ demo: $(VENV)/.installed ## train the embedded default recipe (tiny Idefics2, ea
 	$(PY) train.py run_dir=$(DEMO_DIR)
 	$(PY) scripts/demo_report.py $(DEMO_DIR) --min-overall 0.80 --min-gain 0.15 --goal-overall 0.85 --goal-type 0.75
 
-test: $(VENV)/.installed ## the fast test tier (CPU, tiny model)
-	$(PY) -m pytest -q
+test: $(VENV)/.installed ## the fast test tier (CPU, tiny model; JOBS=2 files at a time)
+	$(PARALLEL) $(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
 test-slow: $(VENV)/.installed ## the slow tier (longer CPU runs, the full demo)
 	$(PY) -m pytest -q -m slow
@@ -60,8 +68,8 @@ test-gpu: $(VENV)/.installed ## the CUDA tier (skipped without a GPU)
 test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster (root): sbatch, preemption + requeue, a submitit sweep
 	$(PY) -m pytest -q -m slurm
 
-test-faults: $(VENV)/.installed ## fault injection through train.py: bad inputs in both modes, kill -9 and resume, divergence, reused folders
-	$(PY) -m pytest -q -m faults
+test-faults: $(VENV)/.installed ## fault injection through train.py: bad inputs in both modes, kill -9 and resume, divergence, reused folders (JOBS=2 at a time)
+	$(PARALLEL) $(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m faults
 	@cat outputs/fault_table.md
 
 checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b checkpoint and DocVQA-like pages into the cache

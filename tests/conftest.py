@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline Idefics2 processor, a tiny-run config, test images (helpers: tests/helpers.py)."""
+"""Shared fixtures: the offline Idefics2 processor, a tiny-run config, test images (helpers: tests/helpers.py);
+the tables of cases, whole when pytest-xdist runs the tests in two processes (`make test-faults`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from idefics2_ft.models import build_processor
-from tests.helpers import TINY_RUN, compose_config
+from tests.helpers import ROOT, TINY_RUN, CaseTable, compose_config
 
 
 @pytest.fixture
@@ -60,12 +61,53 @@ def blue():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skip them (with the reason) where there is none."""
+    """`gpu` tests need CUDA: skip them (with the reason) where there is none. A module that writes
+    its own table from a plain list ``TABLE`` (not a ``CaseTable``) runs on one pytest-xdist worker
+    (``--dist loadgroup``), so that its table holds every case."""
     import torch
 
+    for item in items:
+        table = getattr(getattr(item, "module", None), "TABLE", None)
+        if isinstance(table, list) and not isinstance(table, CaseTable):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- tables of cases (CaseTable)
+@pytest.fixture(autouse=True)
+def _case_table_rows(request):
+    """The rows this test added to each CaseTable go with its report (to the controlling process
+    under pytest-xdist), with the test's place in the collection for the order."""
+    before = {name: len(table) for name, table in CaseTable.tables.items()}
+    yield
+    for name, table in CaseTable.tables.items():
+        rows = [[str(cell) for cell in row] for row in table[before.get(name, 0) :]]
+        if rows:
+            order = request.session.items.index(request.node)
+            request.node.user_properties.append(("case_table", [name, list(table.columns), order, rows]))
+
+
+_CASE_ROWS: dict[str, tuple[list[str], list[tuple[int, list[list[str]]]]]] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "teardown":
+        return
+    for key, value in report.user_properties:
+        if key == "case_table":
+            name, columns, order, rows = value
+            _CASE_ROWS.setdefault(name, (columns, []))[1].append((order, rows))
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller writes the tables
+        return
+    for name, (columns, parts) in _CASE_ROWS.items():
+        out = ROOT / "outputs" / name
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(CaseTable.markdown(columns, [row for _, rows in sorted(parts) for row in rows]))

@@ -39,6 +39,26 @@ TINY_RUN = [
 ]
 
 
+class CaseTable(list):
+    """The rows of a Markdown table of cases that a tier writes to ``outputs/<name>`` (``make
+    test-faults`` prints ``fault_table.md``): tests append one tuple per row. The table stays whole
+    when the cases run two at a time (``pytest -n 2``): conftest.py sends each test's new rows with
+    its report to the controlling process, which writes the file at the end, in collection order."""
+
+    tables: dict[str, CaseTable] = {}
+
+    def __init__(self, name: str, columns: tuple[str, ...]):
+        super().__init__()
+        self.name, self.columns = name, columns
+        CaseTable.tables[name] = self
+
+    @staticmethod
+    def markdown(columns: list[str], rows: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+
+
 def run_train(*overrides: str, cwd: Path = ROOT, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """``python train.py OVERRIDES`` in a subprocess (how users launch several processes)."""
     out = subprocess.run(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 
 
 def cuda_available() -> bool:
+    import torch  # here: `train.py --help` and the config checks need no torch (1.5 s of import)
+
     return torch.cuda.is_available()
 
 
@@ -29,7 +30,11 @@ def num_devices(cfg: DictConfig) -> int:
         return len(devices)
     # "auto" or -1: every GPU, or one process on the CPU
     on_gpu = cuda_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    return torch.cuda.device_count() if on_gpu else 1
+    if not on_gpu:
+        return 1
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def accumulation(cfg: DictConfig) -> int:
@@ -49,7 +54,7 @@ def optimizer_name(cfg: DictConfig, on_gpu: bool | None = None) -> str:
     if name == "auto":
         # paged 8-bit AdamW on one GPU or DDP; FSDP and ZeRO shard a plain AdamW's state instead
         replicated = cfg.strategy.name in ("auto", "ddp")
-        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        on_gpu = cuda_available() if on_gpu is None else on_gpu
         name = "paged_adamw_8bit" if on_gpu and replicated else "adamw"
     if cfg.strategy.name == "deepspeed" and cfg.strategy.offload_optimizer:
         name = "deepspeed_cpu_adam"  # the optimizer step runs where the offloaded state lives

@@ -27,21 +27,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from idefics2_ft.run_folder import run_outputs
-from tests.helpers import IDEFICS2_FT, ROOT, TINY_RUN
+from tests.helpers import IDEFICS2_FT, ROOT, TINY_RUN, CaseTable
 
 pytestmark = pytest.mark.faults
 
-TABLE: list[tuple[str, str, str, str]] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fault_table():
-    yield
-    lines = ["| case | what the user sees | time to error | nothing lost |", "|---|---|---|---|"]
-    lines += [f"| {c} | {seen.replace('|', '/')} | {t} | {lost} |" for c, seen, t, lost in TABLE]
-    out = ROOT / "outputs" / "fault_table.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+# the rows of outputs/fault_table.md, whole under `pytest -n 2` (CaseTable in tests/helpers.py)
+TABLE = CaseTable("fault_table.md", ("case", "what the user sees", "time to error", "nothing lost"))
 
 
 @pytest.fixture(scope="module")
