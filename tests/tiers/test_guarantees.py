@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IDEFICS2_FT, ROOT
+from tests.helpers import IDEFICS2_FT, ROOT, CaseTable
 from tests.tiers.test_faults import (
     RESUMABLE,
     base_overrides,
@@ -33,17 +33,8 @@ from tests.tiers.test_faults import (
 
 pytestmark = pytest.mark.faults
 
-TABLE: list[tuple[str, str, str]] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guarantees_table():
-    yield
-    lines = ["| case | what the user sees | exit |", "|---|---|---|"]
-    lines += [f"| {c} | {seen.replace('|', '/')} | {code} |" for c, seen, code in TABLE]
-    out = ROOT / "outputs" / "guarantees_table.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+# the rows of outputs/guarantees_table.md, whole under `pytest -n 2` (CaseTable in tests/helpers.py)
+TABLE = CaseTable("guarantees_table.md", ("case", "what the user sees", "exit"))
 
 
 @pytest.fixture(scope="module")
