@@ -80,6 +80,7 @@ class StopPolicy:
         self._on_signal: list[Callable[[int], None]] = []
         self._rehearse: tuple[str, int] | None = None
         self._starting = True  # until the first phase: see the module's docstring
+        self.stopping = False  # a stop is under way: further signals change nothing
 
     def rehearse(self, spec: str | None) -> None:
         """``PHASE`` or ``PHASE:SIGINT``: send this process the signal (SIGTERM by default) when it enters
@@ -149,10 +150,13 @@ class StopPolicy:
             self._deferred -= 1
 
     def interrupted(self, signum: int | None = None) -> Interrupted:
-        """The exception for a stop now, in the current phase."""
+        """The exception for a stop now, in the current phase (later signals are then ignored)."""
+        self.stopping = True
         return Interrupted(signum or self.signum or signal.SIGTERM, self.phase, self.done, self.command)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return  # already on its way out (saving the stop's checkpoint, writing its line): let it finish
         first = self.signum is None
         self.signum = signum
         if self._starting:

@@ -165,6 +165,8 @@ class StopOnSignal(Callback):
             signum = int(trainer.strategy.reduce(torch.tensor(float(signum), device=pl_module.device), reduce_op="max"))
         if signum:
             checkpoint = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            if policy is not None:
+                policy.stopping = True  # a second Ctrl-C now would cut the stop's own checkpoint save short
             command = policy.command if policy is not None else ""
             if command and not command.endswith("resume=true"):  # last.ckpt is written on the way out
                 command += " resume=true"

@@ -535,14 +535,22 @@ def test_a_run_that_was_never_validated_says_so(cache, tmp_path):
     val = folder / "val.jsonl"
     val.write_text(json.dumps(_record("nowhere.png")) + "\n")  # its only record is bad
     run_dir = tmp_path / "run"
+    # a validation split whose every record is bad is refused before anything trains: nothing would be scored
     rc, out, _ = run(*base_overrides(cache, run_dir, "data=jsonl", f"data.train_file={data}", f"data.val_file={val}"))
+    line = last_error_line(out)
+    assert rc == 2 and "all 1 val records are bad" in line and "val.jsonl:1" in line, out[-2000:]
+    TABLE.append(("a validation file whose every record is bad", short(line, tmp_path), "-", "yes"))
+    # a run that skips its validation (eval.at_end=false, no validation during the fit) says so everywhere
+    rc, out, _ = run(
+        *base_overrides(
+            cache, run_dir, "data=jsonl", f"data.train_file={data}", f"data.val_file={data}", "eval.at_end=false"
+        )
+    )
     assert rc == 0, out[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["validation"].startswith("never validated") and "This run was never validated" in out
     assert "never validated" in (run_dir / "report.html").read_text()
-    TABLE.append(
-        ("no usable validation record", "the log, metrics.json and report.html say: never validated", "-", "yes")
-    )
+    TABLE.append(("a run never validated", "the log, metrics.json and report.html say: never validated", "-", "yes"))
 
 
 def test_an_invalid_repo_id_fails_before_anything_trains(cache, tmp_path):

@@ -273,7 +273,7 @@ def test_a_signal_stops_any_phase_at_once_naming_it_and_a_deferred_one_at_the_bo
             "Stopped by SIGTERM during model loading; nothing trained yet. "
             "Continue with: idefics2-ft train run_dir=r resume=true."
         )
-        policy.signum = None
+        policy.signum, policy.stopping = None, False
         with policy.deferred():
             os.kill(os.getpid(), signal.SIGINT)  # only the flag
             assert policy.signum == signal.SIGINT
