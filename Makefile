@@ -70,7 +70,7 @@ test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster (root): sbatc
 
 test-faults: $(VENV)/.installed ## fault injection through train.py: bad inputs in both modes, kill -9 and resume, divergence, reused folders (JOBS=2 at a time)
 	$(PARALLEL) $(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m faults
-	@cat outputs/fault_table.md outputs/guarantees_table.md
+	@for t in outputs/fault_table.md outputs/guarantees_table.md; do if test -f $$t; then echo; cat $$t; fi; done
 
 checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b checkpoint and DocVQA-like pages into the cache
 	$(PY) scripts/build_8b.py
