@@ -128,7 +128,8 @@ TRAIN_PHASES = [
     # (debug.stop_at, the phase the line names, what must not exist afterwards)
     ("load", "model loading", ["adapter", "metrics.json", "checkpoints/last.ckpt"]),
     ("validate_before", "the validation before training", ["adapter", "metrics.json", "checkpoints/last.ckpt"]),
-    ("checkpoint", "a checkpoint save", ["adapter", "metrics.json"]),
+    # a signal during a save in the fit waits for the save and the step boundary: the line names the step
+    ("checkpoint", "fit, at step", ["adapter", "metrics.json"]),
     ("validate", "the final validation", ["adapter", "metrics.json"]),
     ("save", "the adapter save", ["adapter", "metrics.json"]),
     ("report", "the report", ["report.html"]),
