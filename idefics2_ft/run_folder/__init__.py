@@ -155,6 +155,14 @@ RUN_OWN = (
 )
 
 
+# An output written before markers existed, known by the file each kind always holds
+LEGACY_OUTPUTS = {
+    "export": "export_report.json",
+    "export-adapter": "export_report.json",
+    "evaluation": "eval_metrics.json",
+}
+
+
 def run_identity(run_dir: Path) -> tuple[str, ...]:
     """What identifies a run for the outputs it writes: the ``run_id`` in ``base_model.json`` (kept by
     resumes, so a copied or moved folder is the same run), then the folder's absolute path (a run that
@@ -172,15 +180,10 @@ def output_folder(run_dir: Path, path: str | Path, kind: str, key: str) -> Outpu
     Raises:
         OutputRefused: naming the path, what is there, and the fix.
     """
-    signature = {
-        "export": "export_report.json",
-        "export-adapter": "export_report.json",
-        "evaluation": "eval_metrics.json",
-    }
     root = Path(run_dir).resolve()
 
     def legacy(folder: Path) -> bool:
-        return root in folder.parents and kind in signature and (folder / signature[kind]).is_file()
+        return root in folder.parents and kind in LEGACY_OUTPUTS and (folder / LEGACY_OUTPUTS[kind]).is_file()
 
     return claim_output(path, kind, run_identity(run_dir), key, run_root=run_dir, run_own=RUN_OWN, legacy=legacy)
 
@@ -222,11 +225,6 @@ def remove_outputs(run_dir: Path) -> tuple[list[str], list[str]]:
     """
     run_dir = Path(run_dir)
     ours = run_identity(run_dir)  # before base_model.json, which holds it, goes
-    signature = {
-        "export": "export_report.json",
-        "export-adapter": "export_report.json",
-        "evaluation": "eval_metrics.json",
-    }
 
     def our_output(folder: Path) -> bool:
         if folder.is_symlink() or not folder.is_dir():
@@ -234,7 +232,7 @@ def remove_outputs(run_dir: Path) -> tuple[list[str], list[str]]:
         marker = read_marker(folder)
         if marker is not None:
             return marker.get("owner") in ours
-        return any((folder / f).is_file() for f in set(signature.values()))  # written before markers existed
+        return any((folder / f).is_file() for f in set(LEGACY_OUTPUTS.values()))  # written before markers existed
 
     doomed: list[Path] = []
     kept: list[str] = []
