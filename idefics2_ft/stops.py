@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _active: StopPolicy | None = None  # the process's handlers are global: so is the policy that set them
+_exiting = False  # set by ``exiting()``: the process is on its way out after a stop
 
 
 class Interrupted(BaseException):
@@ -102,7 +103,8 @@ class StopPolicy:
     def uninstall(self) -> None:
         global _active
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if not _exiting:  # after a stop the process stays deaf until it ends (``exiting``)
+                signal.signal(signum, handler)
         self._previous.clear()
         if _active is self:
             _active = None
@@ -174,6 +176,22 @@ class StopPolicy:
             )
             return
         raise self.interrupted(signum)
+
+
+def exiting() -> None:
+    """The process ends now, after a stop: SIGTERM and SIGINT change nothing from here on.
+
+    A second Ctrl-C sent just after the first one's stop line would otherwise land after a policy put
+    the earlier handlers back, or while the interpreter shuts down (Python restores the default
+    handlers then), and kill the process with the signal instead of our exit code. Ignoring them at
+    the OS level holds until the process is gone; every entry point calls this before it exits after
+    ``Interrupted``.
+    """
+    global _exiting
+    _exiting = True
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def active() -> StopPolicy | None:

@@ -17,7 +17,7 @@ from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_log
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import DataError
 from idefics2_ft.run_folder import FolderLock, OutputRefused, RunFolder, RunFolderError
-from idefics2_ft.stops import Interrupted, StopPolicy, active
+from idefics2_ft.stops import Interrupted, StopPolicy, active, exiting
 from idefics2_ft.tasks.evaluate import (
     config_for_split,
     evaluate,
@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"evaluate failed: {err}\n")
         return 2
     except Interrupted as stop:
+        exiting()  # deaf to further signals until the process is gone
         sys.stderr.write(f"{stop}\n")
         return stop.exit_code
     finally:

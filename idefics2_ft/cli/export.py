@@ -17,7 +17,7 @@ from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_log
 from idefics2_ft.config import ConfigError, validate
 from idefics2_ft.hub import HubError, check_write_access, push_targets
 from idefics2_ft.run_folder import OutputRefused, RunFolderError
-from idefics2_ft.stops import Interrupted, StopPolicy, active
+from idefics2_ft.stops import Interrupted, StopPolicy, active, exiting
 from idefics2_ft.tasks.export import NonFiniteWeights, ParityError, export_run
 
 
@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"export refused: {err}\n")
         return 2
     except Interrupted as stop:
+        exiting()  # deaf to further signals until the process is gone
         sys.stderr.write(f"{stop}\n")
         return stop.exit_code
     finally:

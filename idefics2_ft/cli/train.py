@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from idefics2_ft.cli import same_command
 from idefics2_ft.config import CONF_DIR, ConfigError, register_configs
-from idefics2_ft.stops import Interrupted, StopPolicy, active
+from idefics2_ft.stops import Interrupted, StopPolicy, active, exiting
 
 register_configs()
 
@@ -81,6 +81,7 @@ def main() -> None:
     try:
         _hydra_main()
     except Interrupted as stop:  # before the run folder was known (Hydra's composition)
+        exiting()
         sys.stderr.write(f"{stop}\n")
         sys.exit(stop.exit_code)
 
@@ -150,6 +151,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         logging.getLogger("idefics2_ft").error("%s", err)
         sys.exit(1)
     except Interrupted as stop:  # SIGTERM or Ctrl-C, in any phase (stops.py): the shell's code for the signal
+        exiting()  # deaf to further signals until the process is gone (a second Ctrl-C must not kill it)
         logging.getLogger("idefics2_ft").error("%s", stop)
         FolderLock(cfg.run_dir).remove_folder_if_unused()  # stopped before it wrote anything: no empty folder
         sys.exit(stop.exit_code)
