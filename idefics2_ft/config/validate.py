@@ -165,105 +165,19 @@ def _model_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:
 
 
 def _data_problems(cfg: DictConfig) -> list[str]:
+    """The data group's problems: what the data room checks (``data/checks.py``), and the mixture
+    entries' values that must be one of a few (the schema's other choices are in ``choice_problems``)."""
+    from idefics2_ft.data.checks import data_problems
+
     problems: list[str] = []
-    d = cfg.data
-    if d.longest_edge <= 0 or d.shortest_edge <= 0:
-        problems.append("data.longest_edge and data.shortest_edge must be positive pixel counts.")
-    if d.num_workers is not None and d.num_workers < 0:
-        problems.append(f"data.num_workers={d.num_workers}: must be 0 or more, or null for the machine's default.")
-    if d.mixture:
-        problems += _mixture_problems(d)
-    else:
-        problems += _source_problems(d, "data")
-    if d.max_length is not None and d.max_length <= 0:
-        problems.append(f"data.max_length={d.max_length}: must be positive, or null for no limit.")
-    if d.batch_size != "auto" and not (isinstance(d.batch_size, int) and d.batch_size > 0):
-        problems.append(f"data.batch_size={d.batch_size!r}: must be a positive number, or auto.")
-    if d.eval_batch_size <= 0:
-        problems.append(f"data.eval_batch_size={d.eval_batch_size}: must be positive.")
-    if d.buffer_size is not None and d.buffer_size <= 0:
-        problems.append(f"data.buffer_size={d.buffer_size}: must be positive, or null.")
-    if d.streaming and d.group_by != "none" and not d.buffer_size:
-        problems.append(
-            f"data.streaming=true with data.group_by={d.group_by} needs data.buffer_size (the records sorted "
-            "together: a stream cannot be sorted whole): data.buffer_size=1000, or data.group_by=none."
-        )
-    return problems
-
-
-def _source_problems(d: DictConfig, where: str) -> list[str]:
-    """One source's keys (``data`` itself, or a mixture entry over it), named as ``where`` says."""
-    problems: list[str] = []
-    if d.source == "jsonl":
-        for key in ("train_file", "val_file"):
-            value = d[key]
-            if value is None:
-                problems.append(f"{where}.{key} is required with source jsonl: {where}.{key}=PATH.jsonl")
-            elif not Path(value).is_file():
-                problems.append(f"{where}.{key}={value!r}: no such file.")
-    if d.source in ("hub", "docvqa") and not d.path:
-        problems.append(
-            f"{where}.path is required with source {d.source}: a Hub dataset id, a local folder or a data file."
-        )
-    if d.streaming and d.source not in ("hub", "docvqa"):
-        problems.append(
-            f"data.streaming=true reads {where}.path (a Hub dataset or data files), not source {d.source}: "
-            f"give {where}.path, or set data.streaming=false."
-        )
-    if d.max_train_samples is not None and d.max_train_samples <= 0:
-        problems.append(f"{where}.max_train_samples={d.max_train_samples}: must be positive, or null for every record.")
-    return problems
-
-
-def _mixture_problems(d: DictConfig) -> list[str]:
-    """The mixture's entries: names, weights, and each source's keys (an entry's keys over ``data.*``)."""
-    problems: list[str] = []
-    unnamed = [i for i, e in enumerate(d.mixture) if OmegaConf.is_missing(e, "name")]
-    if unnamed:
-        return [
-            f"data.mixture[{i}] has no name: give each source one (name: docvqa), for its metric keys." for i in unnamed
-        ]
-    names = [e.name for e in d.mixture]
-    doubles = sorted({n for n in names if names.count(n) > 1})
-    if doubles:
-        problems.append(f"data.mixture: the source name(s) {doubles} are used twice; each source needs its own name.")
-    bad_names = [n for n in names if not n or "/" in n]
-    if bad_names:
-        problems.append(f"data.mixture: name(s) {bad_names}: a name is a word without '/' (it is in metric keys).")
-    base = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k != "mixture"}
-    for i, entry in enumerate(d.mixture):
-        where = f"data.mixture[{i}] ({entry.name})"
-        own = {k: v for k, v in OmegaConf.to_container(entry, resolve=True).items() if v is not None}
+    for i, entry in enumerate(cfg.data.mixture or []):
+        name = entry.name if not OmegaConf.is_missing(entry, "name") else "?"
         for key, allowed in (("source", DataSource), ("format", DataFormat), ("metric", Metric)):
             if entry[key] is not None and entry[key] not in get_args(allowed):
-                problems.append(f"{where}.{key}={entry[key]!r} is not one of {', '.join(get_args(allowed))}.")
-        if entry.weight is not None and not entry.weight > 0:
-            problems.append(f"{where}.weight={entry.weight}: a weight is a positive sampling probability.")
-        if entry.weight is not None and entry.max_samples is not None:
-            problems.append(
-                f"{where}: give a weight (the probability of drawing from it) or max_samples (its records, "
-                "drawn in proportion to their number), not both."
-            )
-        if "path" in own and "source" not in own:
-            own["source"] = "hub"
-        if "max_samples" in own:
-            own["max_train_samples"] = own["max_samples"]
-        merged = OmegaConf.create(
-            {**base, **{k: v for k, v in own.items() if k not in ("name", "weight", "max_samples")}}
-        )
-        problems += _source_problems(merged, where)
-    weights = [e.weight for e in d.mixture if e.weight is not None and e.weight > 0]
-    if weights and len(weights) == len(d.mixture) and abs(sum(weights) - 1) > 0.01:
-        normalised = ", ".join(f"{e.name}: {e.weight / sum(weights):.3f}" for e in d.mixture)
-        problems.append(
-            f"data.mixture weights sum to {sum(weights):g}, not 1: they are sampling probabilities "
-            f"(normalised: {normalised})."
-        )
-    elif weights and len(weights) < len(d.mixture) and sum(weights) >= 1:
-        problems.append(
-            f"data.mixture weights sum to {sum(weights):g}, leaving nothing for the sources without a weight."
-        )
-    return problems
+                problems.append(
+                    f"data.mixture[{i}] ({name}).{key}={entry[key]!r} is not one of {', '.join(get_args(allowed))}."
+                )
+    return problems + data_problems(cfg.data)
 
 
 def _optim_problems(cfg: DictConfig, on_gpu: bool) -> list[str]:

@@ -6,35 +6,44 @@ the chat template, expands images and builds the -100 masks; ``Idefics2DataModul
 into resumable, rank-sharded loaders; ``GroupedBatchSampler`` (``data.group_by``) batches alike records.
 """
 
-from idefics2_ft.data.collator import IGNORE_INDEX, Idefics2Collator, format_labels
-from idefics2_ft.data.datamodule import Idefics2DataModule, ResumableSampler
-from idefics2_ft.data.dataset import RecordDataset
-from idefics2_ft.data.grouping import GROUP_BY, GroupedBatchSampler, RecordShape, record_shapes, sort_keys
-from idefics2_ft.data.images import load_image, pictures_per_image, to_rgb
-from idefics2_ft.data.records import BadSample, BadSampleError, DataError, Row, count_images, message_text
-from idefics2_ft.data.sources import build_rows, check_sources
+from __future__ import annotations
 
-__all__ = [
-    "GROUP_BY",
-    "GroupedBatchSampler",
-    "RecordShape",
-    "record_shapes",
-    "sort_keys",
-    "IGNORE_INDEX",
-    "BadSample",
-    "BadSampleError",
-    "DataError",
-    "Idefics2Collator",
-    "Idefics2DataModule",
-    "RecordDataset",
-    "ResumableSampler",
-    "Row",
-    "build_rows",
-    "check_sources",
-    "count_images",
-    "format_labels",
-    "load_image",
-    "message_text",
-    "pictures_per_image",
-    "to_rgb",
-]
+import importlib
+from typing import Any
+
+# name -> the module that defines it; loaded on first use, so that ``idefics2_ft.data.sources`` and
+# ``idefics2_ft.data.checks`` (what ``validate`` asks before anything loads) import no torch or Lightning
+_EXPORTS = {
+    "IGNORE_INDEX": "collator",
+    "Idefics2Collator": "collator",
+    "format_labels": "collator",
+    "Idefics2DataModule": "datamodule",
+    "ResumableSampler": "datamodule",
+    "RecordDataset": "dataset",
+    "GROUP_BY": "grouping",
+    "GroupedBatchSampler": "grouping",
+    "RecordShape": "grouping",
+    "record_shapes": "grouping",
+    "sort_keys": "grouping",
+    "load_image": "images",
+    "pictures_per_image": "images",
+    "to_rgb": "images",
+    "BadSample": "records",
+    "BadSampleError": "records",
+    "DataError": "records",
+    "Row": "records",
+    "count_images": "records",
+    "message_text": "records",
+    "build_rows": "sources",
+    "check_sources": "sources",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'idefics2_ft.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"idefics2_ft.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -18,7 +18,7 @@ from idefics2_ft.data.grouping import GroupedBatchSampler, record_shapes, row_sh
 from idefics2_ft.data.images import pictures_per_image
 from idefics2_ft.data.mixture import RecordOrder, Source, SourceRows, probabilities, source_configs
 from idefics2_ft.data.records import BadSample, DataError, Row, message_text
-from idefics2_ft.data.sources import build_rows
+from idefics2_ft.data.sources import build_rows, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class Idefics2DataModule(L.LightningDataModule):
         same = [
             name or self.cfg.path
             for name, part, source in zip(names, parts, self.sources, strict=True)
-            if getattr(part, "single_split", False) and source.cfg.source == "hub"
+            if kind_of(source.cfg).one_split(part)
         ]
         self.val_is_train = bool(same)
         if not self.val_is_train:

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, count
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.data.records import DataError, Row
@@ -37,26 +36,28 @@ class Source:
 
 
 def source_configs(data_cfg: DictConfig) -> list[Source]:
-    """The run's sources: ``data`` itself, or one per ``data.mixture`` entry (its keys over ``data.*``).
-
-    An entry with a ``path`` and no ``source`` reads it as ``source=hub`` does (a Hub id, a folder or
-    a file); its ``max_samples`` is its ``max_train_samples``.
-    """
+    """The run's sources: ``data`` itself, or one per ``data.mixture`` entry (``entry_config``)."""
     if not data_cfg.get("mixture"):
         return [Source(None, data_cfg)]
     base = OmegaConf.to_container(data_cfg, resolve=True)
     base.pop("mixture")
-    sources = []
-    for entry in data_cfg.mixture:
-        own = {k: v for k, v in OmegaConf.to_container(entry, resolve=True).items() if v is not None}
-        overrides = {k: v for k, v in own.items() if k not in ENTRY_ONLY}
-        if "path" in own and "source" not in own:
-            overrides["source"] = "hub"
-        if "max_samples" in own:
-            overrides["max_train_samples"] = own["max_samples"]
-        cfg = OmegaConf.create({**base, **overrides, "mixture": None})
-        sources.append(Source(own["name"], cfg, own.get("weight")))
-    return sources
+    return [Source(entry.name, entry_config(base, entry), entry.get("weight")) for entry in data_cfg.mixture]
+
+
+def entry_config(base: dict, entry: DictConfig) -> DictConfig:
+    """One mixture entry's data config: its keys (those it gives) over ``data.*`` (``base``, without the mixture).
+
+    An entry with a ``path`` and no ``source`` reads it as ``source=hub`` does (a Hub id, a folder or
+    a file); its ``max_samples`` is its ``max_train_samples``. The one place an entry is merged: the
+    checks (``data/checks.py``) and the run read the same config.
+    """
+    own = {k: v for k, v in OmegaConf.to_container(entry, resolve=True).items() if v is not None}
+    overrides = {k: v for k, v in own.items() if k not in ENTRY_ONLY}
+    if "path" in own and "source" not in own:
+        overrides["source"] = "hub"
+    if "max_samples" in own:
+        overrides["max_train_samples"] = own["max_samples"]
+    return OmegaConf.create({**base, **overrides, "mixture": None})
 
 
 def probabilities(sources: Sequence[Source], sizes: Sequence[int]) -> list[float]:
@@ -119,6 +120,8 @@ class RecordOrder:
             chain.from_iterable(epoch_permutations(n, self.seed * 7919 + 104729 * (i + 1))) if n else iter(())
             for i, n in enumerate(self.sizes)
         ]
+        import torch
+
         chooser = torch.Generator().manual_seed(self.seed)
         weights = torch.tensor(self.probs, dtype=torch.float64)
         while True:
@@ -133,6 +136,8 @@ class RecordOrder:
 
 def epoch_permutations(n: int, seed: int) -> Iterator[list[int]]:
     """A permutation of ``range(n)`` per epoch, seeded by ``seed + epoch``."""
+    import torch
+
     for epoch in count():
         yield torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import urllib.error
 import urllib.request
@@ -15,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from idefics2_ft.data.mixture import source_configs
+from idefics2_ft.data.sources import is_hub_id, kind_of
 from idefics2_ft.data.sources.table import parse_split
 from idefics2_ft.hub.push import HubError
 
@@ -42,11 +42,6 @@ class Need:
         return f"{self.kind} {self.repo_id}{at}{subset}" + (f" ({', '.join(self.splits)})" if self.splits else "")
 
 
-def is_hub_id(name: str | None) -> bool:
-    """``org/name`` that is not a folder on disk."""
-    return bool(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
-
-
 def needs(cfg: DictConfig) -> list[Need]:
     """What ``cfg`` will read from the Hub: the base model (with its processor) and the dataset."""
     found = []
@@ -54,9 +49,10 @@ def needs(cfg: DictConfig) -> list[Need]:
         found.append(Need("model", cfg.model.name_or_path, cfg.model.revision))
     for source in source_configs(cfg.data):
         d = source.cfg
-        if d.source in ("docvqa", "hub") and is_hub_id(d.path):
+        dataset = kind_of(d).hub_dataset(d)
+        if dataset is not None:
             splits = tuple(dict.fromkeys(parse_split(s)[0] for s in (d.train_split, d.val_split)))
-            found.append(Need("stream" if d.streaming else "dataset", d.path, None, d.subset, splits))
+            found.append(Need("stream" if d.streaming else "dataset", dataset, None, d.subset, splits))
     return found
 
 

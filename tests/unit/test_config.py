@@ -49,7 +49,7 @@ def test_docvqa_recipe_is_what_the_readme_says(tmp_path):
     assert cfg.peft.target == "text+connector"
     assert cfg.model.attn_implementation == "sdpa" and cfg.data.do_image_splitting is False
     assert cfg.model.gradient_checkpointing is True and cfg.logger.type == "wandb"
-    assert cfg.data.source == "docvqa" and cfg.data.metric == "anls"
+    assert cfg.data.source == "hub" and cfg.data.path == "HuggingFaceM4/DocumentVQA" and cfg.data.metric == "anls"
     overridden = compose_config(
         ["recipe=docvqa_qlora", f"run_dir={tmp_path}", "peft.r=16", "data.longest_edge=490", "trainer.max_steps=2000"]
     )

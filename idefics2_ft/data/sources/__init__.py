@@ -1,8 +1,9 @@
-"""Sources -> rows. One module per kind of source; ``build_rows`` picks one by ``data.source`` and the path.
+"""Sources -> rows. Each kind of ``data.source`` is one class in its own module, listed once in ``SOURCES``.
 
 A source yields *rows*: cheap references (question, answers, an image reference).
 ``RecordDataset`` turns a row into a record when it is indexed, so images load lazily, one at a
-time, and a bad row becomes a counted ``BadSample`` instead of a crash.
+time, and a bad row becomes a counted ``BadSample`` instead of a crash. What a kind answers (its
+rows, splits, fingerprint, Hub dataset, the checks of its keys): ``SourceKind`` in ``base.py``.
 """
 
 from __future__ import annotations
@@ -10,45 +11,58 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from idefics2_ft.data.mixture import Source, source_configs
 from idefics2_ft.data.records import BadSampleError, DataError, Row, check_row
-from idefics2_ft.data.sources.easyvqa import easyvqa_question_type, easyvqa_rows
-from idefics2_ft.data.sources.files import JsonRows
+from idefics2_ft.data.sources.base import SourceKind, unknown_source
+from idefics2_ft.data.sources.easyvqa import EasyVQA, easyvqa_question_type, easyvqa_rows
+from idefics2_ft.data.sources.files import JsonRows, read_file
+from idefics2_ft.data.sources.hub import Hub, is_hub_id
+from idefics2_ft.data.sources.jsonl import Jsonl
 from idefics2_ft.data.sources.table import TableRows, open_table
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ALIASES",
+    "SOURCES",
     "JsonRows",
+    "SourceKind",
     "TableRows",
     "build_rows",
     "check_sources",
+    "data_fingerprint",
     "easyvqa_question_type",
     "easyvqa_rows",
+    "is_hub_id",
+    "kind_of",
     "open_table",
     "read_file",
 ]
-JSON_SUFFIXES = (".jsonl", ".json")
+
+# every kind of data.source, by name: the one list (the config's choices are pinned to it by a test)
+SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (EasyVQA(), Jsonl(), Hub())}
+# names a config may still give: data=docvqa is a preset of hub now, and older run folders say source: docvqa
+ALIASES = {"docvqa": "hub"}
 
 
-def read_file(path: str, data_cfg: DictConfig) -> Sequence[Row]:
-    """One data file: JSON Lines or JSON read row by row, parquet (and CSV) through ``datasets``."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file.")
-    if Path(path).suffix.lower() in JSON_SUFFIXES:
-        return JsonRows(path, data_cfg)
-    return TableRows(OmegaConf.merge(data_cfg, {"path": path}), "train")
+def kind_of(d: Any) -> SourceKind:
+    """The kind of ``d.source`` (a source's data config).
+
+    Raises:
+        DataError: no such kind, naming the kinds there are.
+    """
+    name = ALIASES.get(d.source, d.source)
+    if name not in SOURCES:
+        raise unknown_source(d.source, [*SOURCES, *ALIASES])
+    return SOURCES[name]
 
 
 def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
-    """The rows of ``data.train_split`` or ``data.val_split``, as ``data.source`` reads them.
-
-    Args:
-        data_cfg: the ``data`` group.
-        split_key: ``"train"`` or ``"val"``.
+    """The rows of ``data.train_split`` or ``data.val_split`` (``"train"`` or ``"val"``), as ``data.source`` reads them.
 
     Returns:
         A sequence of rows (lazy for a Hub dataset: images stay undecoded until read).
@@ -56,18 +70,17 @@ def build_rows(data_cfg: DictConfig, split_key: str) -> Sequence[Row]:
     Raises:
         DataError: the source cannot be read as configured, naming the file (and line) and the fix.
     """
-    split = data_cfg.train_split if split_key == "train" else data_cfg.val_split
-    if data_cfg.source == "easyvqa":
-        return easyvqa_rows(split, data_cfg.system_prompt)
-    if data_cfg.source == "jsonl":
-        return read_file(data_cfg.train_file if split_key == "train" else data_cfg.val_file, data_cfg)
-    if data_cfg.source in ("docvqa", "hub"):
-        if Path(data_cfg.path).is_file() and Path(data_cfg.path).suffix.lower() in JSON_SUFFIXES:
-            rows = JsonRows(data_cfg.path, data_cfg)
-            rows.single_split = True
-            return rows
-        return TableRows(data_cfg, split)
-    raise DataError(f"data.source={data_cfg.source!r} is not one of easyvqa, docvqa, jsonl, hub.")
+    return kind_of(data_cfg).rows(data_cfg, split_key)
+
+
+def data_fingerprint(data_cfg: DictConfig) -> dict[str, Any]:
+    """Per source, what its kind says tells its content apart (``SourceKind.fingerprint``: data files by
+    size and a hash of their content, a saved ``datasets`` folder by ``datasets``' own fingerprints, a
+    Hub dataset by its id and subset, easy-VQA by the package's version). A mixture: each source's, by name."""
+    sources = source_configs(data_cfg)
+    if len(sources) > 1:
+        return {s.name: kind_of(s.cfg).fingerprint(s.cfg) for s in sources}
+    return kind_of(data_cfg).fingerprint(data_cfg)
 
 
 def check_sources(data_cfg: DictConfig) -> dict[str, int]:
@@ -123,10 +136,7 @@ def _all_bad(source: Source, split_key: str, checked: int, first_bad: str) -> st
         records = f"the first {checked:,} {split_key} records read from the stream"
     else:
         records = f"all {checked:,} {split_key} records"
-    if source.cfg.source == "jsonl":
-        key = "train_file" if split_key == "train" else "val_file"
-    else:
-        key = "train_split" if split_key == "train" else "val_split"
+    key = kind_of(source.cfg).split_key(split_key)
     if source.name is None:
         effect = "nothing would train" if split_key == "train" else "nothing would be scored"
         return (
@@ -151,7 +161,7 @@ def _rows_to_check(source: Source, split_key: str, limit: int | None):
         from idefics2_ft.data.streaming import stream_rows
 
         n = min(limit or STREAM_CHECK_ROWS, cfg.buffer_size or STREAM_CHECK_ROWS)
-        yield from islice(stream_rows(cfg, cfg.train_split if split_key == "train" else cfg.val_split), n)
+        yield from islice(stream_rows(cfg, cfg[kind_of(cfg).split_key(split_key)]), n)
         return
     rows = build_rows(cfg, split_key)
     for index in range(len(rows) if limit is None else min(limit, len(rows))):

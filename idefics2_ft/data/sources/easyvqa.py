@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from idefics2_ft.data.records import DataError, Row, qa_messages
+from idefics2_ft.data.sources.base import SourceKind
 
 EASYVQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
 
@@ -32,3 +35,24 @@ def easyvqa_rows(split: str, system_prompt: str | None = None) -> list[Row]:
         )
         for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
+
+
+class EasyVQA(SourceKind):
+    """``data.source=easyvqa``: the package's splits ``train`` and ``test``; nothing to configure."""
+
+    name = "easyvqa"
+    about = "easy-VQA, shipped in the easy-vqa package (splits train and test)"
+    SPLITS = ("train", "test")
+
+    def rows(self, d: Any, split_key: str) -> list[Row]:
+        return easyvqa_rows(d[self.split_key(split_key)], d.system_prompt)
+
+    def for_split(self, d: Any, split: str) -> dict[str, Any]:
+        if split not in self.SPLITS:
+            raise DataError(f"data.split={split}: easy-VQA ships the splits {' and '.join(self.SPLITS)}.")
+        return {"val_split": split}
+
+    def fingerprint(self, d: Any) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"easy-vqa": version("easy-vqa")}

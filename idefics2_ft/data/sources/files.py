@@ -18,6 +18,20 @@ from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, sig
 from idefics2_ft.data.records import DataError, Row
 
 SAMPLE_ROWS = 32  # rows read to detect the format
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def read_file(path: str, data_cfg: Any) -> Sequence[Row]:
+    """One data file: JSON Lines or JSON read row by row, parquet (and CSV) through ``datasets``."""
+    from omegaconf import OmegaConf
+
+    from idefics2_ft.data.sources.table import TableRows
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file.")
+    if Path(path).suffix.lower() in JSON_SUFFIXES:
+        return JsonRows(path, data_cfg)
+    return TableRows(OmegaConf.merge(data_cfg, {"path": path}), "train")
 
 
 class JsonRows(Sequence):

@@ -1,0 +1,77 @@
+"""``data.source=hub``: a ``datasets`` dataset, wherever it is (``data=docvqa`` and ``data=cauldron`` are presets of it).
+
+``data.path`` is a Hub dataset id, a ``save_to_disk`` folder, a folder of data files (``train.jsonl``,
+``validation.parquet``, ...) or one data file; ``data.train_split`` / ``data.val_split`` name its splits
+(or slices of one: ``train[:200]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from idefics2_ft.data.records import Row
+from idefics2_ft.data.sources.base import SourceKind
+from idefics2_ft.data.sources.files import JSON_SUFFIXES, JsonRows
+from idefics2_ft.data.sources.table import DATA_FILE_TYPES, TableRows
+
+
+def is_hub_id(name: str | None) -> bool:
+    """``org/name`` that is not a folder on disk."""
+    return bool(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
+
+
+class Hub(SourceKind):
+    """Any ``datasets`` dataset: rows stay in Arrow and images undecoded until read; it can be streamed."""
+
+    name = "hub"
+    about = "data.path: a Hub dataset id, a saved datasets folder, a folder of data files or one data file"
+    streams = True
+
+    def rows(self, d: Any, split_key: str) -> Sequence[Row]:
+        path = Path(d.path)
+        if path.is_file() and path.suffix.lower() in JSON_SUFFIXES:
+            rows = JsonRows(d.path, d)
+            rows.single_split = True  # one file serves both splits
+            return rows
+        return TableRows(d, d[self.split_key(split_key)])
+
+    def for_split(self, d: Any, split: str) -> dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        self.rows(OmegaConf.merge(d, {"val_split": split}), "val")  # no such split: raises, naming the ones it has
+        return {"val_split": split}
+
+    def fingerprint(self, d: Any) -> dict[str, Any]:
+        """Data files by size and a hash of their content; a saved ``datasets`` folder by ``datasets``' own
+        fingerprints (its ``state.json`` files); a Hub dataset by its id and subset."""
+        from idefics2_ft.data.fingerprint import file_fingerprint
+
+        folder = Path(d.path) if d.path else None
+        if folder is not None and folder.is_file():
+            return {folder.name: file_fingerprint(folder)}
+        if folder is not None and folder.is_dir() and not any(folder.rglob("state.json")):  # a folder of data files
+            files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in DATA_FILE_TYPES]
+            return {str(p.relative_to(folder)): file_fingerprint(p) for p in files}  # the data files, not the images
+        if folder is not None and folder.is_dir():
+            states = sorted(folder.rglob("state.json"))
+            return {
+                str(p.parent.relative_to(folder)) or ".": json.loads(p.read_text()).get("_fingerprint") for p in states
+            }
+        return {"hub": d.path, "subset": d.subset}
+
+    def hub_dataset(self, d: Any) -> str | None:
+        return d.path if is_hub_id(d.path) else None
+
+    def one_split(self, rows: Sequence[Row]) -> bool:
+        return bool(getattr(rows, "single_split", False))
+
+    def problems(self, d: Any, where: str) -> list[str]:
+        if not d.path:
+            return [
+                f"{where}.path is required with source {d.source}: a Hub dataset id, a local folder or a data file."
+            ]
+        return []

@@ -1,0 +1,127 @@
+"""Each kind of data.source is one object in one registry; the rest of the code asks it (issue 30)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+import datasets
+import pytest
+from omegaconf import OmegaConf
+
+from idefics2_ft.config import ConfigError, DataConfig, validate
+from idefics2_ft.config.choices import DataSource
+from idefics2_ft.data import sources
+from idefics2_ft.data.records import DataError, Row, qa_messages
+from idefics2_ft.data.sources import ALIASES, SOURCES, SourceKind, build_rows, data_fingerprint, kind_of
+from tests.helpers import compose_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_cfg(**kw):
+    return OmegaConf.structured(DataConfig(**kw))
+
+
+def test_the_configs_choices_are_the_registrys_kinds_and_aliases():
+    assert set(get_args(DataSource)) == set(SOURCES) | set(ALIASES)
+    assert all(target in SOURCES for target in ALIASES.values())
+    for name, kind in SOURCES.items():
+        assert kind.name == name and kind.about, kind
+
+
+def test_no_module_outside_the_registry_compares_data_source_with_a_name():
+    """``d.source == "jsonl"`` and kin belong to the kinds: every other module asks ``kind_of``."""
+    offenders = []
+    for path in (ROOT / "idefics2_ft").rglob("*.py"):
+        if path.parent.name == "sources" and path.parent.parent.name == "data":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if ".source ==" in line or ".source in (" in line or ".source !=" in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_docvqa_is_a_preset_of_hub_and_an_older_config_that_names_it_still_reads(tmp_path):
+    cfg = compose_config(["data=docvqa", f"run_dir={tmp_path}"])
+    assert cfg.data.source == "hub" and kind_of(cfg.data) is SOURCES["hub"]
+    assert kind_of(data_cfg(source="docvqa", path="HuggingFaceM4/DocumentVQA")) is SOURCES["hub"]
+    with pytest.raises(DataError, match=r"data.source='csv' is not one of easyvqa, jsonl, hub, docvqa"):
+        kind_of(OmegaConf.create({"source": "csv"}))
+
+
+def test_a_one_split_dataset_read_through_the_docvqa_preset_is_named_as_memorisation(tmp_path):
+    """``data=docvqa`` acted as ``hub`` everywhere but the check that validation is not the training set."""
+    datasets.Dataset.from_dict({"question": ["q"], "answers": [["a"]], "image": [None]}).save_to_disk(
+        str(tmp_path / "one")
+    )
+    cfg = compose_config(["data=docvqa", f"data.path={tmp_path / 'one'}", f"run_dir={tmp_path / 'run'}"])
+    rows = build_rows(cfg.data, "val")
+    assert kind_of(cfg.data).one_split(rows)
+
+
+class Letters(SourceKind):
+    """A kind a test adds: rows made from a string, as a new kind would make them from its source."""
+
+    name = "letters"
+    about = "one question per letter of data.path"
+
+    def rows(self, d: Any, split_key: str) -> list[Row]:
+        return [Row(messages=qa_messages(f"say {c}", c), images=[], answers=[c], id=c) for c in d.path]
+
+    def fingerprint(self, d: Any) -> dict[str, Any]:
+        return {"letters": d.path}
+
+    def problems(self, d: Any, where: str) -> list[str]:
+        return [] if d.path else [f"{where}.path is required with source letters: the letters to ask about."]
+
+
+def test_a_new_kind_is_one_object_in_the_registry(monkeypatch):
+    monkeypatch.setitem(SOURCES, "letters", Letters())
+    cfg = OmegaConf.create({"source": "letters", "path": "abc", "subset": None})
+    assert [r.answers for r in build_rows(cfg, "train")] == [["a"], ["b"], ["c"]]
+    assert data_fingerprint(cfg) == {"letters": "abc"}
+    from idefics2_ft.data.checks import source_problems
+
+    empty = data_cfg(source="hub")
+    empty.source = "letters"  # the schema's choices are pinned above; the checks ask the registry
+    assert source_problems(empty, "data") == ["data.path is required with source letters: the letters to ask about."]
+    assert sources.kind_of(cfg).for_split(cfg, "test") == {"val_split": "test"}
+
+
+def test_each_kind_checks_its_own_keys_and_streaming_asks_the_kind(tmp_path):
+    cfg = compose_config(["data=jsonl", f"run_dir={tmp_path}", "data.streaming=true"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    said = str(err.value)
+    assert "data.train_file is required with source jsonl" in said
+    assert "data.streaming=true reads data.path (a Hub dataset or data files), not source jsonl" in said
+    cfg = compose_config(["data=hub", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.path is required with source hub"):
+        validate(cfg)
+
+
+def test_evaluate_asks_the_kind_which_splits_it_has(tmp_path):
+    from idefics2_ft.tasks.evaluate import config_for_split
+
+    train, val = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    for path in (train, val):
+        path.write_text(json.dumps({"question": "q", "answers": ["a"], "image": "x.png"}) + "\n")
+    cfg = compose_config(["data=jsonl", f"data.train_file={train}", f"data.val_file={val}", f"run_dir={tmp_path}"])
+    assert config_for_split(cfg, "train").data.val_file == str(train)
+    with pytest.raises(ConfigError, match="a JSONL run's splits are its files"):
+        config_for_split(cfg, "test")
+    easy = compose_config(["data=easyvqa", f"run_dir={tmp_path}"])
+    assert config_for_split(easy, "train").data.val_split == "train"
+    with pytest.raises(ConfigError, match="easy-VQA ships the splits train and test"):
+        config_for_split(easy, "validation")
+
+
+def test_the_registry_and_the_data_checks_import_no_torch():
+    """``validate`` asks the data room for its keys' problems before anything loads (``--help`` stays quick)."""
+    code = "import sys, idefics2_ft.data.checks, idefics2_ft.config; print(sorted({'torch', 'lightning', 'datasets'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
