@@ -1,10 +1,19 @@
-"""Answer metrics: exact match after normalisation, and ANLS as DocVQA defines it."""
+"""Answer metrics (exact match, ANLS, VQA accuracy, relaxed accuracy, multiple choice) and ``METRICS``,
+the one table of them that everything else reads.
+
+Each entry of ``METRICS`` says what ``data.metric`` may name, how the metric scores an answer, how a
+model card and report.html call it, and what a prediction row stores of it. ``score()``, the
+config's choices (pinned by ``tests/unit/test_metric_table.py``), the card's metric names, the
+predictions' columns and the gallery's right/wrong mark read the table, so a new metric is one
+entry here and its tests (``docs/development.md``, "Adding a metric").
+"""
 
 from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -203,16 +212,119 @@ def multiple_choice(prediction: str, references: Sequence[str], question: str = 
     return float(any(choice_letter(ref, options) == pred for ref in references))
 
 
+# ---------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Metric:
+    """One metric as ``data.metric`` names it.
+
+    Attributes:
+        name: the value ``data.metric`` gives, and the metric's name in the metric keys (``val/<name>``).
+        fn: the score of one answer in [0, 1]: ``fn(prediction, references)``, or
+            ``fn(prediction, references, question)`` where ``needs_question``.
+        display: how the model card's model-index and the report name it ("ANLS").
+        aliases: other values of ``data.metric`` that mean this metric (an older name); the metric
+            keys keep the name the config gave.
+        needs_question: the score reads the question too (multiple choice reads its options there).
+        column: the column every prediction row holds this score in, whatever the run's metric (a
+            diagnostic beside ``score``; users and tests read ``accuracy`` and ``anls``); None: a row
+            holds it only when it is the row's metric (as ``score`` and under the metric's name).
+        marks_right: a full score in ``column`` marks an answer right in the gallery whatever the
+            row's metric (an exact answer is right); needs a ``column``.
+    """
+
+    name: str
+    fn: Callable[..., float]
+    display: str
+    aliases: tuple[str, ...] = ()
+    needs_question: bool = False
+    column: str | None = None
+    marks_right: bool = False
+
+    def __post_init__(self) -> None:
+        if self.marks_right and self.column is None:
+            raise ValueError(f"Metric {self.name!r}: marks_right reads its column; give it a column.")
+
+    def __call__(self, prediction: str, references: Sequence[str], question: str = "") -> float:
+        """The score of one answer; the question goes to ``fn`` only where it reads it."""
+        if self.needs_question:
+            return self.fn(prediction, references, question)
+        return self.fn(prediction, references)
+
+
+def _table(*entries: Metric) -> dict[str, Metric]:
+    """``{name or alias: entry}``: every value ``data.metric`` may take, each name given once."""
+    table: dict[str, Metric] = {}
+    for entry in entries:
+        for key in (*entry.aliases, entry.name):
+            if key in table:
+                raise ValueError(f"Metric name {key!r} is given twice in METRICS: give each metric its own name.")
+            table[key] = entry
+    return table
+
+
+METRICS: dict[str, Metric] = _table(
+    # accuracy is the older name of exact_match (and the predictions' column of it)
+    Metric(
+        "exact_match",
+        exact_match,
+        "Exact-match accuracy",
+        aliases=("accuracy",),
+        column="accuracy",
+        marks_right=True,
+    ),
+    Metric("anls", anls, "ANLS", column="anls"),
+    Metric("vqa_accuracy", vqa_accuracy, "VQA accuracy"),
+    Metric("relaxed_accuracy", relaxed_accuracy, "Relaxed accuracy"),
+    Metric("multiple_choice", multiple_choice, "Multiple-choice accuracy", needs_question=True),
+)
+
+
+def metric_of(name: str) -> Metric:
+    """The table's entry for ``name`` (a ``data.metric`` value or an alias)."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ValueError(
+            f"data.metric={name!r}: not a metric; give one of {', '.join(METRICS)} (or add an entry to METRICS "
+            "in idefics2_ft/metrics.py)."
+        ) from None
+
+
+def metric_entries() -> list[Metric]:
+    """The table's entries, each once (an alias names the same entry), in the table's order."""
+    return list(dict.fromkeys(METRICS.values()))
+
+
+def display_name(name: str) -> str:
+    """How a model card and a report name the metric ``name`` ("ANLS"); a name not in the table
+    (a card written from an older run's metrics) is shown as it is."""
+    return METRICS[name].display if name in METRICS else name
+
+
+def diagnostic_columns() -> list[str]:
+    """The score columns every prediction row holds whatever its metric (``accuracy``, ``anls``)."""
+    return [m.column for m in metric_entries() if m.column is not None]
+
+
+def right_columns() -> list[str]:
+    """The columns whose full score marks an answer right whatever its metric (``accuracy``)."""
+    return [m.column for m in metric_entries() if m.marks_right and m.column is not None]
+
+
 def score(metric: str, prediction: str, references: Sequence[str], question: str = "") -> float:
     """The score of ``metric`` (``data.metric``) for one answer."""
-    if metric in ("accuracy", "exact_match"):
-        return exact_match(prediction, references)
-    if metric == "anls":
-        return anls(prediction, references)
-    if metric == "vqa_accuracy":
-        return vqa_accuracy(prediction, references)
-    if metric == "relaxed_accuracy":
-        return relaxed_accuracy(prediction, references)
-    if metric == "multiple_choice":
-        return multiple_choice(prediction, references, question)
-    raise ValueError(f"data.metric={metric!r}: not a metric.")
+    return metric_of(metric)(prediction, references, question)
+
+
+def row_scores(metric: str, prediction: str, references: Sequence[str], question: str = "") -> dict[str, float]:
+    """What a prediction row stores of its scores: ``score`` (by ``metric``), every diagnostic
+    column, and the score again under the metric's name as the config gave it (``accuracy``,
+    ``vqa_accuracy``), which the evaluation's predictions.jsonl and the report's gallery read."""
+    chosen = metric_of(metric)
+    value = chosen(prediction, references, question)
+    scores = {"score": value}
+    for entry in metric_entries():
+        if entry.column is not None:
+            scores[entry.column] = value if entry is chosen else entry(prediction, references, question)
+    scores[metric] = value
+    return scores

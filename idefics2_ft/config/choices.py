@@ -18,7 +18,8 @@ Attention = Literal["eager", "sdpa", "flash_attention_2"]
 DataSource = Literal["easyvqa", "docvqa", "jsonl", "hub"]
 OnBadSample = Literal["skip", "raise"]
 DataFormat = Literal["auto", "qa", "trl", "cauldron", "llava"]
-# accuracy and exact_match are the same score (exact match after normalisation); accuracy is the older name
+# The names and aliases of idefics2_ft.metrics.METRICS, in its order (accuracy is exact_match's older
+# name). config may not import metrics (both are foundations), so tests/unit/test_metric_table.py pins the two.
 Metric = Literal["accuracy", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy", "multiple_choice"]
 GroupBy = Literal["none", "length", "aspect"]
 Optimizer = Literal["auto", "adamw", "paged_adamw_8bit"]

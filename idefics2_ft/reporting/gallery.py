@@ -10,6 +10,7 @@ from typing import Any
 
 from idefics2_ft.data.images import load_image
 from idefics2_ft.data.records import message_text
+from idefics2_ft.metrics import right_columns
 
 GALLERY_SIZE = 16
 THUMBNAIL_PX = 160
@@ -44,8 +45,9 @@ def pick_gallery(predictions: Sequence[dict], size: int = GALLERY_SIZE, seed: in
 
 
 def is_right(p: dict) -> bool:
-    """An exact answer, or a full score by the source's metric ("Answer: B" names option B)."""
-    return p["accuracy"] >= 1.0 or p.get("score", 0.0) >= 1.0
+    """An exact answer (a full score in a column the metrics table marks ``marks_right``: ``accuracy``),
+    or a full score by the source's metric ("Answer: B" names option B)."""
+    return any(p[column] >= 1.0 for column in right_columns()) or p.get("score", 0.0) >= 1.0
 
 
 def _question(row) -> str:

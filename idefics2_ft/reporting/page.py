@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from idefics2_ft.metrics import right_columns
 from idefics2_ft.reporting.gallery import gallery_cards, is_right, png_data_uri, thumbnail
 from idefics2_ft.run_folder import (
     HISTORY_FILE,
@@ -135,7 +136,8 @@ def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> st
                     pictures += f'<p class="note">image unreadable: {html.escape(type(err).__name__)}</p>'
         right = card["right"]
         shown = p.get("metric", metric)
-        score = f" ({shown} {p[shown]:.2f})" if shown != "accuracy" and shown in p else ""
+        # the mark is read from the right-marking columns (accuracy): their score beside it would repeat it
+        score = f" ({shown} {p[shown]:.2f})" if shown not in right_columns() and shown in p else ""
         if p.get("source"):
             score += f" · {html.escape(str(p['source']))}"
         cards.append(
@@ -184,7 +186,7 @@ def write_report(
     Args:
         columns: the metric sets to compare, as ``(column title, flat metrics)``.
         predictions: per-question results (``id``, ``prediction``, ``references`` or ``answers``,
-            ``accuracy``, the run's metric, ``question_type``).
+            the run's metric, the diagnostic columns of ``idefics2_ft.metrics.METRICS``, ``question_type``).
         rows: the data rows the predictions answer (their images and questions), matched by ``id``.
         run_dir: the run whose curves (``history.jsonl``), config and plan are shown.
         facts: a few lines for the header (steps, wall time, hardware, ...).

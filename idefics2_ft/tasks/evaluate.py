@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import build_rows
+from idefics2_ft.metrics import diagnostic_columns
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
 from idefics2_ft.models.generation import stop_token_ids
 from idefics2_ft.run_folder import Output, RunFolder, output_folder, read_base_record, read_metrics, unfinished
@@ -153,8 +154,8 @@ def evaluate(
         weights: which weights answered (``scored_weights``), recorded in the metrics.
 
     Returns:
-        Flat metrics: ``eval/accuracy``, ``eval/anls``, ``eval/<metric>/<question type>``, ``eval/loss``,
-        ``eval/split``.
+        Flat metrics: ``eval/<metric>`` and ``eval/<metric>/<question type>``, ``eval/accuracy`` and
+        ``eval/anls`` (the diagnostic columns of ``idefics2_ft.metrics.METRICS``), ``eval/loss``, ``eval/split``.
 
     Raises:
         OutputRefused: ``out_dir`` may not be written (before any question is answered).
@@ -188,8 +189,8 @@ def evaluate(
     trainer.validate(module, datamodule=datamodule, verbose=False)
     rows = module.val_predictions
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
-    other = "anls" if data_cfg.metric == "accuracy" else "accuracy"
-    metrics[f"eval/{other}"] = sum(r[other] for r in rows) / len(rows) if rows else float("nan")
+    for column in diagnostic_columns():  # eval/accuracy, eval/anls beside the run's own metric
+        metrics.setdefault(f"eval/{column}", sum(r[column] for r in rows) / len(rows) if rows else float("nan"))
     metrics["eval/split"] = split
     metrics.update(weights or {})
     from idefics2_ft.reporting import evaluation_report
@@ -202,8 +203,7 @@ def evaluate(
             "question_type": row["question_type"],
             "source": row.get("source"),
             row.get("metric", "score"): row.get("score"),
-            "accuracy": row["accuracy"],
-            "anls": row["anls"],
+            **{column: row[column] for column in diagnostic_columns()},
         }
         for row in rows
     ]

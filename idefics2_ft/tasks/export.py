@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.sources import build_rows
+from idefics2_ft.metrics import display_name
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.models.bases import describe_base
 from idefics2_ft.models.generation import generation_config
@@ -135,17 +136,6 @@ def merge_and_check(
     return merged, processor, report
 
 
-# The Hub's task for a metric of ours, for the card's model-index
-METRIC_NAMES = {
-    "anls": "ANLS",
-    "accuracy": "Exact-match accuracy",
-    "exact_match": "Exact-match accuracy",
-    "vqa_accuracy": "VQA accuracy",
-    "relaxed_accuracy": "Relaxed accuracy",
-    "multiple_choice": "Multiple-choice accuracy",
-}
-
-
 def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
     """The card's YAML front matter as the Hub reads it (``huggingface_hub.ModelCardData``): base
     model, library, license, task, datasets, tags, and a ``model-index`` with the validation metric."""
@@ -174,7 +164,7 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
                     dataset_config=subset,
                     dataset_split=split,
                     metric_type=metric,
-                    metric_name=METRIC_NAMES.get(metric, metric),
+                    metric_name=display_name(metric),  # the table's name for it (metrics.METRICS)
                     metric_value=round(float(value), 4),
                 )
             )

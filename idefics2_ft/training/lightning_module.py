@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from idefics2_ft.data.collator import IGNORE_INDEX
-from idefics2_ft.metrics import anls, exact_match, score
+from idefics2_ft.metrics import row_scores
 from idefics2_ft.models.generation import stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,8 @@ class Idefics2Module(L.LightningModule):
         ):
             metric = self.source_metrics.get(source, self.metric) if source else self.metric
             row = {"id": rid if source is None else f"{source}/{rid}", "prediction": pred, "answers": refs}
-            row.update(question_type=qtype, source=source, metric=metric, score=score(metric, pred, refs, question))
-            row["accuracy"] = exact_match(pred, refs)
-            row["anls"] = anls(pred, refs)
-            row[metric] = row["score"]
+            row.update(question_type=qtype, source=source, metric=metric)
+            row.update(row_scores(metric, pred, refs, question))  # score, the diagnostic columns, <metric>
             self._val_rows.append((key, row))
 
     @torch.no_grad()
