@@ -1,77 +1,117 @@
-"""The row formats people hold, read into one ``Row``: detected from the columns, converted per row.
+"""The row formats people hold, each one ``Format`` in one table, ``FORMATS``: detected from the
+columns, converted per row into one ``Row``.
 
-- ``qa``: a question, its answer(s) and an image, in columns named by ``data.*_column`` (DocVQA);
-- ``trl``: ``messages`` (content as a list of parts, or a string) and ``images``, TRL's
-  conversational format; our JSONL is this, with ``answers`` besides;
-- ``cauldron``: ``images`` and ``texts: [{user, assistant, source}]``, The Cauldron's; the images
-  belong to the first user turn, as Idefics2 was trained;
-- ``llava``: ``image`` or ``images`` and ``conversations: [{from, value}]`` with ``<image>`` markers
-  (LLaVA, ShareGPT), or ``messages`` with string content and markers (LLaMA-Factory's variant).
-
-Examples of each, and the message for each mistake: ``docs/your-data.md``.
+A format is its name, the columns that tell it apart (``Layout``), a few words on its columns (for
+the messages that list the formats), the function that turns one row into messages, images and
+the problem that makes it bad, and the kinds of bad record it reports. ``detect_format``,
+``chosen_format``, ``to_row``, the messages that list the formats, and the tests that pin
+``DataFormat`` (``idefics2_ft/config/choices.py``), the demo's copies and ``docs/your-data.md``
+all read the table, so a format is added in one place. Examples of each, and the message for each
+mistake: ``docs/your-data.md``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from idefics2_ft.data.records import DataError, Row, is_url, message_text, qa_messages
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("qa", "trl", "cauldron", "llava")
 _LOGGED: set[tuple[str, str]] = set()  # each table's detected format is logged once
 MARKER = "<image>"
 # LLaVA / ShareGPT speakers, as Idefics2's roles
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# the columns that tell each format apart (any one of the alternatives)
-SIGNATURES = {
-    "cauldron": ("texts",),
-    "llava": ("conversations",),
-    "trl": ("messages",),
-}
+# the keys under which an image part carries its image (axolotl's and transformers' chat parts)
+IMAGE_KEYS = ("image", "path", "url", "base64")
 
 
-def detect_format(columns: Sequence[str], sample: Sequence[dict], qa_columns: Sequence[str], where: str) -> str:
-    """The format of a table from its columns (and, for ``messages``, whether its text holds ``<image>`` markers).
+class Converted(NamedTuple):
+    """One row read by its format's converter.
 
-    Raises:
-        DataError: no format has these columns; the message names them, the formats and the key to set.
+    ``problem`` is what makes the row bad: ``(kind, reason)``, or a kind alone (its reason is the
+    format's ``problems[kind]``). ``answers`` are the reference answers where the format names
+    them (qa); None: the ``answers`` column, or else the last assistant turn.
     """
-    cols = set(columns)
-    if "texts" in cols and "images" in cols:
-        return "cauldron"
-    if "conversations" in cols:
-        return "llava"
-    if "messages" in cols:
-        strings = [m.get("content") for item in sample for m in (item.get("messages") or []) if isinstance(m, dict)]
-        if any(isinstance(c, str) and MARKER in c for c in strings):
-            return "llava"
-        return "trl"
-    if all(c in cols for c in qa_columns):
-        return "qa"
-    question, answer, image = qa_columns
-    present = [c for c in qa_columns if c in cols]
-    if present:
-        missing = [c for c in qa_columns if c not in cols]
-        raise DataError(
-            f"{where}: read as format qa (it has {present}), it has no column(s) {missing}; its columns are "
-            f"{sorted(cols)}. Map them with data.question_column / data.answer_column / data.image_column, "
-            "or set data.format to one of trl, cauldron, llava."
-        )
-    raise DataError(
-        f"{where}: cannot tell the format from its columns {sorted(cols)}. The formats read are: "
-        "trl (messages, images), cauldron (images, texts), llava (conversations or messages with <image> "
-        f"markers, image or images), qa (data.question_column={question}, data.answer_column={answer}, "
-        f"data.image_column={image}). Set data.format, or map the qa columns with data.question_column / "
-        "data.answer_column / data.image_column."
-    )
+
+    messages: list[dict]
+    images: list
+    problem: tuple[str, str] | str | None = None
+    answers: list[str] | None = None
+
+
+Converter = Callable[[dict, Any], Converted]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Columns that tell a format apart: a table has all of them, and its first rows pass ``test``
+    (when given). The first column is the one every row of such a table holds."""
+
+    columns: tuple[str, ...]
+    test: Callable[[Sequence[dict]], bool] | None = None
+
+    def fits(self, columns: set[str], sample: Sequence[dict]) -> bool:
+        return all(c in columns for c in self.columns) and (self.test is None or self.test(sample))
+
+
+@dataclass(frozen=True)
+class Format:
+    """One row format: how a table of it is told apart, and how one of its rows is read.
+
+    ``mapped`` names the ``data.*`` keys that say which columns a table uses, for a format whose
+    columns are the user's (qa): its one layout is those columns, and its converter checks them.
+    ``generic``: its columns are common ones (``messages``; a question, answer and image), so a
+    table that also has a specific format's columns (``conversations``; ``texts`` and ``images``)
+    reads as that one.
+    """
+
+    name: str
+    columns: str  # its columns in a few words, for the message that lists the formats (and the docs)
+    convert: Converter
+    layouts: tuple[Layout, ...] = ()
+    mapped: tuple[str, ...] = ()
+    problems: Mapping[str, str] = field(default_factory=dict)  # the bad-record kinds it reports, and why
+    generic: bool = False
+
+    def layouts_for(self, cfg: Any) -> tuple[Layout, ...]:
+        """Its layouts, a format of ``mapped`` columns with the column names ``cfg`` gives."""
+        return (Layout(self.mapped_columns(cfg)),) if self.mapped else self.layouts
+
+    def mapped_columns(self, cfg: Any) -> tuple[str, ...]:
+        return tuple(getattr(cfg, key) for key in self.mapped)
+
+    def described(self, cfg: Any) -> str:
+        """``trl (messages, images)``; a format of mapped columns with the names they have now."""
+        if self.mapped:
+            return f"{self.name} ({', '.join(f'data.{key}={getattr(cfg, key)}' for key in self.mapped)})"
+        return f"{self.name} ({self.columns})"
+
+    def signature(self, columns: Sequence[str]) -> tuple[str, ...]:
+        """The column every row of a table of this format holds: its first layout's that the table
+        has, or else each layout's (a message names them all); none for mapped columns."""
+        keys = tuple(dict.fromkeys(layout.columns[0] for layout in self.layouts))
+        present = [key for key in keys if key in columns]
+        return tuple(present[:1]) or keys
+
+    def problem(self, problem: tuple[str, str] | str) -> tuple[str, str]:
+        """A converter's problem as ``(kind, reason)``."""
+        return (problem, self.problems[problem]) if isinstance(problem, str) else problem
+
+
+def _marked_messages(sample: Sequence[dict]) -> bool:
+    """Whether the first rows' ``messages`` hold string content with ``<image>`` markers (LLaMA-Factory's)."""
+    strings = [m.get("content") for item in sample for m in (item.get("messages") or []) if isinstance(m, dict)]
+    return any(isinstance(c, str) and MARKER in c for c in strings)
 
 
 class ImagePaths:
@@ -158,20 +198,62 @@ def split_markers(text: str) -> list[dict]:
     return parts
 
 
-def _clean_parts(content: list) -> list[dict]:
-    """Content parts as a ``datasets`` column holds them (every key in every part, None where unused)."""
-    parts = []
+def carried_image(part: dict) -> Any:
+    """The image an image part carries, or None (the image is then the row's ``images``).
+
+    ``{"type": "image", "path" | "image" | "url" | "base64": ...}`` (axolotl's, transformers') and
+    ``{"type": "image_url", "image_url": {"url": ...}}`` or ``{"type": "image_url", "value": ...}``
+    (OpenAI's, LLaMA-Factory's). Base64 and ``data:`` addresses are decoded to bytes, a ``file://``
+    address is read as its path; anything else is kept as it is: a path (made absolute by
+    ``ImagePaths``), bytes, a ``datasets`` image dict, or a web address, which the row check refuses
+    naming the fix.
+
+    Raises:
+        binascii.Error: base64 that does not decode.
+    """
+    if part.get("type") == "image_url":
+        value = part.get("image_url") if part.get("image_url") is not None else part.get("value")
+        if isinstance(value, dict):
+            value = value.get("url")
+        if not _given(value):
+            raise ValueError("an 'image_url' part with no address (give image_url.url, or value)")
+        key = "url"
+    else:
+        key = next((k for k in IMAGE_KEYS if _given(part.get(k))), None)
+        if key is None:
+            return None
+        value = part[key]
+    if isinstance(value, str):
+        if value.startswith("data:"):
+            return base64.b64decode(value.partition(",")[2], validate=True)
+        if key == "base64":
+            return base64.b64decode(value, validate=True)
+        if value.startswith("file://"):
+            return value.removeprefix("file://")
+    return value
+
+
+def _given(value: Any) -> bool:
+    """A value a part's key holds (a ``datasets`` column fills unused keys with None)."""
+    return value is not None and not (isinstance(value, (str, bytes)) and not value)
+
+
+def _clean_parts(content: list) -> tuple[list[dict], list]:
+    """Content parts as a ``datasets`` column holds them (every key in every part, None where unused),
+    and what each image part carries (None where it carries nothing)."""
+    parts, carried = [], []
     for part in content:
         if not isinstance(part, dict):
             raise ValueError(f"a content part is {type(part).__name__}, not a dict")
         kind = part.get("type")
-        if kind == "image":
+        if kind in ("image", "image_url"):
             parts.append({"type": "image"})
+            carried.append(carried_image(part))
         elif kind == "text":
             parts.append(_text(as_text(part.get("text")) or ""))
         else:
-            raise ValueError(f"a content part of type {kind!r} (parts are 'image' or 'text')")
-    return parts
+            raise ValueError(f"a content part of type {kind!r} (parts are 'image', 'image_url' or 'text')")
+    return parts, carried
 
 
 def _images_first(messages: list[dict], n_images: int) -> list[dict]:
@@ -185,18 +267,26 @@ def _images_first(messages: list[dict], n_images: int) -> list[dict]:
     return messages
 
 
-def _marker_messages(turns: list[tuple[str, str]], n_images: int) -> tuple[list[dict], str | None]:
+def _marker_messages(turns: list[tuple[str, str]], n_images: int) -> tuple[list[dict], tuple[str, str] | None]:
     """Messages from ``(role, text)`` turns whose text places the images with ``<image>`` markers."""
     markers = sum(text.count(MARKER) for _, text in turns)
     messages = [{"role": role, "content": split_markers(text)} for role, text in turns]
     if markers != n_images:
-        return messages, f"{markers} {MARKER} marker(s) but {n_images} image(s): give one marker per image"
+        reason = f"{markers} {MARKER} marker(s) but {n_images} image(s): give one marker per image"
+        return messages, ("images_mismatch", reason)
     return messages, None
 
 
-def trl_messages(item: dict) -> tuple[list[dict], list, str | None]:
-    """TRL's ``messages`` (parts, or strings: then markers place the images, or they go first) and ``images``."""
-    images = as_list(item.get("images"))
+def _row_images(item: dict) -> list:
+    """``images``, or one ``image`` (TRL's trainer reads a single-image column too)."""
+    return as_list(item.get("images")) or as_list(item.get("image"))
+
+
+def trl_messages(item: dict, cfg: Any = None) -> Converted:
+    """TRL's ``messages`` and ``images`` (or one ``image``). Content is parts (image parts take the
+    row's images in order, or carry their own), or strings (then markers place the images, or they
+    go first)."""
+    images = _row_images(item)
     raw = item.get("messages")
     if not isinstance(raw, list):
         raise ValueError("'messages' is not a list of turns")
@@ -204,40 +294,59 @@ def trl_messages(item: dict) -> tuple[list[dict], list, str | None]:
         turns = [(m.get("role"), m["content"]) for m in raw]
         if any(MARKER in text for _, text in turns):
             messages, problem = _marker_messages(turns, len(images))
-            return messages, images, problem
+            return Converted(messages, images, problem)
         messages = [{"role": role, "content": [_text(text)]} for role, text in turns]
-        return _images_first(messages, len(images)), images, None
-    messages = []
-    for m in raw:
-        content = m.get("content")
-        parts = [_text(content)] if isinstance(content, str) else _clean_parts(content or [])
-        messages.append({"role": m.get("role"), "content": parts})
-    return messages, images, None
+        return Converted(_images_first(messages, len(images)), images)
+    messages, carried = [], []
+    try:
+        for m in raw:
+            content = m.get("content")
+            parts, held = ([_text(content)], []) if isinstance(content, str) else _clean_parts(content or [])
+            messages.append({"role": m.get("role"), "content": parts})
+            carried += held
+    except binascii.Error as err:
+        return Converted([], images, ("unreadable_image", f"an image part's base64 does not decode ({err})"))
+    given = [ref for ref in carried if ref is not None]
+    if not given:
+        return Converted(messages, images)
+    if images:
+        reason = (
+            f"{len(given)} image part(s) carry their image and 'images' holds {len(images)} more: give each "
+            "image once, in its part or in 'images'"
+        )
+        return Converted(messages, images, ("images_mismatch", reason))
+    if len(given) < len(carried):
+        reason = (
+            f"{len(given)} of {len(carried)} image parts carry their image ({', '.join(IMAGE_KEYS)} or image_url) "
+            "and the others do not: give every image in its part, or all of them in 'images'"
+        )
+        return Converted(messages, given, ("images_mismatch", reason))
+    return Converted(messages, given)
 
 
-def cauldron_messages(item: dict) -> tuple[list[dict], list, str | None]:
+def cauldron_messages(item: dict, cfg: Any = None) -> Converted:
     """The Cauldron: ``texts`` of ``{user, assistant}`` pairs, the images before the first user turn."""
     images = as_list(item.get("images"))
     texts = item.get("texts")
     if not texts:
-        return [], images, "empty_texts"
+        return Converted([], images, "empty_texts")
     messages = []
     for turn in texts:
         messages.append({"role": "user", "content": [_text(as_text(turn.get("user")) or "")]})
         messages.append({"role": "assistant", "content": [_text(as_text(turn.get("assistant")) or "")]})
-    return _images_first(messages, len(images)), images, None
+    return Converted(_images_first(messages, len(images)), images)
 
 
-def llava_messages(item: dict) -> tuple[list[dict], list, str | None]:
+def llava_messages(item: dict, cfg: Any = None) -> Converted:
     """LLaVA / ShareGPT ``conversations`` (``from``, ``value``) or ``messages`` with ``<image>`` markers."""
-    images = as_list(item.get("images")) or as_list(item.get("image"))
+    images = _row_images(item)
     if "conversations" in item and item["conversations"] is not None:
         turns = []
         for turn in item["conversations"]:
             speaker = turn.get("from")
             if speaker not in SPEAKERS:
                 known = ", ".join(sorted(SPEAKERS))
-                return [], images, f"unknown_role:speaker from={speaker!r} (use one of {known})"
+                return Converted([], images, ("unknown_role", f"speaker from={speaker!r} (use one of {known})"))
             turns.append((SPEAKERS[speaker], as_text(turn.get("value")) or ""))
     elif isinstance(item.get("messages"), list):
         turns = [(m.get("role"), m.get("content") or "") for m in item["messages"]]
@@ -246,33 +355,110 @@ def llava_messages(item: dict) -> tuple[list[dict], list, str | None]:
     else:
         raise ValueError("neither 'conversations' nor 'messages'")
     messages, problem = _marker_messages(turns, len(images))
-    return messages, images, problem
+    return Converted(messages, images, problem)
 
 
-CONVERTERS: dict[str, Callable[[dict], tuple[list[dict], list, str | None]]] = {
-    "trl": trl_messages,
-    "cauldron": cauldron_messages,
-    "llava": llava_messages,
+def qa_row(item: dict, cfg: Any) -> Converted:
+    """A question, its answer(s) and image(s) in the columns ``data.*_column`` name; trained on the
+    first answer, all of them kept for the metric."""
+    missing = [c for c in (cfg.question_column, cfg.answer_column, cfg.image_column) if c not in item]
+    if missing:
+        return Converted([], [], ("format_mismatch", f"no column(s) {missing} (format qa)"), answers=[])
+    answers, problem = answer_texts(item[cfg.answer_column], cfg.answer_column)
+    try:
+        question = as_text(item[cfg.question_column]) or ""
+    except TypeError as err:
+        problem = ("unreadable_text", f"column {cfg.question_column!r} holds {err}: give the question as text")
+    if problem is not None:
+        return Converted([], [], problem, answers=[])
+    images = as_list(item[cfg.image_column])
+    return Converted(qa_messages(question, answers[0], None, len(images)), images, answers=answers)
+
+
+_IMAGES_MISMATCH = "the images are not one per <image> marker or image part"
+
+# The formats, in the order the messages and docs list them. A table reads as the first whose columns it
+# has, the specific formats tried before the generic ones.
+FORMATS: dict[str, Format] = {
+    form.name: form
+    for form in (
+        Format(
+            "trl",
+            "messages, images",
+            trl_messages,
+            layouts=(Layout(("messages",), lambda sample: not _marked_messages(sample)),),
+            problems={
+                "images_mismatch": _IMAGES_MISMATCH,
+                "unreadable_image": "an image part's base64 does not decode",
+            },
+            generic=True,
+        ),
+        Format(
+            "cauldron",
+            "images, texts",
+            cauldron_messages,
+            layouts=(Layout(("texts", "images")),),
+            problems={"empty_texts": "the Cauldron row's 'texts' list is empty"},
+        ),
+        Format(
+            "llava",
+            f"conversations or messages with {MARKER} markers, image or images",
+            llava_messages,
+            layouts=(Layout(("conversations",)), Layout(("messages",), _marked_messages)),
+            problems={"images_mismatch": _IMAGES_MISMATCH, "unknown_role": "a turn's speaker is not a known role"},
+        ),
+        Format(
+            "qa",
+            "a question, its answer(s) and an image, in the columns data.*_column name",
+            qa_row,
+            mapped=("question_column", "answer_column", "image_column"),
+            problems={
+                "missing_answer": "the answer column holds no answer",
+                "unreadable_text": "the question or answer is neither text nor a number",
+            },
+            generic=True,
+        ),
+    )
 }
 
-# a converter's problem string: "kind:reason", or a bare kind, or a reason (kind: images_mismatch)
-PROBLEM_REASONS = {"empty_texts": "the Cauldron row's 'texts' list is empty"}
+
+def detect_format(columns: Sequence[str], sample: Sequence[dict], cfg: Any, where: str) -> str:
+    """The format of a table from its columns (and its first rows: ``messages`` with ``<image>``
+    markers are llava's); ``cfg`` names the columns of a format of mapped columns (qa).
+
+    Raises:
+        DataError: no format has these columns; the message names them, the formats and the key to set.
+    """
+    cols = set(columns)
+    for form in sorted(FORMATS.values(), key=lambda form: form.generic):  # the specific formats first
+        if any(layout.fits(cols, sample) for layout in form.layouts_for(cfg)):
+            return form.name
+    for form in FORMATS.values():  # some of a mapped format's columns: the keys that map the others
+        wanted = form.mapped_columns(cfg)
+        present = [c for c in wanted if c in cols]
+        if present:
+            missing = [c for c in wanted if c not in cols]
+            others = ", ".join(name for name in FORMATS if name != form.name)
+            raise DataError(
+                f"{where}: read as format {form.name} (it has {present}), it has no column(s) {missing}; its "
+                f"columns are {sorted(cols)}. Map them with {_keys(form)}, or set data.format to one of {others}."
+            )
+    listed = ", ".join(form.described(cfg) for form in FORMATS.values())
+    mapped = "".join(f", or map the {form.name} columns with {_keys(form)}" for form in FORMATS.values() if form.mapped)
+    raise DataError(
+        f"{where}: cannot tell the format from its columns {sorted(cols)}. The formats read are: {listed}. "
+        f"Set data.format{mapped}."
+    )
 
 
-def _problem(text: str) -> tuple[str, str]:
-    if text in PROBLEM_REASONS:
-        return text, PROBLEM_REASONS[text]
-    kind, sep, reason = text.partition(":")
-    if sep and kind.isidentifier():
-        return kind, reason
-    return "images_mismatch", text
+def _keys(form: Format) -> str:
+    return " / ".join(f"data.{key}" for key in form.mapped)
 
 
 def signature(fmt: str, columns: Sequence[str]) -> tuple[str, ...]:
-    """The column every row of a table of ``fmt`` holds (llava: ``conversations``, or LLaMA-Factory's ``messages``)."""
-    if fmt == "llava" and "conversations" not in columns:
-        return ("messages",)
-    return SIGNATURES.get(fmt, ())
+    """The column every row of a table of ``fmt`` holds (llava: ``conversations``, or LLaMA-Factory's
+    ``messages``); none for qa, whose converter checks its columns."""
+    return FORMATS[fmt].signature(columns)
 
 
 def to_row(
@@ -283,10 +469,9 @@ def to_row(
     ``cfg`` is the source's data config (columns, system prompt); ``expected`` the column that the
     table's rows hold (``signature``), so that a row of another format is told apart.
     """
-    if fmt == "qa":
-        return _qa_row(item, cfg, origin, paths, index)
-    expected = expected or SIGNATURES[fmt]
-    if not any(item.get(key) is not None for key in expected):
+    form = FORMATS[fmt]
+    expected = expected or form.signature(())
+    if expected and not any(item.get(key) is not None for key in expected):
         present = sorted(k for k, v in item.items() if v is not None)
         return Row(
             messages=[],
@@ -294,14 +479,15 @@ def to_row(
             problem=("format_mismatch", f"has {present}, not the {fmt} format of the rest ({', '.join(expected)})"),
         )
     try:
-        messages, images, problem = CONVERTERS[fmt](item)
+        messages, images, problem, answers = form.convert(item, cfg)
     except (AttributeError, TypeError, ValueError) as err:
         return Row(messages=[], origin=origin, problem=("format_mismatch", f"not a {fmt} row: {err}"))
     if cfg.system_prompt and messages and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": [_text(cfg.system_prompt)]}, *messages]
-    answers, unreadable = answer_texts(item.get("answers"), "answers")
-    if unreadable is not None and unreadable[0] != "missing_answer":
-        return Row(messages=[], origin=origin, problem=unreadable)
+    if answers is None:
+        answers, unreadable = answer_texts(item.get("answers"), "answers")
+        if unreadable is not None and unreadable[0] != "missing_answer":
+            return Row(messages=[], origin=origin, problem=unreadable)
     if not answers:  # no reference answers given: the last assistant turn is the reference
         last = [m for m in messages if m.get("role") == "assistant"]
         answers = [message_text(last[-1])] if last else []
@@ -313,7 +499,7 @@ def to_row(
         id=_row_id(item, cfg, index),
         question_type=qtype[0] if isinstance(qtype, list) and qtype else qtype,
         origin=origin,
-        problem=_problem(problem) if problem else None,
+        problem=form.problem(problem) if problem else None,
     )
 
 
@@ -323,30 +509,6 @@ def _row_id(item: dict, cfg: Any, index: int) -> Any:
     return item["id"] if item.get("id") is not None else index
 
 
-def _qa_row(item: dict, cfg: Any, origin: str, paths: ImagePaths, index: int) -> Row:
-    missing = [c for c in (cfg.question_column, cfg.answer_column, cfg.image_column) if c not in item]
-    if missing:
-        return Row(messages=[], origin=origin, problem=("format_mismatch", f"no column(s) {missing} (format qa)"))
-    answers, problem = answer_texts(item[cfg.answer_column], cfg.answer_column)
-    try:
-        question = as_text(item[cfg.question_column]) or ""
-    except TypeError as err:
-        problem = ("unreadable_text", f"column {cfg.question_column!r} holds {err}: give the question as text")
-    if problem is not None:
-        return Row(messages=[], origin=origin, problem=problem)
-    images = as_list(item[cfg.image_column])
-    qtype = item.get(cfg.type_column) if cfg.type_column else None
-    return Row(
-        # train on the first reference answer; all of them are kept for the metric
-        messages=qa_messages(question, answers[0], cfg.system_prompt, len(images)),
-        images=[paths(ref) for ref in images],
-        answers=answers,
-        id=_row_id(item, cfg, index),
-        question_type=qtype[0] if isinstance(qtype, list) and qtype else qtype,
-        origin=origin,
-    )
-
-
 def row_options(cfg: Any) -> SimpleNamespace:
     """The keys ``to_row`` reads, as plain attributes (an OmegaConf lookup costs ~40 µs: per row, it showed)."""
     keys = ("question_column", "answer_column", "image_column", "id_column", "type_column", "system_prompt")
@@ -354,16 +516,21 @@ def row_options(cfg: Any) -> SimpleNamespace:
 
 
 def chosen_format(cfg: Any, columns: Sequence[str], sample: Sequence[dict], where: str) -> str:
-    """``data.format``, or the detected one when it is ``auto``; logged once per table."""
-    qa_columns = (cfg.question_column, cfg.answer_column, cfg.image_column)
+    """``data.format``, or the detected one when it is ``auto``; logged once per table.
+
+    Raises:
+        DataError: ``data.format`` names a format whose columns the table has none of (the message
+            names the format its columns read as, where there is one).
+    """
     given = cfg.format != "auto"
-    fmt = cfg.format if given else detect_format(columns, sample, qa_columns, where)
-    needed = qa_columns if fmt == "qa" else signature(fmt, columns)
+    fmt = cfg.format if given else detect_format(columns, sample, cfg, where)
+    if fmt not in FORMATS:
+        raise DataError(f"{where}: data.format={fmt} is not one of auto, {', '.join(FORMATS)}.")
+    form = FORMATS[fmt]
+    needed = form.mapped_columns(cfg) or form.signature(columns)
     if given and not set(needed) & set(columns):
         try:
-            hint = (
-                f"; its columns read as format={detect_format(columns, sample, qa_columns, where)}: set that, or auto"
-            )
+            hint = f"; its columns read as format={detect_format(columns, sample, cfg, where)}: set that, or auto"
         except DataError:
             hint = ""
         raise DataError(

@@ -194,3 +194,9 @@ def write_llamafactory(folder: str | Path, rows: int = 48, split: str = "train")
             }
             f.write(json.dumps(row) + "\n")
     return path
+
+
+# The writers of each format's copies, by its name in ``idefics2_ft.data.formats.FORMATS`` (the tests check
+# that every format has one). qa, whose columns are the user's (``data.*_column``), has none here: any
+# question/answer table is one, and ``tests/unit/test_formats.py`` saves one.
+WRITERS = {"trl": (write_trl,), "cauldron": (write_cauldron,), "llava": (write_llava, write_llamafactory)}
