@@ -15,7 +15,9 @@ QuantStorage = Literal["uint8", "bfloat16", "float16", "float32"]
 LoraTarget = Literal["text", "text+connector", "all"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
-DataSource = Literal["easyvqa", "docvqa", "jsonl", "hub"]
+# the kinds in idefics2_ft/data/sources (SOURCES), and docvqa, an older name of hub (run folders of
+# earlier versions say it); tests/unit/test_source_kinds.py pins this list to the registry
+DataSource = Literal["easyvqa", "jsonl", "hub", "docvqa"]
 OnBadSample = Literal["skip", "raise"]
 # "auto" and the names of idefics2_ft.data.formats.FORMATS, in its order (importing the data package here would
 # load torch with the config; tests/unit/test_format_table.py pins the two to each other)

@@ -126,6 +126,32 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     return [p for p in problems if not p.startswith("hydra")]
 
 
+def mixture_entry_problems(entries: object) -> list[str]:
+    """The keys of ``data.mixture`` entries (as given, before composition) that a mixture entry does not
+    have, each with the nearest one: Hydra refuses them in a block whose ``+data.mixture`` hint fails
+    the same way."""
+    import dataclasses
+    import difflib
+
+    from idefics2_ft.config.schema import MixtureSource
+
+    if not isinstance(entries, list):
+        return []
+    known = [f.name for f in dataclasses.fields(MixtureSource)]
+    problems = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        where = f"data.mixture[{i}]" + (f" ({entry['name']})" if "name" in entry else "")
+        for key in entry:
+            if key in known:
+                continue
+            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else f"the keys of an entry are {', '.join(known)}."
+            problems.append(f"{where}.{key} is not a key of a mixture entry: {hint}")
+    return problems
+
+
 def _peft_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     p = cfg.peft

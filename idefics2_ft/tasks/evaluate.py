@@ -11,7 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import ConfigError
-from idefics2_ft.data import build_rows
+from idefics2_ft.data import DataError
+from idefics2_ft.data.sources import kind_of
 from idefics2_ft.metrics import diagnostic_columns
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
 from idefics2_ft.models.generation import stop_token_ids
@@ -33,26 +34,13 @@ def config_for_split(cfg: DictConfig, split: str) -> DictConfig:
     ``data.train_split`` is ``data.train_file``; another file is given as ``data.val_file=FILE``.
 
     Raises:
-        ConfigError: the source has no such split, naming the ones it has.
-        DataError: a Hub or local dataset has no such split (it names its splits).
+        ConfigError: the source has no such split, naming the ones it has (``SourceKind.for_split``).
     """
-    d = cfg.data
-    cfg = OmegaConf.merge(cfg, {"data": {"val_split": split}})
-    if d.source == "jsonl":
-        files = {d.val_split: d.val_file, d.train_split: d.train_file}
-        if split not in files:
-            raise ConfigError(
-                [
-                    f"data.split={split}: a JSONL run's splits are its files ({d.val_split}: {d.val_file}, "
-                    f"{d.train_split}: {d.train_file}); to evaluate another file, pass data.val_file=FILE."
-                ]
-            )
-        cfg.data.val_file = files[split]
-    elif d.source == "easyvqa" and split not in ("train", "test"):
-        raise ConfigError([f"data.split={split}: easy-VQA ships the splits train and test."])
-    else:
-        build_rows(cfg.data, "val")  # a Hub or local dataset without that split raises, naming its splits
-    return cfg
+    try:
+        keys = kind_of(cfg.data).for_split(cfg.data, split)
+    except DataError as err:  # the source has no such split: refused as the config it is
+        raise ConfigError([str(err)]) from None
+    return OmegaConf.merge(cfg, {"data": keys})
 
 
 def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | None = None):

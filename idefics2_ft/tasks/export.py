@@ -174,7 +174,7 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
         library_name="peft" if adapter_only else "transformers",
         license="apache-2.0",
         pipeline_tag="image-text-to-text",
-        datasets=[data] if cfg.data.source == "docvqa" or cfg.data.path else None,
+        datasets=[data] if cfg.data.path else None,
         tags=["idefics2", "idefics2-ft", "qlora" if cfg.peft.quantize else cfg.peft.method],
         model_name=cfg.name,
         eval_results=results,

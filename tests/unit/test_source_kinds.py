@@ -125,3 +125,74 @@ def test_the_registry_and_the_data_checks_import_no_torch():
     code = "import sys, idefics2_ft.data.checks, idefics2_ft.config; print(sorted({'torch', 'lightning', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+def _cauldron_subset(folder: Path, name: str, n: int) -> None:
+    """A Cauldron subset as ``huggingface-cli download ... --include "NAME/*"`` leaves it: NAME/train-*.parquet."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(buf, format="PNG")
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "texts": [
+                {
+                    "user": datasets.Value("string"),
+                    "assistant": datasets.Value("string"),
+                    "source": datasets.Value("string"),
+                }
+            ],
+        }
+    )
+    rows = {
+        "images": [[{"bytes": buf.getvalue(), "path": None}]] * n,
+        "texts": [[{"user": f"{name} question {i}?", "assistant": f"{name} {i}", "source": name}] for i in range(n)],
+    }
+    (folder / name).mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / name / "train-00000-of-00001.parquet"))
+
+
+def test_cauldron_subset_folders_downloaded_without_the_readme_are_found_by_name(tmp_path):
+    folder = tmp_path / "the_cauldron"
+    _cauldron_subset(folder, "chartqa", 3)
+    _cauldron_subset(folder, "vqav2", 2)
+    base = [
+        "data=cauldron",
+        f"data.path={folder}",
+        "data.train_split=train",
+        "data.val_split=train",
+        f"run_dir={tmp_path}",
+    ]
+    cfg = compose_config([*base, "data.subset=chartqa"])
+    rows = build_rows(cfg.data, "train")
+    assert [r.answers for r in rows] == [["chartqa 0"], ["chartqa 1"], ["chartqa 2"]]  # that subset only
+    with pytest.raises(DataError) as missing:
+        build_rows(compose_config([*base, "data.subset=docvqa"]).data, "train")
+    assert "no folder docvqa/" in str(missing.value) and "['chartqa', 'vqav2']" in str(missing.value)
+    assert "data.subset=null" in str(missing.value)
+    # following datasets' own hint (subset null) would merge every subset: refused, naming them
+    with pytest.raises(DataError, match=r"holds the subset folders \['chartqa', 'vqav2'\].*merge every subset"):
+        build_rows(compose_config([*base, "data.subset=null"]).data, "train")
+    # the subset's own folder with data.subset=null, as the message says
+    alone = compose_config([*base[:1], f"data.path={folder / 'vqav2'}", *base[2:], "data.subset=null"])
+    assert len(build_rows(alone.data, "train")) == 2
+
+
+def test_a_misspelt_mixture_key_is_named_with_the_nearest_one_before_hydra(tmp_path):
+    mixture = "data.mixture=[{name: a, source: easyvqa, wieght: 0.5},{name: b, source: easyvqa, weight: 0.5}]"
+    for given in (mixture, "+" + mixture):  # Hydra's own hint (+data.mixture) fails the same way
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "recipe=easyvqa_tiny", given, f"run_dir={tmp_path / 'run'}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            "data.mixture[0] (a).wieght is not a key of a mixture entry: did you mean weight?"
+        )
+        assert not (tmp_path / "run").exists()

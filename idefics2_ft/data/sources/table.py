@@ -94,10 +94,12 @@ def _open_table(cfg: Any, split: str, streaming: bool) -> tuple[Any, str, bool]:
         dataset = datasets.load_dataset(kind, data_files={split: str(folder)}, split=split, streaming=streaming)
         single, base = True, folder.resolve().parent
     else:
+        subset = cfg.subset
         if folder.is_dir():
-            base = folder.resolve()
+            folder, subset = subset_folder(folder, subset)
+            path, base = str(folder), folder.resolve()
         try:
-            dataset = datasets.load_dataset(path, cfg.subset, streaming=streaming)
+            dataset = datasets.load_dataset(path, subset, streaming=streaming)
         except ValueError as err:  # a subset the dataset does not have, and kin
             raise DataError(f"data.path={path} data.subset={cfg.subset}: {str(err).splitlines()[0]}") from err
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict, dict)):
@@ -114,6 +116,49 @@ def _open_table(cfg: Any, split: str, streaming: bool) -> tuple[Any, str, bool]:
         # Json columns (the content parts of a JSON file's messages) as JSON text too
         dataset = dataset.decode(False).cast(undecoded_media(dataset.features))
     return dataset, base, single
+
+
+SPLIT_FOLDERS = {"train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation"}
+
+
+def subset_folder(folder: Path, subset: str | None) -> tuple[Path, str | None]:
+    """Where a local folder of data files keeps ``data.subset``: ``(folder to read, subset to ask datasets for)``.
+
+    A Hub dataset downloaded in part (``huggingface-cli download HuggingFaceM4/the_cauldron --include
+    "chartqa/*"``) is a folder per subset without the README that names them: ``datasets`` then knows
+    one configuration, ``default``, holding every subset's files at once. Without that README the
+    subset is its folder. With the README, ``datasets`` reads the subsets as the README names them.
+
+    Raises:
+        DataError: the subset has no folder here, or ``data.subset=null`` would merge several subsets'
+            folders into one table; naming the subsets and the fix.
+    """
+    if (folder / "README.md").is_file():
+        return folder, subset
+    subsets = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_dir()
+        and p.name.lower() not in SPLIT_FOLDERS
+        and not p.name.startswith(".")
+        and any(f.suffix.lower() in DATA_FILE_TYPES for f in p.rglob("*"))
+    )
+    if subset is not None:
+        if (folder / subset).is_dir():
+            return folder / subset, None
+        raise DataError(
+            f"data.path={folder} data.subset={subset}: the folder has no README.md naming its subsets and no "
+            f"folder {subset}/ (its subset folders: {subsets or 'none'}). Point data.path at the subset's "
+            f"folder with data.subset=null (data.path={folder / (subsets[0] if subsets else subset)} data.subset=null), "
+            "or choose one of its folders as data.subset."
+        )
+    if len(subsets) > 1:
+        raise DataError(
+            f"data.path={folder} holds the subset folders {subsets} and no README.md naming them: read whole it "
+            f"would merge every subset into one table. Choose one with data.subset={subsets[0]} (or "
+            f"data.path={folder / subsets[0]}), or mix several with data.mixture."
+        )
+    return folder, subset
 
 
 def undecoded_media(features: Any) -> Any:
