@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from idefics2_ft.cli import same_command
 from idefics2_ft.config import CONF_DIR, ConfigError, register_configs
+from idefics2_ft.ranks import distributed
 from idefics2_ft.stops import Interrupted, StopPolicy, active, exiting
 
 register_configs()
@@ -171,7 +172,7 @@ def _close_process_group() -> None:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
         # A C-level timer (it fires even while the gloo destructor holds the GIL): a teardown that
         # deadlocks must not hold the job. It prints the stacks and exits with status 1.

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from idefics2_ft.data.collator import IGNORE_INDEX
 from idefics2_ft.metrics import row_scores
 from idefics2_ft.models.generation import stop_token_ids
+from idefics2_ft.ranks import world_size
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,8 @@ class Idefics2Module(L.LightningModule):
         """``data/skipped`` and ``data/skipped/<stage>/<kind>`` over all ranks, each record once (a
         record can fall to another rank in another epoch); logs a warning naming them."""
         seen = set(self._bad_seen)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
+        if world_size() > 1:
+            gathered: list = [None] * world_size()
             dist.all_gather_object(gathered, seen)
             seen = set().union(*gathered)
         skipped = dict(Counter(key for key, _ in seen))
@@ -160,7 +161,7 @@ class Idefics2Module(L.LightningModule):
             # Every record of this batch was bad. A zero loss over the trainable weights keeps the
             # step (and, across ranks, the gradient all-reduce) in step with everyone else.
             return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = world_size()
         num_items = None
         if world > 1:
             # Normalise by the supervised tokens of the global batch, not of this rank's share:
@@ -235,7 +236,7 @@ class Idefics2Module(L.LightningModule):
     def generate(self, inputs: dict) -> list[str]:
         """Greedy answers for a left-padded batch of prompts ending with ``Assistant:``."""
         gen_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs and k != "labels"}
-        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        synced = world_size() > 1
         output = self.model.generate(
             **gen_inputs,
             max_new_tokens=self.max_new_tokens,
@@ -250,8 +251,8 @@ class Idefics2Module(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         keyed, losses = self._val_rows, self._val_loss
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
+        if world_size() > 1:
+            gathered: list = [None] * world_size()
             dist.all_gather_object(gathered, (keyed, losses))
             keyed = [r for part, _ in gathered for r in part]
             losses = [x for _, part in gathered for x in part]

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from idefics2_ft.models import WRAP_CLASSES, resolve_dtype
+from idefics2_ft.ranks import world_size
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,6 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def check_ranks_in_sync(state: dict[str, torch.Tensor]) -> bool:
     """True if every rank holds the same trainable weights (``full_trainable_state``; always true on
     one process).
@@ -114,7 +109,7 @@ def check_ranks_in_sync(state: dict[str, torch.Tensor]) -> bool:
     """
     import torch.distributed as dist
 
-    if _world_size() == 1:
+    if world_size() == 1:
         return True
     checksum = sum(float(t.double().sum()) + float(t.double().abs().sum()) for t in state.values())
     gathered: list = [None] * dist.get_world_size()
