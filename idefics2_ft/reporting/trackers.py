@@ -50,7 +50,7 @@ class TrackerRecord(Callback):
                     logger.experiment.add_text("plan", "```\n" + json.dumps(plan, indent=2) + "\n```", 0)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        predictions = getattr(pl_module, "val_predictions", None)
+        predictions = pl_module.val_predictions
         if not trainer.is_global_zero or not predictions or trainer.sanity_checking:
             return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, (WandbLogger, TensorBoardLogger))]

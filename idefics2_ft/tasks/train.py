@@ -354,7 +354,7 @@ def _save(cfg, run_dir: Path, module, processor, trained: dict, metrics: dict, p
     with phase("save"), target.writing() as folder:
         module.model.save_pretrained(folder, state_dict=trained)
         processor.save_pretrained(folder)
-    write_results(run_dir, metrics, getattr(module, "val_predictions", None))
+    write_results(run_dir, metrics, module.val_predictions)
     policy.completed(f"{target.path.name}/ and metrics.json are saved: the run is trained", train_command(cfg))
 
 
@@ -493,7 +493,7 @@ def _report(cfg: DictConfig, run_dir: Path, metrics: dict, module: Idefics2Modul
     from idefics2_ft.reporting import training_report
 
     try:
-        path = training_report(cfg, run_dir, metrics, getattr(module, "val_predictions", None), datamodule.val_set.rows)
+        path = training_report(cfg, run_dir, metrics, module.val_predictions, datamodule.val_set.rows)
     except Exception as err:  # the report is a view of what is saved; the run itself succeeded
         log.warning("report.html not written: %s: %s", type(err).__name__, err)
         return

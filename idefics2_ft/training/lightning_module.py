@@ -67,6 +67,8 @@ class Idefics2Module(L.LightningModule):
         self.skipped: Counter[str] = Counter()  # bad records per "<stage>/<kind>", each record once
         self._bad_seen: set[tuple[str, int]] = set()
         self.val_metrics: dict[str, float] = {}
+        # the last validation's rows, one per question (predictions.jsonl); None until a validation ends
+        self.val_predictions: list[dict] | None = None
         self._val_rows: list[tuple[int, dict]] = []  # (the record's index in the validation set, its row)
         self._val_loss: list[tuple[float, int]] = []
         self._pending_rng: torch.Tensor | None = None
