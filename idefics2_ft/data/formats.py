@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _LOGGED: set[tuple[str, str]] = set()  # each table's detected format is logged once
 MARKER = "<image>"
+SAMPLE_ROWS = 32  # the first rows of a file, table or stream that its format is detected from
 # LLaVA / ShareGPT speakers, as Idefics2's roles
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # the keys under which an image part carries its image (axolotl's and transformers' chat parts)

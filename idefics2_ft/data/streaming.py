@@ -20,13 +20,11 @@ import torch
 from torch.utils.data import IterableDataset
 
 from idefics2_ft.data.dataset import row_to_record
-from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, signature, to_row
+from idefics2_ft.data.formats import SAMPLE_ROWS, ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.mixture import Source
 from idefics2_ft.data.records import DataError, Row
 
 log = logging.getLogger(__name__)
-
-SAMPLE_ROWS = 32
 
 
 def open_stream(cfg: Any, split: str, rank: int = 0, world: int = 1):

@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, signature, to_row
+from idefics2_ft.data.formats import SAMPLE_ROWS, ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.records import DataError, Row
 
-SAMPLE_ROWS = 32  # rows read to detect the format
 JSON_SUFFIXES = (".jsonl", ".json")
 
 

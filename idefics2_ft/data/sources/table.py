@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from idefics2_ft.data.formats import ImagePaths, chosen_format, row_options, signature, to_row
+from idefics2_ft.data.formats import FORMATS, SAMPLE_ROWS, ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.records import DataError, Row
 
-SAMPLE_ROWS = 32
 DATA_FILE_TYPES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -213,14 +212,14 @@ class TableRows(Sequence):
         self.format = chosen_format(cfg, dataset.column_names, sample, self.origin)
         self.expected = signature(self.format, dataset.column_names)
         self.options = row_options(cfg)
-        if self.format == "qa":
-            needed = [cfg.question_column, cfg.answer_column, cfg.image_column]
+        if FORMATS[self.format].mapped:  # its columns are the ones data.*_column name
+            needed = [cfg[key] for key in FORMATS[self.format].mapped]
             missing = [c for c in needed if c not in dataset.column_names]
             if missing:
                 raise DataError(
                     f"dataset {cfg.path!r} split {split!r} has no column(s) {missing}; it has "
                     f"{dataset.column_names}. Map them with data.question_column / data.answer_column / "
-                    "data.image_column, or set data.format to one of trl, cauldron, llava."
+                    f"data.image_column, or set data.format to one of {', '.join(n for n, f in FORMATS.items() if not f.mapped)}."
                 )
 
     def __len__(self) -> int:
