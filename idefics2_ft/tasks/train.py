@@ -11,8 +11,8 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -209,28 +209,80 @@ PHASES = {
     "report": "the report",
     "export": "the export",
 }
+# ``with phase(name) as record``: one of PHASES, timed and measured, and named by a stop's line
+Phase = Callable[[str], AbstractContextManager[dict]]
 
 
 def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, changed: dict | None) -> dict[str, Any]:
     started = time.perf_counter()
     # wall time and peak memory of each phase; a resume writes phases.json (and plan.json) once it trains
     profile = Phases(RunFolder(run_dir).phases if is_rank_zero() and changed is None else None)
+    phase = _phase_in(profile, policy)
+
+    # 2. the base and the data: a first batch collated before any weight loads
+    with phase("base"):  # a stand-in base built just now (the demo's stage 1); else nothing
+        model_path = base_path(cfg)
+    base_s = time.perf_counter() - started
+    record = _seed_and_record(cfg, run_dir, model_path, fingerprint, changed)
+    processor, datamodule, first = _data(cfg, model_path, phase)
+    if cfg.debug.show_labels:
+        return _show_labels(first, processor)
+    # the plan: memory and time per step from the real shapes and this first batch (plan.json)
+    plan = _plan(cfg, model_path, first, run_dir, write=changed is None)
+
+    # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
+    model, counts = _load(cfg, model_path, phase)
+    module = _module(cfg, model, processor, datamodule)
+    trainer = _trainer(cfg, run_dir, plan, changed, record, profile)
+    metrics = _model_metrics(counts, model_path)
+
+    # 4. fit, with a validation pass before (fresh runs) and after
+    resume_from = resume_checkpoint(cfg, run_dir)
+    if cfg.eval.before_training and resume_from is None:
+        metrics.update(_validate_before(cfg, trainer, module, datamodule, phase))
+    trained = _fit(cfg, run_dir, trainer, module, datamodule, resume_from, plan, profile, phase, policy, metrics)
+    _validate_at_end(cfg, trainer, module, datamodule, metrics, phase)
+    metrics.update(_data_metrics(cfg, trainer, module, datamodule))
+    metrics["wall_s"] = time.perf_counter() - started
+    metrics["base/wall_s"] = base_s
+
+    # 5. save: one ordinary adapter whatever the strategy, the metrics, the predictions; export
+    if trainer.is_global_zero:
+        _save(cfg, run_dir, module, processor, trained, metrics, phase, policy)
+        with phase("report"):
+            _report(cfg, run_dir, metrics, module, datamodule)
+        _publish(cfg, run_dir, trainer, metrics, phase)
+        log.info("Phases: %s (phases.json)", profile.line())
+        log.info("Run folder: %s", run_dir)
+    return metrics
+
+
+def _phase_in(profile: Phases, policy: StopPolicy) -> Phase:
+    """``with phase(name) as record``: the phase's wall time and peak memory go to ``profile``
+    (phases.json), and a stop during it is named by ``PHASES[name]``."""
 
     @contextmanager
     def phase(name: str) -> Iterator[dict]:
         with profile(name) as record, policy.phase_of(PHASES[name], name):
             yield record
 
-    # 2. the base and the data: a first batch collated before any weight loads
-    with phase("base"):  # a stand-in base built just now (the demo's stage 1); else nothing
-        model_path = base_path(cfg)
-    base_s = time.perf_counter() - started
+    return phase
+
+
+def _seed_and_record(cfg: DictConfig, run_dir: Path, model_path: str, fingerprint: dict, changed: dict | None) -> dict:
+    """Seed, then the record of the base and the data (written now, unless a resume: it writes it
+    once it trains a step)."""
     # Seeded after the base: the run then starts from the same random state whether a stand-in base
     # was just built in this process or read from its cache (same seed, same adapter).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     record = {**base_record(cfg, model_path), "data": fingerprint}
     if is_rank_zero() and changed is None:  # a resume records its base and data once it trains a step
         write_base_record(run_dir, record)
+    return record
+
+
+def _data(cfg: DictConfig, model_path: str, phase: Phase) -> tuple[Any, Idefics2DataModule, dict]:
+    """The processor, the data set up for the fit and its first batch, collated before any weight loads."""
     with phase("data"):
         processor = load_processor(model_path, cfg.data, cfg.model.revision)
         datamodule = Idefics2DataModule(
@@ -238,22 +290,29 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
         )
         datamodule.setup("fit")
         first = datamodule.first_batch()  # raises DataError if every record of it is bad
-    if cfg.debug.show_labels:
-        text = format_labels(first, processor.tokenizer)
-        log.info("Learned tokens are in [brackets]:\n%s", text)
-        return {"debug/show_labels": text}
+    return processor, datamodule, first
 
-    # the plan: memory and time per step from the real shapes and this first batch (plan.json)
-    plan = _plan(cfg, model_path, first, run_dir, write=changed is None)
 
-    # 3. the model: load (4-bit for QLoRA), attach adapters, wrap in the LightningModule
+def _show_labels(first: dict, processor) -> dict[str, str]:
+    """``debug.show_labels=true``: the first batch with its learned tokens in brackets, and nothing trained."""
+    text = format_labels(first, processor.tokenizer)
+    log.info("Learned tokens are in [brackets]:\n%s", text)
+    return {"debug/show_labels": text}
+
+
+def _load(cfg: DictConfig, model_path: str, phase: Phase) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The model with its adapters, in train mode, and its trainable parameters (logged)."""
     with phase("load"):  # read the shards, quantize to NF4, attach the adapters
         model = load_idefics2(model_path, cfg.model, cfg.peft)
         model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_connector)
     model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
     counts = trainable_parameters(model)
     log.info("Trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    module = Idefics2Module(
+    return model, counts
+
+
+def _module(cfg: DictConfig, model: torch.nn.Module, processor, datamodule: Idefics2DataModule) -> Idefics2Module:
+    return Idefics2Module(
         model,
         processor.tokenizer,
         make_optimizer_factory(cfg),
@@ -263,24 +322,60 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
         shard=make_shard_fn(cfg),
         source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
     )
+
+
+def _trainer(
+    cfg: DictConfig, run_dir: Path, plan: Plan | None, changed: dict | None, record: dict, profile: Phases
+) -> L.Trainer:
+    """The Trainer, with the trackers' record and (a resume) its history written once it trains a step."""
     flops = plan.flops_per_token if plan is not None else None
     callbacks: list = [TrackerRecord(cfg, run_dir)]
     if changed is not None:  # the resume's history: written once it has trained its first step
         callbacks.append(OnFirstStep(lambda: _record_resume(cfg, run_dir, changed, record, profile, plan)))
-    trainer = make_trainer(cfg, run_dir, flops, callbacks=callbacks)
+    return make_trainer(cfg, run_dir, flops, callbacks=callbacks)
+
+
+def _model_metrics(counts: dict[str, int], model_path: str) -> dict[str, Any]:
+    """The trainable parameters and what building a stand-in base measured (the demo's stage 1)."""
     metrics: dict[str, Any] = {f"params/trainable/{k}": v for k, v in counts.items()}
-    built = Path(model_path) / "stage1.json"  # what building a stand-in base measured (the demo's stage 1)
+    built = Path(model_path) / "stage1.json"
     if built.is_file():
         metrics.update(json.loads(built.read_text()))
+    return metrics
 
-    # 4. fit, with a validation pass before (fresh runs) and after
-    resume_from = resume_checkpoint(cfg, run_dir)
-    if cfg.eval.before_training and resume_from is None:
-        with phase("validate_before"):
-            before = _validate(trainer, module, datamodule, cfg.trainer.limit_val_batches)
-        metrics.update({k.replace("val/", "before/val/", 1): v for k, v in before.items()})
-        trainer.limit_val_batches = cfg.trainer.limit_val_batches if cfg.trainer.val_check_interval else 0
-    frozen_before = frozen_fingerprint(model)
+
+def _validate_before(cfg: DictConfig, trainer: L.Trainer, module: Idefics2Module, datamodule, phase: Phase) -> dict:
+    """A fresh run's validation before training, as ``before/val/*``; the fit then validates every
+    ``trainer.val_check_interval`` (or never)."""
+    with phase("validate_before"):
+        before = _validate(trainer, module, datamodule, cfg.trainer.limit_val_batches)
+    metrics = {k.replace("val/", "before/val/", 1): v for k, v in before.items()}
+    trainer.limit_val_batches = cfg.trainer.limit_val_batches if cfg.trainer.val_check_interval else 0
+    return metrics
+
+
+def _fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: L.Trainer,
+    module: Idefics2Module,
+    datamodule,
+    resume_from: str | None,
+    plan: Plan | None,
+    profile: Phases,
+    phase: Phase,
+    policy: StopPolicy,
+    metrics: dict,
+) -> dict:
+    """Fit; add what it measured to ``metrics`` and return the trainable weights, gathered from every
+    rank, checked finite and the same on every rank.
+
+    Raises:
+        Preempted: the SLURM job is requeued first.
+        OutOfMemory: with the plan's figure and the batch to use.
+        Diverged: the trained weights are not finite.
+    """
+    frozen_before = frozen_fingerprint(module.model)
     try:
         with phase("fit") as fit, policy.deferred():  # a signal stops at the next step boundary, saved
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -294,13 +389,21 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
     policy.completed(f"{last} holds the last step ({trainer.global_step}); no adapter was saved")
     fit["s_per_step"] = round(fit["wall_s"] / max(fit["steps"], 1), 3)
     metrics["train/wall_s"] = fit["wall_s"]
-    metrics["train/frozen_base_unchanged"] = int(_unchanged(frozen_before, frozen_fingerprint(model)))
+    metrics["train/frozen_base_unchanged"] = int(_unchanged(frozen_before, frozen_fingerprint(module.model)))
     metrics.update(_measured_against_plan(plan, profile, run_dir))
     metrics.update(describe_run(cfg, trainer))
     trained = full_trainable_state(module.model)  # every rank: under FSDP this gathers the shards
     if non_finite_parameters(trained):  # the divergence guard stops before this; never save such weights
         raise Diverged(f"Trainable weights are not finite after training ({non_finite_parameters(trained)[:3]}).")
     metrics["train/ranks_in_sync"] = check_ranks_in_sync(trained)
+    return trained
+
+
+def _validate_at_end(
+    cfg: DictConfig, trainer: L.Trainer, module: Idefics2Module, datamodule, metrics: dict, phase: Phase
+) -> None:
+    """The final validation (``eval.at_end``) into ``metrics``; a run that never validated says so
+    there (``validation``) and in the log."""
     if cfg.eval.at_end:
         with phase("validate"):
             metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
@@ -312,6 +415,11 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
         )
         metrics["validation"] = f"never validated: {reason}"
         log.warning("This run was never validated: %s.", reason)
+
+
+def _data_metrics(cfg: DictConfig, trainer: L.Trainer, module: Idefics2Module, datamodule) -> dict[str, Any]:
+    """What the run read: validation on the training data, bad records, samples drawn per source (logged)."""
+    metrics: dict[str, Any] = {}
     if datamodule.val_is_train:
         metrics["data/val_is_train"] = 1
     metrics.update(module.skipped_metrics())  # bad records of every rank, each counted once
@@ -319,34 +427,30 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
     if given:
         metrics.update({f"data/samples/{name}": n for name, n in given.items()})
         log.info("Samples drawn per source: %s.", ", ".join(f"{k} {v:,}" for k, v in given.items()))
-    metrics["wall_s"] = time.perf_counter() - started
-    metrics["base/wall_s"] = base_s
-
-    # 5. save: one ordinary adapter whatever the strategy, the metrics, the predictions; export
-    if trainer.is_global_zero:
-        _save(cfg, run_dir, module, processor, trained, metrics, phase, policy)
-        with phase("report"):
-            _report(cfg, run_dir, metrics, module, datamodule)
-        if cfg.logger.type == "wandb" and cfg.logger.log_model:
-            out = RunFolder(run_dir).weights(full=cfg.peft.method == "full")
-            log.info("W&B: the adapter is the artifact %s", log_adapter_artifact(trainer, out, cfg.name))
-        hint = offline_sync_hint(trainer)
-        if hint:
-            log.info(hint)
-        if cfg.export.at_end or cfg.export.push_to_hub:
-            from idefics2_ft.tasks.export import export_run
-
-            with phase("export"):
-                folder, report = export_run(cfg, metrics)
-            metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
-            write_results(run_dir, metrics)
-            log.info("Export: %s", folder)
-        log.info("Phases: %s (phases.json)", profile.line())
-        log.info("Run folder: %s", run_dir)
     return metrics
 
 
-def _save(cfg, run_dir: Path, module, processor, trained: dict, metrics: dict, phase, policy: StopPolicy) -> None:
+def _publish(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, metrics: dict, phase: Phase) -> None:
+    """Rank 0, once saved: the W&B adapter artifact, the offline-sync hint, the export (``export.*``)."""
+    if cfg.logger.type == "wandb" and cfg.logger.log_model:
+        out = RunFolder(run_dir).weights(full=cfg.peft.method == "full")
+        log.info("W&B: the adapter is the artifact %s", log_adapter_artifact(trainer, out, cfg.name))
+    hint = offline_sync_hint(trainer)
+    if hint:
+        log.info(hint)
+    if cfg.export.at_end or cfg.export.push_to_hub:
+        from idefics2_ft.tasks.export import export_run
+
+        with phase("export"):
+            folder, report = export_run(cfg, metrics)
+        metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        write_results(run_dir, metrics)
+        log.info("Export: %s", folder)
+
+
+def _save(
+    cfg, run_dir: Path, module, processor, trained: dict, metrics: dict, phase: Phase, policy: StopPolicy
+) -> None:
     """The adapter (``model/`` for ``peft=full``) written whole or not at all, then the predictions
     and ``metrics.json``; the stop line says from here that the run is trained."""
     full = cfg.peft.method == "full"
