@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from idefics2_ft.hardware import GB
 from idefics2_ft.run_folder import atomic_write_text
 
-GB = 1e9
 STATUS = Path("/proc/self/status")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from idefics2_ft.planning.verdict import GB, MFU, Plan
+from idefics2_ft.hardware import GB
+from idefics2_ft.planning.verdict import MFU, Plan
 
 
 def format_parts(plan: Plan) -> str:

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from transformers import Idefics2Config
 
-from idefics2_ft.hardware import GPUS
+from idefics2_ft.hardware import GB, GPUS
 from idefics2_ft.models import COMPONENTS
 from idefics2_ft.planning.activations import activation_terms, step_flops
 from idefics2_ft.planning.shapes import Setup, Workload
-from idefics2_ft.planning.weights import GB, _meta_model, inventory, parts_summary, per_gpu_gb
+from idefics2_ft.planning.weights import _meta_model, inventory, parts_summary, per_gpu_gb
 
 MFU = 0.3  # assumed for QLoRA (dequantizing NF4 costs time): an assumption, measured by make bench-gpu
 CUDA_CONTEXT_GB = 0.6  # CUDA context and kernels, outside the allocator

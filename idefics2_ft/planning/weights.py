@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
+from idefics2_ft.hardware import GB
 from idefics2_ft.models import COMPONENTS, WRAP_CLASSES, lora_target_regex
 from idefics2_ft.planning.shapes import Setup
 
-GB = 1e9
 # NF4 with double quantization: 4 bits per weight, plus one 8-bit absmax per 64 weights and one
 # fp32 absmax per 256 of those. The quant state is not a parameter: FSDP does not shard it.
 NF4_PACKED = 0.5
