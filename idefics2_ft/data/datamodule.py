@@ -181,10 +181,8 @@ class Idefics2DataModule(L.LightningDataModule):
             if s.cfg.streaming:
                 from itertools import islice
 
-                from idefics2_ft.data.streaming import stream_rows
-
                 limit = limit or STREAM_VAL_ROWS
-                rows: list[Row] = list(islice(stream_rows(s.cfg, s.cfg.val_split), limit))
+                rows: list[Row] = list(islice(kind_of(s.cfg).stream(s.cfg, s.cfg.val_split), limit))
                 parts.append((s.name, rows, None))
             else:
                 parts.append((s.name, build_rows(s.cfg, "val"), limit))

@@ -20,47 +20,12 @@ import torch
 from torch.utils.data import IterableDataset
 
 from idefics2_ft.data.dataset import row_to_record
-from idefics2_ft.data.formats import SAMPLE_ROWS, ImagePaths, chosen_format, row_options, signature, to_row
 from idefics2_ft.data.mixture import Source
-from idefics2_ft.data.records import DataError, Row
+from idefics2_ft.data.records import Row
+from idefics2_ft.data.sources import kind_of
+from idefics2_ft.data.sources.table import stream_rows  # noqa: F401 (the Hub kind's stream, still importable from here)
 
 log = logging.getLogger(__name__)
-
-
-def open_stream(cfg: Any, split: str, rank: int = 0, world: int = 1):
-    """The split as an ``IterableDataset`` (this rank's part of it), the format and the image paths."""
-    from datasets.distributed import split_dataset_by_node
-
-    from idefics2_ft.data.sources.table import open_table
-
-    dataset, base, _ = open_table(cfg, split, streaming=True)
-    if world > 1:
-        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
-    sample = list(islice(iter(dataset), SAMPLE_ROWS))
-    if not sample:
-        raise DataError(f"{cfg.path}[{split}]: the stream is empty.")
-    columns = sorted({key for item in sample for key in item})
-    fmt = chosen_format(cfg, columns, sample, f"{cfg.path}[{split}]")
-    return dataset, (fmt, signature(fmt, columns)), ImagePaths(cfg.get("image_dir") or base)
-
-
-def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int | None = None) -> Iterator[Row]:
-    """The rows of a streamed split, epoch after epoch when ``seed`` is given (reshuffled each epoch)."""
-    dataset, (fmt, expected), paths = open_stream(cfg, split, rank, world)
-    if seed is not None and cfg.buffer_size:
-        dataset = dataset.shuffle(seed=seed, buffer_size=cfg.buffer_size)
-    epoch, n, options = 0, 0, row_options(cfg)
-    while True:
-        dataset.set_epoch(epoch)
-        read = 0
-        for item in dataset:
-            yield to_row(item, fmt, options, f"{cfg.path}[{split}] row {n} (epoch {epoch})", paths, n, expected)
-            read, n = read + 1, n + 1
-        if seed is None:
-            return
-        if not read:
-            raise DataError(f"{cfg.path}[{split}]: rank {rank} of {world} reads no record of the stream.")
-        epoch += 1
 
 
 def log_shuffle(cfg: Any) -> None:
@@ -121,7 +86,7 @@ class StreamBatches(IterableDataset):
     def rows(self) -> Iterator[Row]:
         """The mixture's rows: each draw a source by its probability (one source: its stream)."""
         streams = [
-            stream_rows(s.cfg, s.cfg.train_split, self.rank, self.world, seed=self.seed + 7919 * i)
+            kind_of(s.cfg).stream(s.cfg, s.cfg.train_split, self.rank, self.world, seed=self.seed + 7919 * i)
             for i, s in enumerate(self.sources)
         ]
         if len(streams) == 1:

@@ -158,10 +158,9 @@ def _rows_to_check(source: Source, split_key: str, limit: int | None):
     if cfg.streaming:  # both splits read as streams: neither downloads whole
         from itertools import islice
 
-        from idefics2_ft.data.streaming import stream_rows
-
         n = min(limit or STREAM_CHECK_ROWS, cfg.buffer_size or STREAM_CHECK_ROWS)
-        yield from islice(stream_rows(cfg, cfg[kind_of(cfg).split_key(split_key)]), n)
+        kind = kind_of(cfg)
+        yield from islice(kind.stream(cfg, cfg[kind.split_key(split_key)]), n)
         return
     rows = build_rows(cfg, split_key)
     for index in range(len(rows) if limit is None else min(limit, len(rows))):

@@ -10,7 +10,7 @@ what the Hub must hold and the problems of the kind's own keys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from idefics2_ft.data.records import DataError, Row
@@ -34,6 +34,11 @@ class SourceKind:
             DataError: the split cannot be read as configured, naming the file (and line) and the fix.
         """
         raise NotImplementedError
+
+    def stream(self, d: Any, split: str, rank: int = 0, world: int = 1, seed: int | None = None) -> Iterator[Row]:
+        """The rows of ``split`` read as a stream (``data.streaming=true``; only where ``streams``): this
+        rank's share, epoch after epoch reshuffled when ``seed`` is given, else one pass in stored order."""
+        raise DataError(f"data.streaming=true: source {self.name} cannot be streamed; set data.streaming=false.")
 
     def for_split(self, d: Any, split: str) -> dict[str, Any]:
         """The keys that make ``split`` (a name ``data.split`` gives ``evaluate``) the validation split.

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from idefics2_ft.data.records import Row
 from idefics2_ft.data.sources.base import SourceKind
 from idefics2_ft.data.sources.files import JSON_SUFFIXES, JsonRows
-from idefics2_ft.data.sources.table import DATA_FILE_TYPES, TableRows
+from idefics2_ft.data.sources.table import DATA_FILE_TYPES, TableRows, stream_rows
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -38,6 +38,9 @@ class Hub(SourceKind):
             rows.single_split = True  # one file serves both splits
             return rows
         return TableRows(d, d[self.split_key(split_key)])
+
+    def stream(self, d: Any, split: str, rank: int = 0, world: int = 1, seed: int | None = None) -> Iterator[Row]:
+        return stream_rows(d, split, rank, world, seed)
 
     def for_split(self, d: Any, split: str) -> dict[str, Any]:
         from omegaconf import OmegaConf

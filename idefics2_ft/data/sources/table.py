@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import errno
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,37 @@ class TableRows(Sequence):
             raise IndexError(index)
         item = self._item(self.dataset[int(index)].to_pylist()[0])
         return to_row(item, self.format, self.options, f"{self.origin} row {index}", self.paths, index, self.expected)
+
+
+def open_stream(cfg: Any, split: str, rank: int = 0, world: int = 1):
+    """The split as an ``IterableDataset`` (this rank's part of it), the format and the image paths."""
+    from datasets.distributed import split_dataset_by_node
+
+    dataset, base, _ = open_table(cfg, split, streaming=True)
+    if world > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+    sample = list(islice(iter(dataset), SAMPLE_ROWS))
+    if not sample:
+        raise DataError(f"{cfg.path}[{split}]: the stream is empty.")
+    columns = sorted({key for item in sample for key in item})
+    fmt = chosen_format(cfg, columns, sample, f"{cfg.path}[{split}]")
+    return dataset, (fmt, signature(fmt, columns)), ImagePaths(cfg.get("image_dir") or base)
+
+
+def stream_rows(cfg: Any, split: str, rank: int = 0, world: int = 1, seed: int | None = None) -> Iterator[Row]:
+    """The rows of a streamed split, epoch after epoch when ``seed`` is given (reshuffled each epoch)."""
+    dataset, (fmt, expected), paths = open_stream(cfg, split, rank, world)
+    if seed is not None and cfg.buffer_size:
+        dataset = dataset.shuffle(seed=seed, buffer_size=cfg.buffer_size)
+    epoch, n, options = 0, 0, row_options(cfg)
+    while True:
+        dataset.set_epoch(epoch)
+        read = 0
+        for item in dataset:
+            yield to_row(item, fmt, options, f"{cfg.path}[{split}] row {n} (epoch {epoch})", paths, n, expected)
+            read, n = read + 1, n + 1
+        if seed is None:
+            return
+        if not read:
+            raise DataError(f"{cfg.path}[{split}]: rank {rank} of {world} reads no record of the stream.")
+        epoch += 1
