@@ -73,7 +73,8 @@ def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(help_text(prog))
         return
-    problem = run_dir_problem(sys.argv[1:])  # Hydra makes the folder before any code of ours runs
+    # before Hydra composes the config (and makes the run folder): its own refusals of these are blocks of text
+    problem = run_dir_problem(sys.argv[1:]) or mixture_problem(sys.argv[1:])
     if problem:
         sys.stderr.write(f"{problem}\n")
         sys.exit(2)
@@ -85,6 +86,26 @@ def main() -> None:
         exiting()
         sys.stderr.write(f"{stop}\n")
         sys.exit(stop.exit_code)
+
+
+def mixture_problem(args: list[str]) -> str | None:
+    """A ``data.mixture=[...]`` override whose entries hold a key no entry has (``wieght``), named with
+    the nearest key, in one line; Hydra's own refusal suggests ``+data.mixture``, which fails the same way."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from idefics2_ft.config.validate import mixture_entry_problems
+
+    given = [a for a in args if a.split("=", 1)[0].lstrip("+~") == "data.mixture"]
+    if not given:
+        return None
+    try:
+        value = OverridesParser.create().parse_override(given[-1]).value()
+    except Exception:  # not Hydra's grammar: Hydra says so itself
+        return None
+    problems = mixture_entry_problems(value)
+    if not problems:
+        return None
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
 
 
 def run_dir_problem(args: list[str]) -> str | None:

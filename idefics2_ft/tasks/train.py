@@ -23,8 +23,8 @@ from transformers import AutoConfig
 
 from idefics2_ft.config import ConfigError, accumulation, validate
 from idefics2_ft.data import Idefics2DataModule, check_sources, format_labels
-from idefics2_ft.data.fingerprint import data_fingerprint
-from idefics2_ft.hardware import available_gb
+from idefics2_ft.data.sources import data_fingerprint
+from idefics2_ft.hardware import GB, available_gb
 from idefics2_ft.models import (
     apply_peft,
     base_config,
@@ -480,7 +480,7 @@ class OutOfMemory(RuntimeError):
 
 def out_of_memory_message(cfg: DictConfig, plan: Plan | None, step: int) -> str:
     batch = cfg.data.batch_size
-    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+    peak = torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else float("nan")
     planned = f"the plan predicted {plan.total_gb:.1f} GB" if plan is not None else "there was no plan"
     return (
         f"Out of memory at step {step} with data.batch_size={batch}: {planned}, {peak:.1f} GB were allocated at "
