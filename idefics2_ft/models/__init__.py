@@ -14,6 +14,7 @@ from idefics2_ft.models.loading import (
     load_processor,
     non_finite_parameters,
     resolve_dtype,
+    start_from_adapter,
     trainable_parameters,
 )
 from idefics2_ft.models.processor import SPECIAL_TOKENS, build_processor, build_tokenizer, mistral_tokenizer_model
@@ -32,6 +33,7 @@ __all__ = [
     "IDEFICS2_CHAT_TEMPLATE",
     "LORA_PRESETS",
     "apply_peft",
+    "start_from_adapter",
     "build_processor",
     "build_quantization_config",
     "build_tokenizer",

@@ -169,6 +169,36 @@ def apply_peft(
     return _maybe_recompute_connector(peft_model, checkpoint_connector)
 
 
+def start_from_adapter(
+    model: Idefics2ForConditionalGeneration,
+    adapter_dir: str,
+    gradient_checkpointing: bool,
+    checkpoint_connector: bool | None = None,
+    reference: bool = True,
+):
+    """The base with a trained adapter (an SFT run's ``adapter/``) to go on training, and beside it,
+    frozen, the same adapter as ``reference`` (preference tuning's reference: no second model).
+
+    The policy's adapter (``default``) is the saved one with its own rank, alpha and targets (the
+    ``peft.*`` keys do not apply); the reference adapter is never trained and never saved.
+
+    Returns:
+        The PEFT model, ``default`` active and trainable.
+    """
+    from peft import PeftModel
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()
+    _prepare_kbit(model, gradient_checkpointing)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="default", is_trainable=True)
+    if reference:
+        peft_model.load_adapter(adapter_dir, adapter_name="reference", is_trainable=False)
+        peft_model.base_model.set_adapter("default")  # active and trainable; the reference frozen
+    model.disable_input_require_grads()
+    return _maybe_recompute_connector(peft_model, checkpoint_connector)
+
+
 def _maybe_recompute_connector(model: torch.nn.Module, wanted: bool | None) -> torch.nn.Module:
     trains = connector_trains(model)
     if wanted if wanted is not None else trains:
