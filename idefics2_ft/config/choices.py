@@ -21,7 +21,9 @@ DataSource = Literal["easyvqa", "jsonl", "hub", "docvqa"]
 OnBadSample = Literal["skip", "raise"]
 # "auto" and the names of idefics2_ft.data.formats.FORMATS, in its order (importing the data package here would
 # load torch with the config; tests/unit/test_format_table.py pins the two to each other)
-DataFormat = Literal["auto", "trl", "cauldron", "llava", "qa"]
+DataFormat = Literal[
+    "auto", "trl", "cauldron", "llava", "qa", "trl_pairs", "rlaifv", "llamafactory_pairs", "swift_pairs"
+]
 # The names and aliases of idefics2_ft.metrics.METRICS, in its order (accuracy is exact_match's older
 # name). config may not import metrics (both are foundations), so tests/unit/test_metric_table.py pins the two.
 Metric = Literal["accuracy", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy", "multiple_choice"]

@@ -12,19 +12,21 @@ from idefics2_ft.data.records import BadSample, Row, check_row
 
 def row_to_record(row: Row, index: int) -> dict | BadSample:
     """A row with its images opened, or the ``BadSample`` it is (the collator skips and counts it,
-    or raises, by ``data.on_bad_sample``)."""
+    or raises, by ``data.on_bad_sample``). A pair's record also has ``rejected`` (the rejected side's
+    conversation) and ``rejected_images`` (its own images opened, or None: it shows ``images``)."""
     origin = row.origin or f"record {index}"
     problem = check_row(row)
     if problem:
         return BadSample(index, problem[1], problem[0], origin, row.source)
     try:
         images = [load_image(ref) for ref in row.images]
+        own = None if row.rejected_images is None else [load_image(ref) for ref in row.rejected_images]
     except FileNotFoundError as err:
         return BadSample(index, f"image not found: {err.filename}", "missing_image", origin, row.source)
     except Exception as err:  # PIL raises many types for a corrupt file
         reason = f"unreadable image: {type(err).__name__}: {err}"
         return BadSample(index, reason, "unreadable_image", origin, row.source)
-    return {
+    record = {
         "source": row.source,
         "index": index,
         "origin": origin,
@@ -34,6 +36,9 @@ def row_to_record(row: Row, index: int) -> dict | BadSample:
         "id": row.id,
         "question_type": row.question_type,
     }
+    if row.rejected is not None:  # a preference pair: the rejected side, and its own images (or None)
+        record.update(rejected=row.rejected, rejected_images=own)
+    return record
 
 
 class RecordDataset(Dataset):

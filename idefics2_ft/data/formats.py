@@ -3,7 +3,10 @@ columns, converted per row into one ``Row``.
 
 A format is its name, the columns that tell it apart (``Layout``), a few words on its columns (for
 the messages that list the formats), the function that turns one row into messages, images and
-the problem that makes it bad, and the kinds of bad record it reports. ``detect_format``,
+the problem that makes it bad, and the kinds of bad record it reports. A *pair* format
+(``pairs=True``) reads preference pairs (a chosen and a rejected side, ``Row.rejected``) for
+``objective=dpo``; the others read one conversation a row for supervised fine-tuning, and each run
+refuses the other's data where its format is chosen (``chosen_format``, by ``data.pairs``). ``detect_format``,
 ``chosen_format``, ``to_row``, the messages that list the formats, and the tests that pin
 ``DataFormat`` (``idefics2_ft/config/choices.py``), the demo's copies and ``docs/your-data.md``
 all read the table, so a format is added in one place. Examples of each, and the message for each
@@ -23,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
-from idefics2_ft.data.records import DataError, Row, is_url, message_text, qa_messages
+from idefics2_ft.data.records import DataError, Row, is_url, message_text, qa_messages, sides_problem
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,17 @@ class Converted(NamedTuple):
 
     ``problem`` is what makes the row bad: ``(kind, reason)``, or a kind alone (its reason is the
     format's ``problems[kind]``). ``answers`` are the reference answers where the format names
-    them (qa); None: the ``answers`` column, or else the last assistant turn.
+    them (qa); None: the ``answers`` column, or else the last assistant turn. A pair format's row
+    has ``messages``, the chosen side's conversation, and ``rejected``, the rejected side's, with
+    ``rejected_images`` where that side shows images of its own.
     """
 
     messages: list[dict]
     images: list
     problem: tuple[str, str] | str | None = None
     answers: list[str] | None = None
+    rejected: list[dict] | None = None
+    rejected_images: list | None = None
 
 
 Converter = Callable[[dict, Any], Converted]
@@ -73,7 +80,8 @@ class Format:
     columns are the user's (qa): its one layout is those columns, and its converter checks them.
     ``generic``: its columns are common ones (``messages``; a question, answer and image), so a
     table that also has a specific format's columns (``conversations``; ``texts`` and ``images``)
-    reads as that one.
+    reads as that one. ``pairs``: its rows are preference pairs (``objective=dpo`` reads them, and
+    only them).
     """
 
     name: str
@@ -83,6 +91,7 @@ class Format:
     mapped: tuple[str, ...] = ()
     problems: Mapping[str, str] = field(default_factory=dict)  # the bad-record kinds it reports, and why
     generic: bool = False
+    pairs: bool = False
 
     def layouts_for(self, cfg: Any) -> tuple[Layout, ...]:
         """Its layouts, a format of ``mapped`` columns with the column names ``cfg`` gives."""
@@ -376,10 +385,140 @@ def qa_row(item: dict, cfg: Any) -> Converted:
     return Converted(qa_messages(question, answers[0], None, len(images)), images, answers=answers)
 
 
+# ---------------------------------------------------------------- preference pairs
+def _as_turns(value: Any, role: str, column: str) -> list[dict]:
+    """A prompt or a side as a list of turns: a list as it is, one turn (a dict) as a list of it, a
+    string as one turn of ``role``; None as none."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(turn, dict) for turn in value):
+        return list(value)
+    raise ValueError(f"{column!r} is {type(value).__name__}, not text, a turn or a list of turns")
+
+
+def _pair(chosen: Converted, rejected: Converted, own_images: bool = False) -> Converted:
+    """A pair from its two sides, each read as one conversation: the chosen side's problem, else the
+    rejected side's (named so), else what makes the two sides untrainable together (an empty or
+    identical side). ``own_images``: the rejected side shows images of its own (``rejected.images``)."""
+    problem = chosen.problem
+    if problem is None and rejected.problem is not None:
+        kind, reason = rejected.problem if isinstance(rejected.problem, tuple) else (rejected.problem, None)
+        problem = (kind, f"the rejected side: {reason}") if reason else kind
+    rejected_images = rejected.images if own_images else None
+    if problem is None:
+        problem = sides_problem(chosen.messages, rejected.messages, chosen.images, rejected_images)
+    return Converted(
+        chosen.messages, chosen.images, problem, rejected=rejected.messages, rejected_images=rejected_images
+    )
+
+
+def _without_prompt(turns: list[dict], prompt: list[dict]) -> list[dict]:
+    """A side given as the whole conversation (its prompt turns, then the answer; UltraFeedback's
+    ``chosen``) as its answer turns alone."""
+    return turns[len(prompt) :] if prompt and len(turns) > len(prompt) and turns[: len(prompt)] == prompt else turns
+
+
+def trl_pairs(item: dict, cfg: Any = None) -> Converted:
+    """TRL's preference form: ``prompt``, ``chosen``, ``rejected`` and ``images`` (or one ``image``).
+    Conversational (lists of turns, content as parts or strings) or plain strings (the prompt is then
+    the user turn, each side its answer); each side is read as ``trl_messages`` reads a conversation."""
+    prompt = _as_turns(item.get("prompt"), "user", "prompt")
+    images = {"images": item.get("images"), "image": item.get("image")}
+    chosen, rejected = (
+        trl_messages(
+            {"messages": prompt + _without_prompt(_as_turns(item.get(key), "assistant", key), prompt), **images}
+        )
+        for key in ("chosen", "rejected")
+    )
+    return _pair(chosen, rejected)
+
+
+def rlaifv_pairs(item: dict, cfg: Any = None) -> Converted:
+    """RLAIF-V's own columns: ``question``, ``chosen`` and ``rejected`` answers (strings) and one
+    ``image`` (before the question)."""
+    question = as_text(item.get("question")) or ""
+    sides = []
+    for key in ("chosen", "rejected"):
+        answer = as_text(item.get(key))
+        turns = [{"role": "user", "content": question}]
+        turns += [{"role": "assistant", "content": answer}] if answer is not None else []
+        sides.append(trl_messages({"messages": turns, "images": as_list(item.get("image"))}))
+    return _pair(*sides)
+
+
+def _speaker_turns(turns: list[dict]) -> list[tuple[str, str]] | tuple[str, str]:
+    """LLaMA-Factory's turns (``from``/``value`` or ``role``/``content``) as ``(role, text)``, or the
+    problem of a turn whose speaker is not a known one."""
+    out = []
+    for turn in turns:
+        speaker = turn.get("from") if turn.get("from") is not None else turn.get("role")
+        if speaker not in SPEAKERS:
+            return ("unknown_role", f"speaker {speaker!r} (use one of {', '.join(sorted(SPEAKERS))})")
+        text = turn.get("value") if turn.get("value") is not None else turn.get("content")
+        out.append((SPEAKERS[speaker], as_text(text) or ""))
+    return out
+
+
+def llamafactory_pairs(item: dict, cfg: Any = None) -> Converted:
+    """LLaMA-Factory's ranking form: the prompt's turns in ``conversations`` (``from``, ``value``) or
+    ``messages`` (``role``, ``content``), one turn each in ``chosen`` and ``rejected``, an optional
+    ``system``, and ``images`` placed by ``<image>`` markers (one per image, as LLaMA-Factory asks)."""
+    images = _row_images(item)
+    column = "conversations" if item.get("conversations") is not None else "messages"
+    system = as_text(item.get("system"))
+    sides = []
+    for key in ("chosen", "rejected"):
+        turns = _speaker_turns(_as_turns(item.get(column), "user", column) + _as_turns(item.get(key), "assistant", key))
+        if isinstance(turns, tuple):
+            return Converted([], images, turns)
+        messages, problem = _marker_messages([("system", system)] * bool(system) + turns, len(images))
+        sides.append(Converted(messages, images, problem))
+    return _pair(*sides)
+
+
+def _one_turn_sides(sample: Sequence[dict]) -> bool:
+    """Whether the first rows' ``chosen`` is one turn (LLaMA-Factory's), not a list of them."""
+    return any(isinstance(item.get("chosen"), dict) for item in sample)
+
+
+def swift_pairs(item: dict, cfg: Any = None) -> Converted:
+    """ms-swift's form: ``messages`` ending in the chosen answer and ``images`` (``<image>`` markers
+    place them, or they go before the first user turn, as ms-swift adds them); the rejected side is
+    ``rejected_response`` (its answer after the same prompt) or ``rejected_messages`` (its whole
+    conversation, or its answer turn alone), shown ``rejected_images`` where they are given."""
+    turns = item.get("messages")
+    if not isinstance(turns, list):
+        raise ValueError("'messages' is not a list of turns")
+    images = _row_images(item)
+    chosen = trl_messages({"messages": turns, "images": images})
+    prompt = turns[:-1] if turns and turns[-1].get("role") == "assistant" else turns
+    if item.get("rejected_messages") is not None:
+        rejected_turns = _as_turns(item["rejected_messages"], "assistant", "rejected_messages")
+        if all(turn.get("role") == "assistant" for turn in rejected_turns):  # the answer alone
+            rejected_turns = prompt + rejected_turns
+    else:
+        rejected_turns = prompt + _as_turns(item.get("rejected_response"), "assistant", "rejected_response")
+    own = item.get("rejected_images")
+    own_images = own is not None and as_list(own) != images
+    rejected = trl_messages({"messages": rejected_turns, "images": as_list(own) if own_images else images})
+    return _pair(chosen, rejected, own_images)
+
+
 _IMAGES_MISMATCH = "the images are not one per <image> marker or image part"
 
+_PAIR_PROBLEMS = {
+    "identical_sides": "the chosen and rejected sides are the same conversation, showing the same images",
+    "empty_side": "a side has no answer, or an empty one",
+    "images_mismatch": _IMAGES_MISMATCH,
+}
+
 # The formats, in the order the messages and docs list them. A table reads as the first whose columns it
-# has, the specific formats tried before the generic ones.
+# has: the pair formats first (their columns hold an SFT format's: messages, conversations, a question
+# and an image), then the other specific formats, then the generic ones.
 FORMATS: dict[str, Format] = {
     form.name: form
     for form in (
@@ -419,6 +558,41 @@ FORMATS: dict[str, Format] = {
             },
             generic=True,
         ),
+        Format(
+            "trl_pairs",
+            "prompt, chosen, rejected: lists of turns or strings; images or image",
+            trl_pairs,
+            layouts=(Layout(("prompt", "chosen", "rejected")),),
+            problems={**_PAIR_PROBLEMS, "unreadable_image": "an image part's base64 does not decode"},
+            pairs=True,
+        ),
+        Format(
+            "rlaifv",
+            "question, chosen, rejected, image: RLAIF-V's columns",
+            rlaifv_pairs,
+            layouts=(Layout(("question", "chosen", "rejected", "image")),),
+            problems=_PAIR_PROBLEMS,
+            pairs=True,
+        ),
+        Format(
+            "llamafactory_pairs",
+            f"conversations or messages, one chosen and one rejected turn, images with {MARKER} markers",
+            llamafactory_pairs,
+            layouts=(
+                Layout(("conversations", "chosen", "rejected")),
+                Layout(("messages", "chosen", "rejected"), _one_turn_sides),
+            ),
+            problems={**_PAIR_PROBLEMS, "unknown_role": "a turn's speaker is not a known role"},
+            pairs=True,
+        ),
+        Format(
+            "swift_pairs",
+            "messages ending in the chosen answer, rejected_response or rejected_messages, images, rejected_images",
+            swift_pairs,
+            layouts=(Layout(("messages", "rejected_response")), Layout(("messages", "rejected_messages"))),
+            problems={**_PAIR_PROBLEMS, "unreadable_image": "an image part's base64 does not decode"},
+            pairs=True,
+        ),
     )
 }
 
@@ -431,7 +605,7 @@ def detect_format(columns: Sequence[str], sample: Sequence[dict], cfg: Any, wher
         DataError: no format has these columns; the message names them, the formats and the key to set.
     """
     cols = set(columns)
-    for form in sorted(FORMATS.values(), key=lambda form: form.generic):  # the specific formats first
+    for form in sorted(FORMATS.values(), key=lambda form: (form.generic, not form.pairs)):
         if any(layout.fits(cols, sample) for layout in form.layouts_for(cfg)):
             return form.name
     for form in FORMATS.values():  # some of a mapped format's columns: the keys that map the others
@@ -480,11 +654,13 @@ def to_row(
             problem=("format_mismatch", f"has {present}, not the {fmt} format of the rest ({', '.join(expected)})"),
         )
     try:
-        messages, images, problem, answers = form.convert(item, cfg)
+        converted = form.convert(item, cfg)
     except (AttributeError, TypeError, ValueError) as err:
         return Row(messages=[], origin=origin, problem=("format_mismatch", f"not a {fmt} row: {err}"))
-    if cfg.system_prompt and messages and not any(m.get("role") == "system" for m in messages):
-        messages = [{"role": "system", "content": [_text(cfg.system_prompt)]}, *messages]
+    messages, images, problem, answers = converted.messages, converted.images, converted.problem, converted.answers
+    rejected, rejected_images = converted.rejected, converted.rejected_images
+    if cfg.system_prompt:
+        messages, rejected = (_with_system(m, cfg.system_prompt) for m in (messages, rejected))
     if answers is None:
         answers, unreadable = answer_texts(item.get("answers"), "answers")
         if unreadable is not None and unreadable[0] != "missing_answer":
@@ -501,7 +677,16 @@ def to_row(
         question_type=qtype[0] if isinstance(qtype, list) and qtype else qtype,
         origin=origin,
         problem=form.problem(problem) if problem else None,
+        rejected=rejected,
+        rejected_images=None if rejected_images is None else [paths(ref) for ref in rejected_images],
     )
+
+
+def _with_system(messages: list[dict] | None, prompt: str) -> list[dict] | None:
+    """``data.system_prompt`` as the first turn of a conversation that has none."""
+    if not messages or any(m.get("role") == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": [_text(prompt)]}, *messages]
 
 
 def _row_id(item: dict, cfg: Any, index: int) -> Any:
@@ -537,8 +722,46 @@ def chosen_format(cfg: Any, columns: Sequence[str], sample: Sequence[dict], wher
         raise DataError(
             f"{where}: data.format={fmt} reads the column(s) {list(needed)}, and its columns are {sorted(columns)}{hint}."
         )
+    if form.pairs != bool(cfg.get("pairs", False)):
+        raise DataError(_objective_mismatch(form, columns, sample, cfg, where))
     if (where, fmt) not in _LOGGED:
         _LOGGED.add((where, fmt))
         why = "data.format" if given else f"detected from its columns {sorted(columns)}"
         log.info("Data: %s reads as format=%s (%s).", where, fmt, why)
     return fmt
+
+
+def _objective_mismatch(form: Format, columns: Sequence[str], sample: Sequence[dict], cfg: Any, where: str) -> str:
+    """The refusal of preference pairs given to supervised fine-tuning, or of one answer a row given to
+    preference tuning (``data.pairs``, set from ``objective``): the columns, the format and the fix."""
+    cols = sorted(columns)
+    if form.pairs:
+        sft = [f.name for f in FORMATS.values() if not f.pairs and _reads_as_sft(f, cols, sample, cfg)]
+        other = f", or set data.format={sft[0]} to train on its chosen conversations alone" if sft else ""
+        return (
+            f"{where}: its columns {cols} are preference pairs (format={form.name}: {form.columns}), and "
+            f"objective=sft trains on one answer a row. Train on pairs with objective=dpo{other}."
+        )
+    pairs = ", ".join(name for name, f in FORMATS.items() if f.pairs)
+    half = [side for side in ("chosen", "rejected") if side in cols]
+    note = ""
+    if len(half) == 1:
+        missing = "rejected" if half == ["chosen"] else "chosen"
+        note = f" It has a {half[0]!r} column and no {missing!r}: a pair gives both sides."
+    return (
+        f"{where}: objective=dpo trains on preference pairs, and its columns {cols} read as format={form.name}, "
+        f"one answer a row.{note} Give pairs in one of the pair formats ({pairs}: docs/your-data.md#preference-pairs), "
+        "or train on it with objective=sft."
+    )
+
+
+def _reads_as_sft(form: Format, columns: Sequence[str], sample: Sequence[dict], cfg: Any) -> bool:
+    """Whether an SFT format reads a pair table's first row as a conversation that ends in an answer
+    (ms-swift's ``messages`` do; LLaMA-Factory's ``conversations``, the prompt alone, do not)."""
+    if not sample or not any(layout.fits(set(columns), sample) for layout in form.layouts_for(cfg)):
+        return False
+    try:
+        converted = form.convert(sample[0], row_options(cfg))
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return converted.problem is None and bool(converted.messages) and converted.messages[-1].get("role") == "assistant"

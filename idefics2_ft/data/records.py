@@ -4,6 +4,11 @@ A row holds its images as references and its conversation in the transformers ch
 
     {"role": "system" | "user" | "assistant",
      "content": [{"type": "image"}, {"type": "text", "text": "..."}]}
+
+A preference *pair* is a row with ``rejected`` set: ``messages`` is the chosen side's conversation
+and ``rejected`` the rejected side's (for most formats the same prompt turns, then the rejected
+answer); each side's last turn is its answer. ``rejected_images`` is None when the rejected side
+shows the chosen side's images, or the rejected side's own (ms-swift's ``rejected_images``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ class Row:
     origin: str | None = None  # where it came from, for messages: "file.jsonl:12", "dataset[split] row 7"
     source: str | None = None  # its source's name in a mixture (data.mixture[].name)
     problem: tuple[str, str] | None = None  # (kind, reason) found while reading it: it cannot be trained on
+    # a preference pair: the rejected side's whole conversation (``messages`` is the chosen side's)
+    rejected: list[dict] | None = None
+    rejected_images: list[Any] | None = None  # None: the rejected side shows ``images``; else its own
 
 
 def qa_messages(question: str, answer: str, system_prompt: str | None = None, n_images: int = 1) -> list[dict]:
@@ -84,12 +92,17 @@ def is_url(ref: Any) -> bool:
 
 
 def check_row(row: Row) -> tuple[str, str] | None:
-    """What makes a row untrainable, as ``(kind, reason)``, or None if it is fine (images not opened)."""
+    """What makes a row untrainable, as ``(kind, reason)``, or None if it is fine (images not opened).
+    A pair is checked on both sides: ``empty_side`` and ``identical_sides`` before the rest."""
     if row.problem:
         return row.problem
     unknown = sorted({str(m.get("role")) for m in row.messages if m.get("role") not in ROLES})
     if unknown:
         return "unknown_role", f"unknown role(s) {unknown}: use one of {', '.join(ROLES)}"
+    if row.rejected is not None:
+        problem = sides_problem(row.messages, row.rejected, row.images, row.rejected_images)
+        if problem:
+            return problem
     assistant = [m for m in row.messages if m.get("role") == "assistant"]
     if not assistant:
         return "no_assistant_turn", "no assistant turn"
@@ -98,12 +111,56 @@ def check_row(row: Row) -> tuple[str, str] | None:
     urls = [ref for ref in row.images if is_url(ref)]
     if urls:
         return "image_url", f"image URLs are not fetched ({urls[0]}): download the image and give its local path"
-    placeholders = count_images(row.messages)
-    if placeholders > len(row.images):
-        return "too_many_placeholders", f"{placeholders} image placeholders but {len(row.images)} images"
-    if placeholders < len(row.images):  # the extra images would be dropped without a word
+    problem = _images_problem(row.messages, row.images)
+    if problem is None and row.rejected is not None:
+        images = row.images if row.rejected_images is None else row.rejected_images
+        urls = [ref for ref in images if is_url(ref)]
+        if urls:
+            return "image_url", f"image URLs are not fetched ({urls[0]}): download the image and give its local path"
+        problem = _images_problem(row.rejected, images, "the rejected side: ")
+    return problem
+
+
+def _images_problem(messages: list[dict], images: list, side: str = "") -> tuple[str, str] | None:
+    placeholders = count_images(messages)
+    if placeholders > len(images):
+        return "too_many_placeholders", f"{side}{placeholders} image placeholders but {len(images)} images"
+    if placeholders < len(images):  # the extra images would be dropped without a word
         return (
             "too_many_images",
-            f"{len(row.images)} images but {placeholders} image placeholders: add one {{'type': 'image'}} per image",
+            f"{side}{len(images)} images but {placeholders} image placeholders: add one {{'type': 'image'}} per image",
         )
     return None
+
+
+def final_answer(messages: list[dict]) -> str | None:
+    """The text of a conversation's last turn when it is an assistant's (a side's answer), else None."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return None
+    return message_text(messages[-1])
+
+
+def sides_problem(
+    chosen: list[dict], rejected: list[dict], images: list, rejected_images: list | None
+) -> tuple[str, str] | None:
+    """What makes a pair's two sides untrainable together: a side's unknown role, a side without an
+    answer (``empty_side``), or two sides that are the same conversation showing the same images
+    (``identical_sides``: its loss would teach nothing)."""
+    unknown = sorted({str(m.get("role")) for m in rejected if m.get("role") not in ROLES})
+    if unknown:
+        return "unknown_role", f"the rejected side has unknown role(s) {unknown}: use one of {', '.join(ROLES)}"
+    answers = {}
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        answer = final_answer(messages)
+        if answer is None or not answer.strip():
+            what = "no answer (its last turn is not the assistant's)" if answer is None else "an empty answer"
+            return "empty_side", f"the {side} side has {what}: a pair needs both answers"
+        answers[side] = answer.strip()
+    same = answers["chosen"] == answers["rejected"] and chosen[:-1] == rejected[:-1]
+    if same and (rejected_images is None or list(rejected_images) == list(images)):
+        return "identical_sides", f"the chosen and rejected sides are the same ({_short(answers['chosen'])})"
+    return None
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
