@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Installed only when the venv has no torch: the CPU wheel of torch 2.13.0 (on these machines it
 # lies on disk). A torch already in the venv (your CUDA build) is kept: pip is held to its version.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,deepspeed,slurm
+EXTRAS ?= dev,oracle,deepspeed,slurm
 PIP_FLAGS ?= -q
 MIN_VENV ?= .venv-min
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)

@@ -28,6 +28,9 @@ DataFormat = Literal[
 # name). config may not import metrics (both are foundations), so tests/unit/test_metric_table.py pins the two.
 Metric = Literal["accuracy", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy", "multiple_choice"]
 GroupBy = Literal["none", "length", "aspect"]
+Objective = Literal["sft", "dpo"]
+# the reference of preference tuning: auto is adapter with model.adapter, else base (docs/preference-tuning.md)
+Reference = Literal["auto", "adapter", "base", "none"]
 Optimizer = Literal["auto", "adamw", "paged_adamw_8bit"]
 Scheduler = Literal["cosine", "constant"]
 Precision = Literal["auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"]

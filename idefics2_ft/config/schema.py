@@ -20,12 +20,14 @@ from idefics2_ft.config.choices import (
     LoraTarget,
     MergeInto,
     Metric,
+    Objective,
     OnBadSample,
     Optimizer,
     PeftMethod,
     Precision,
     QuantStorage,
     QuantType,
+    Reference,
     Scheduler,
     Strategy,
     ZeroStage,
@@ -77,6 +79,9 @@ class ModelConfig:
     # recompute the connector's projection (in chunks of patches) and perceiver in the backward instead
     # of keeping their activations; null: on when anything in the connector trains (docs/memory.md)
     checkpoint_connector: bool | None = None
+    # start from a trained adapter: an SFT run folder (its adapter/) or an adapter folder; the run trains
+    # it further (its rank and targets, not peft.*), and objective=dpo takes it as the reference
+    adapter: str | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
@@ -169,6 +174,8 @@ class DataConfig:
     group_by: str = choice("none", GroupBy)
     # the validation score: accuracy (= exact_match), anls, vqa_accuracy, relaxed_accuracy, multiple_choice
     metric: str = choice("accuracy", Metric)
+    # rows are preference pairs (chosen, rejected): set from objective=dpo, not by hand
+    pairs: bool = False
 
 
 @dataclass
@@ -222,6 +229,23 @@ class EvalConfig:
     max_new_tokens: int = 16
     at_end: bool = True  # validate (loss + generation metrics) once after the last step
     before_training: bool = False  # also validate the model as loaded, before any step
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the run optimises: sft (the assistant's tokens' NLL) or dpo (preference pairs; docs/preference-tuning.md)."""
+
+    name: str = choice("sft", Objective)
+    # dpo: the losses, summed with loss_weights (one each; null: 1 each): sigmoid (DPO), ipo, hinge,
+    # robust, bco_pair, sft (the chosen answer's NLL), and the reference-free simpo and orpo
+    loss: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    # auto: the adapter the run starts from (model.adapter), else the base; adapter, base, or none
+    reference: str = choice("auto", Reference)
+    label_smoothing: float = 0.0  # cDPO / robust DPO / SimPO: the probability a pair's label is flipped
+    simpo_gamma: float = 0.5
+    orpo_lambda: float | None = None  # null: beta
 
 
 @dataclass
@@ -292,6 +316,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -311,5 +336,6 @@ def register_configs() -> None:
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
         ("strategy", StrategyConfig),
+        ("objective", ObjectiveConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)

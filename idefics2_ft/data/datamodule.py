@@ -223,7 +223,7 @@ class Idefics2DataModule(L.LightningDataModule):
         else:
             records = [self.train_set[i] for i in range(min(self.cfg.batch_size, len(self.train_set)))]
         batch = self.train_collator()(records)
-        if "input_ids" not in batch:
+        if "input_ids" not in batch and "chosen_input_ids" not in batch:
             bad = batch["bad_samples"]
             kinds = sorted({b.kind for b in bad})
             raise DataError(
@@ -234,6 +234,10 @@ class Idefics2DataModule(L.LightningDataModule):
 
     def train_collator(self) -> Idefics2Collator:
         c = self.cfg
+        if c.get("pairs", False):  # objective=dpo: batches of pairs, each picture once per pair
+            from idefics2_ft.data.pairs import PairCollator
+
+            return PairCollator(self.processor, c.max_length, on_bad_sample=c.on_bad_sample)
         return Idefics2Collator(
             self.processor,
             c.max_length,
@@ -353,7 +357,10 @@ class Idefics2DataModule(L.LightningDataModule):
             sampler = DistributedSampler(
                 self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        collate = ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample)
+        if self.cfg.get("pairs", False):  # held-out pairs: the same batches as training's
+            collate = self.train_collator()
+        else:
+            collate = ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample)
         return self._loader(self.val_set, collate, batch_size=self.cfg.eval_batch_size, sampler=sampler, shuffle=False)
 
 

@@ -104,7 +104,17 @@ def workload_from_cfg(
 
 
 def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) -> Workload:
-    """The shapes of a collated batch (its padded sizes, as the model sees them)."""
+    """The shapes of a collated batch (its padded sizes, as the model sees them). A batch of B pairs is
+    2B rows for the text model (chosen and rejected stacked) and its pictures once (the vision tower's
+    share); the reference's pass, without activations, is not counted."""
+    if "chosen_input_ids" in batch:
+        import torch
+
+        batch = {
+            "pixel_values": batch["pixel_values"],
+            "labels": torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+            "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+        }
     pixels = batch["pixel_values"]  # (batch, images, 3, H, W), padded
     patch = config.vision_config.patch_size
     real = int((pixels.flatten(2).abs().sum(-1) > 0).sum())  # the model drops all-zero padding images
@@ -112,4 +122,4 @@ def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) ->
     crops = pictures_per_image(cfg.data.do_image_splitting)
     learned = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())  # the positions the loss keeps
     seq = batch["input_ids"].shape[1]
-    return Workload(pixels.shape[0], real, patches, seq, crops, cfg.data.longest_edge, learned)
+    return Workload(batch["input_ids"].shape[0], real, patches, seq, crops, cfg.data.longest_edge, learned)

@@ -374,6 +374,31 @@ def unfinished(run_dir: Path) -> str | None:
     return f"{run_dir} holds no trained adapter and no checkpoint: the run stopped before its first save; train again."
 
 
+def starting_adapter(path: str) -> Path:
+    """The adapter ``model.adapter=`` names: an adapter folder itself, or a finished run's ``adapter/``.
+
+    Raises:
+        RunFolderError: nothing there, a run that did not finish (its last checkpoint and the command
+            that finishes it), or a folder that holds no adapter; each naming the key.
+    """
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    run = RunFolder(folder)
+    if (run.adapter / "adapter_config.json").is_file():
+        return run.adapter
+    if not folder.is_dir():
+        raise RunFolderError(
+            f"model.adapter={path}: no such folder; give a finished run's folder or an adapter folder."
+        )
+    if run.config.is_file():
+        raise RunFolderError(f"model.adapter={path}: {unfinished(folder)}")
+    raise RunFolderError(
+        f"model.adapter={path}: holds no adapter_config.json; give a finished run's folder (its adapter/ is read) "
+        "or an adapter folder."
+    )
+
+
 def slurm_restarted() -> bool:
     """True when SLURM restarted this job after a requeue (it then resumes by itself)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0

@@ -34,11 +34,20 @@ from idefics2_ft.run_folder import (
 log = logging.getLogger(__name__)
 
 # Keys that make a resumed run a different experiment: refused unless resume_changes names them.
-EXPERIMENT = ("model.", "peft.", "data.", "seed", "trainer.precision")
+EXPERIMENT = ("model.", "peft.", "data.", "objective.", "seed", "trainer.precision")
 # ... except these, which change how the run is read or shown, not what it trains on.
 HARMLESS = ("data.num_workers", "data.eval_batch_size", "data.max_val_samples", "data.on_bad_sample")
-# The adapter's shape: last.ckpt holds adapters of the old shape, so no resume_changes can accept it.
-SHAPE = ("peft.method", "peft.r", "peft.target", "peft.modules_to_save", "peft.skip_modules")
+# The adapter's shape and where it started (last.ckpt holds adapters of the old ones), and the objective (its
+# step reads other batches): no resume_changes can accept these.
+SHAPE = (
+    "peft.method",
+    "peft.r",
+    "peft.target",
+    "peft.modules_to_save",
+    "peft.skip_modules",
+    "model.adapter",
+    "objective.name",
+)
 # Where the data files are: another path holding the same content (by fingerprint) is the same data.
 MOVABLE = ("data.train_file", "data.val_file", "data.path")  # not data.image_dir: images are not fingerprinted
 NOT_COMPARED = ("run_dir", "resume", "overwrite", "resume_changes")

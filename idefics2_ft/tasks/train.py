@@ -33,6 +33,7 @@ from idefics2_ft.models import (
     load_processor,
     non_finite_parameters,
     resolve_base,
+    start_from_adapter,
     trainable_parameters,
 )
 from idefics2_ft.models.bases import base_record
@@ -50,6 +51,7 @@ from idefics2_ft.run_folder import (
     resume_checkpoint,
     save_config,
     slurm_restarted,
+    starting_adapter,
     weights_output,
     write_base_record,
     write_results,
@@ -70,6 +72,7 @@ from idefics2_ft.training import (
     offline_sync_hint,
     requeue_slurm_job,
 )
+from idefics2_ft.training.preference_module import PreferenceModule, objective_problems, reference_of
 from idefics2_ft.training.strategies import (
     check_ranks_in_sync,
     full_trainable_state,
@@ -105,12 +108,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if owned:
         policy = StopPolicy("train").install()
     policy.rehearse(cfg.debug.stop_at)
+    cfg.data.pairs = cfg.objective.name == "dpo"  # what the data room reads: pairs, or one answer a row
     try:
         # 1. validate: everything that can be checked before a weight loads
         with policy.phase_of("checks"):
             check_versions()
             resolve_batch_size(cfg)
-            validate(cfg)
+            validate_all(cfg)
+            if cfg.model.adapter:
+                starting_adapter(cfg.model.adapter)  # an unfinished run or no adapter: refused here
         lock = FolderLock(cfg.run_dir)
         if is_rank_zero():  # the other ranks of this run are the same owner
             try:
@@ -281,6 +287,22 @@ def _seed_and_record(cfg: DictConfig, run_dir: Path, model_path: str, fingerprin
     return record
 
 
+def validate_all(cfg: DictConfig) -> None:
+    """``validate`` and the objective's checks, every problem listed at once.
+
+    Raises:
+        ConfigError: with each problem and its fix.
+    """
+    problems: list[str] = []
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        problems = list(err.problems)
+    problems += objective_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
 def _data(cfg: DictConfig, model_path: str, phase: Phase) -> tuple[Any, Idefics2DataModule, dict]:
     """The processor, the data set up for the fit and its first batch, collated before any weight loads."""
     with phase("data"):
@@ -304,14 +326,52 @@ def _load(cfg: DictConfig, model_path: str, phase: Phase) -> tuple[torch.nn.Modu
     """The model with its adapters, in train mode, and its trainable parameters (logged)."""
     with phase("load"):  # read the shards, quantize to NF4, attach the adapters
         model = load_idefics2(model_path, cfg.model, cfg.peft)
-        model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_connector)
+        if cfg.model.adapter:  # go on from a trained adapter; with objective=dpo, also the reference
+            adapter = starting_adapter(cfg.model.adapter)
+            check_adapter_base(adapter, model_path)
+            reference = cfg.objective.name == "dpo" and reference_of(cfg.objective, cfg.model.adapter) == "adapter"
+            model = start_from_adapter(
+                model, str(adapter), cfg.model.gradient_checkpointing, cfg.model.checkpoint_connector, reference
+            )
+        else:
+            model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_connector)
     model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
     counts = trainable_parameters(model)
     log.info("Trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return model, counts
 
 
+def check_adapter_base(adapter: Path, model_path: str) -> None:
+    """An adapter trained on another base does not fit this one: refused, naming both.
+
+    Raises:
+        ConfigError: the adapter's ``base_model_name_or_path`` is not this run's base.
+    """
+    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if recorded and str(recorded) != str(model_path):
+        raise ConfigError(
+            [
+                f"model.adapter={adapter} was trained on {recorded}, and this run loads {model_path}: an adapter "
+                f"fits the base it was trained on. Set model.name_or_path to that base, or train an adapter on this one."
+            ]
+        )
+
+
 def _module(cfg: DictConfig, model: torch.nn.Module, processor, datamodule: Idefics2DataModule) -> Idefics2Module:
+    if cfg.objective.name == "dpo":
+        o = cfg.objective
+        return PreferenceModule(
+            model,
+            processor.tokenizer,
+            make_optimizer_factory(cfg),
+            make_schedule(cfg),
+            losses=list(o.loss),
+            weights=list(o.loss_weights) if o.loss_weights is not None else None,
+            beta=o.beta,
+            reference=reference_of(o, cfg.model.adapter),
+            options={"label_smoothing": o.label_smoothing, "simpo_gamma": o.simpo_gamma, "orpo_lambda": o.orpo_lambda},
+            shard=make_shard_fn(cfg),
+        )
     return Idefics2Module(
         model,
         processor.tokenizer,
@@ -407,7 +467,8 @@ def _validate_at_end(
     if cfg.eval.at_end:
         with phase("validate"):
             metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
-    if not metrics.get("val/n_questions") and not module.val_metrics.get("val/n_questions"):
+    scored = ("val/n_questions", "val/pairs")  # questions answered, or held-out pairs (objective=dpo)
+    if not any(m.get(key) for m in (metrics, module.val_metrics) for key in scored):
         reason = (
             "eval.at_end=false"
             if not cfg.eval.at_end
@@ -456,7 +517,8 @@ def _save(
     full = cfg.peft.method == "full"
     target = weights_output(run_dir, full)
     with phase("save"), target.writing() as folder:
-        module.model.save_pretrained(folder, state_dict=trained)
+        extra = {} if full else {"selected_adapters": ["default"]}  # not objective=dpo's frozen reference
+        module.model.save_pretrained(folder, state_dict=trained, **extra)
         processor.save_pretrained(folder)
     write_results(run_dir, metrics, module.val_predictions)
     policy.completed(f"{target.path.name}/ and metrics.json are saved: the run is trained", train_command(cfg))
@@ -546,9 +608,17 @@ def prefetch_command(cfg: DictConfig) -> str:
 
 
 def base_path(cfg: DictConfig) -> str:
-    """The base to train on: the run's recorded base when resuming, else what
-    ``model.name_or_path`` resolves to (a stand-in is built and cached if needed)."""
-    return resolve_base(cfg, read_base_record(cfg.run_dir) if cfg.resume else None)
+    """The base to train on: the run's recorded base when resuming; the base the adapter it starts from
+    was trained on (``model.adapter``, a run folder that records it); else what ``model.name_or_path``
+    resolves to (a stand-in is built and cached if needed)."""
+    if cfg.resume:
+        return resolve_base(cfg, read_base_record(cfg.run_dir))
+    if cfg.model.adapter:
+        adapter = starting_adapter(cfg.model.adapter)
+        record = read_base_record(adapter.parent) if adapter.name == "adapter" else None
+        if record is not None:
+            return resolve_base(cfg, record)
+    return resolve_base(cfg, None)
 
 
 def _plan(cfg: DictConfig, model_path: str, first: dict, run_dir: Path, write: bool = True) -> Plan | None:
