@@ -91,7 +91,8 @@ def workload_from_cfg(
 ) -> Workload:
     """The largest batch the data settings allow: square pages at ``longest_edge``, ``images`` per
     sample, ``text_tokens`` of text besides the image tokens (capped by ``max_length``), of which
-    ``answer_tokens`` are learned (the logits are computed there only)."""
+    ``answer_tokens`` are learned (the logits are computed there only). A batch of pairs is 2 rows a
+    pair for the text model, its pictures once; the reference's pass, without activations, is not counted."""
     d = cfg.data
     crops = pictures_per_image(d.do_image_splitting)
     side = d.longest_edge // config.vision_config.patch_size
@@ -99,8 +100,10 @@ def workload_from_cfg(
     seq = image_tokens + text_tokens
     if d.max_length:
         seq = min(seq, d.max_length)
-    learned = min(seq, answer_tokens * d.batch_size)  # the union over the batch, at most
-    return Workload(d.batch_size, d.batch_size * images * crops, side * side, seq, crops, d.longest_edge, learned)
+    # objective=dpo: a pair is two text rows (chosen and rejected) and its pictures once
+    rows = d.batch_size * (2 if cfg.get("objective") is not None and cfg.objective.name == "dpo" else 1)
+    learned = min(seq, answer_tokens * rows)  # the union over the batch, at most
+    return Workload(rows, d.batch_size * images * crops, side * side, seq, crops, d.longest_edge, learned)
 
 
 def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) -> Workload:
