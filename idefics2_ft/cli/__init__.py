@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         from idefics2_ft.stops import StopPolicy
 
         StopPolicy(command).install().completed("nothing was written yet", same_command(command, rest))
+    if command in ("plan", "prefetch"):  # they compose train's config: the same refusal as train's, in one line
+        from idefics2_ft.cli.train import mixture_problem
+
+        problem = mixture_problem(rest)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
     module = importlib.import_module(f"idefics2_ft.cli.{command}")
     if command == "train":  # Hydra reads sys.argv itself
         sys.argv = [f"idefics2-ft {command}", *rest]

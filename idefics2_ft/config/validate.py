@@ -138,6 +138,7 @@ def mixture_entry_problems(entries: object) -> list[str]:
     if not isinstance(entries, list):
         return []
     known = [f.name for f in dataclasses.fields(MixtureSource)]
+    renamed = {"max_train_samples": "max_samples"}  # data.* keys an entry names otherwise
     problems = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
@@ -146,7 +147,7 @@ def mixture_entry_problems(entries: object) -> list[str]:
         for key in entry:
             if key in known:
                 continue
-            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            near = [renamed[key]] if key in renamed else difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}?" if near else f"the keys of an entry are {', '.join(known)}."
             problems.append(f"{where}.{key} is not a key of a mixture entry: {hint}")
     return problems

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data.fingerprint import same_file
+from idefics2_ft.data.sources import ALIASES
 from idefics2_ft.ranks import is_rank_zero
 from idefics2_ft.run_folder import (
     RunFolder,
@@ -76,11 +77,15 @@ def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> di
     before = previous_config(run_dir)
     if before is None:
         return {}
-    old, new = flat(before), flat(redacted(cfg))
+    old, new = _as_now(flat(before)), _as_now(flat(redacted(cfg)))
+    defaults = _schema_defaults()
     found = {
         key: (old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
-        if not key.startswith(NOT_COMPARED) and old.get(key) != new.get(key)
+        if not key.startswith(NOT_COMPARED)
+        and old.get(key) != new.get(key)
+        # a key an older version did not write, at its default now: the same run (objective.name=sft, ...)
+        and not (key not in old and key in defaults and new.get(key) == defaults[key])
     }
     if not old.get("data.streaming") and not new.get("data.streaming"):
         found.pop("data.buffer_size", None)  # the shuffle buffer of a stream: no stream, no effect
@@ -88,6 +93,27 @@ def changes(cfg: DictConfig, run_dir: Path, data_fingerprint: dict | None) -> di
     if edited:
         found["data (files)"] = ("as trained", f"changed since: {', '.join(edited)}")
     return found
+
+
+def _as_now(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat config values with the names an older version wrote read as today's: ``data.source=docvqa``
+    is ``hub`` (``data=docvqa`` became a preset of it), in a mixture's entries too."""
+    out = dict(values)
+    if out.get("data.source") in ALIASES:
+        out["data.source"] = ALIASES[out["data.source"]]
+    if isinstance(out.get("data.mixture"), list):
+        out["data.mixture"] = [
+            {**e, "source": ALIASES.get(e.get("source"), e.get("source"))} if isinstance(e, dict) else e
+            for e in out["data.mixture"]
+        ]
+    return out
+
+
+def _schema_defaults() -> dict[str, Any]:
+    """Every key's default in the schema, flat (what a key an older version did not write would have been)."""
+    from idefics2_ft.config import TrainConfig
+
+    return flat(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False, throw_on_missing=False))
 
 
 def edited_data(run_dir: Path, data_fingerprint: dict | None) -> list[str]:

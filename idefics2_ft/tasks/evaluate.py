@@ -1,4 +1,9 @@
-"""Load a finished run (adapter or merged model) and evaluate it on a split, or answer one question."""
+"""Load a finished run (adapter or merged model) and evaluate it on a split, or answer one question.
+
+A preference run (``objective=dpo``) trained on pairs: ``evaluate_pairs`` scores held-out pairs with
+the run's own reward metrics (its policy against its reference, rebuilt as the run had it);
+``objective.name=sft`` with a question/answer split scores its answers instead (``evaluate``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import DataError
+from idefics2_ft.data.mixture import entry_config
 from idefics2_ft.data.sources import kind_of
 from idefics2_ft.metrics import diagnostic_columns
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
@@ -37,10 +43,21 @@ def config_for_split(cfg: DictConfig, split: str) -> DictConfig:
         ConfigError: the source has no such split, naming the ones it has (``SourceKind.for_split``).
     """
     try:
-        keys = kind_of(cfg.data).for_split(cfg.data, split)
+        if not cfg.data.get("mixture"):
+            return OmegaConf.merge(cfg, {"data": kind_of(cfg.data).for_split(cfg.data, split)})
+        # a mixture: each source's own split (a JSONL source's file), asked of its kind
+        base = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "mixture"}
+        entries = []
+        for entry in cfg.data.mixture:
+            merged = entry_config(base, entry)
+            try:
+                keys = kind_of(merged).for_split(merged, split)
+            except DataError as err:
+                raise DataError(f"data.mixture source {entry.name!r}: {err}") from None
+            entries.append({**OmegaConf.to_container(entry, resolve=True), **keys})
     except DataError as err:  # the source has no such split: refused as the config it is
         raise ConfigError([str(err)]) from None
-    return OmegaConf.merge(cfg, {"data": keys})
+    return OmegaConf.merge(cfg, {"data": {"val_split": split, "mixture": entries}})
 
 
 def load_run(cfg: DictConfig, full_precision: bool = False, model_dir: str | None = None):
@@ -154,9 +171,11 @@ def evaluate(
     from idefics2_ft.training.lightning_module import Idefics2Module
     from idefics2_ft.training.trainer import follow_stop_policy
 
+    if cfg.objective.name == "dpo":
+        raise ConfigError([PAIRS_NOT_ANSWERS.format(run_dir=cfg.run_dir)])
     target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
 
-    data_cfg = OmegaConf.merge(cfg.data, {"val_split": split})
+    data_cfg = OmegaConf.merge(cfg.data, {"val_split": split, "pairs": False})
     datamodule = Idefics2DataModule(data_cfg, processor)
     module = Idefics2Module(
         model,
@@ -199,6 +218,111 @@ def evaluate(
         (folder / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
         (folder / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         evaluation_report(cfg, folder, metrics, rows, datamodule.val_set.rows, label)
+    log.info("Report: %s", target.path / "report.html")
+    return metrics
+
+
+PAIRS_NOT_ANSWERS = (
+    "{run_dir} is a preference run (objective=dpo): its data are pairs, which have no answer to generate and "
+    "score. Score its held-out pairs with `idefics2-ft evaluate run_dir={run_dir}` (evaluate_pairs), or a "
+    "question/answer split with objective.name=sft and that split's data.* keys."
+)
+
+
+def load_pair_run(cfg: DictConfig):
+    """A preference run's policy and reference, as the run trained them: the base as trained (4-bit for
+    QLoRA), the run's ``adapter/`` as the policy (``default``) and, for ``objective.reference=adapter``,
+    the adapter it started from (``model.adapter``) beside it as the frozen ``reference``.
+
+    Returns:
+        ``(model, processor, reference)``: the model in eval mode; ``reference`` is ``adapter``,
+        ``base`` or ``none`` (as ``PreferenceModule`` takes it).
+
+    Raises:
+        FileNotFoundError: the run has no adapter (it did not finish).
+        RunFolderError: the reference adapter (``model.adapter``) is gone or never finished.
+    """
+    from peft import PeftModel
+
+    from idefics2_ft.run_folder import starting_adapter
+    from idefics2_ft.training.preference_module import POLICY_ADAPTER, REFERENCE_ADAPTER, reference_of
+
+    run = RunFolder(cfg.run_dir)
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(unfinished(run.root) or f"{run.adapter}/adapter_config.json not found.")
+    reference = reference_of(cfg.objective, cfg.model.adapter)
+    reference_dir = starting_adapter(cfg.model.adapter) if reference == "adapter" else None
+    model = load_idefics2(base_model_path(cfg), cfg.model, cfg.peft)
+    model = PeftModel.from_pretrained(model, str(run.adapter), adapter_name=POLICY_ADAPTER)
+    if reference_dir is not None:
+        model.load_adapter(str(reference_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.base_model.set_adapter(POLICY_ADAPTER)
+    processor = load_processor(str(run.adapter), cfg.data)
+    model.eval()
+    return model, processor, reference
+
+
+def evaluate_pairs(
+    cfg: DictConfig,
+    model,
+    processor,
+    reference: str,
+    split: str,
+    out_dir: Path | Output,
+    label: str = "the run's policy against its reference",
+    weights: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """A preference run's held-out pairs of ``split`` scored as its validation scores them: the loss,
+    rewards, reward accuracy, log-probs and lengths, means over the pairs. Writes eval_metrics.json and
+    report.html, together, once complete.
+
+    Args:
+        model, processor, reference: ``load_pair_run``'s.
+        Others: as ``evaluate``.
+
+    Returns:
+        Flat metrics: ``eval/rewards/*``, ``eval/logps/*``, ``eval/loss``, ``eval/loss/<name>``,
+        ``eval/length/*``, ``eval/pairs``, ``eval/split``, and ``weights``.
+    """
+    import lightning as L
+
+    from idefics2_ft.data.datamodule import Idefics2DataModule
+    from idefics2_ft.reporting import evaluation_report
+    from idefics2_ft.training.preference_module import PreferenceModule
+    from idefics2_ft.training.trainer import follow_stop_policy
+
+    target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
+    o = cfg.objective
+    data_cfg = OmegaConf.merge(cfg.data, {"val_split": split, "pairs": True})
+    datamodule = Idefics2DataModule(data_cfg, processor)
+    module = PreferenceModule(
+        model,
+        processor.tokenizer,
+        optimizer_factory=None,
+        losses=list(o.loss),
+        weights=list(o.loss_weights) if o.loss_weights is not None else None,
+        beta=o.beta,
+        reference=reference,
+        options={"label_smoothing": o.label_smoothing, "simpo_gamma": o.simpo_gamma, "orpo_lambda": o.orpo_lambda},
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_checkpointing=False,
+    )
+    follow_stop_policy(trainer)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics: dict[str, Any] = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
+    metrics.update({f"eval/skipped/{k.removeprefix('val/')}": v for k, v in module.skipped.items()})
+    metrics["eval/split"] = split
+    metrics.update(weights or {})
+    if not metrics.get("eval/pairs"):
+        raise DataError(f"No usable pair in split {split!r} of {cfg.data.path or cfg.data.source}: nothing was scored.")
+    with target.writing() as folder:  # both files appear together, once complete
+        (folder / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        evaluation_report(cfg, folder, metrics, [], [], label)
     log.info("Report: %s", target.path / "report.html")
     return metrics
 

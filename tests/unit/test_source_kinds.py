@@ -17,7 +17,7 @@ from idefics2_ft.config.choices import DataSource
 from idefics2_ft.data import sources
 from idefics2_ft.data.records import DataError, Row, qa_messages
 from idefics2_ft.data.sources import ALIASES, SOURCES, SourceKind, build_rows, data_fingerprint, kind_of
-from tests.helpers import compose_config
+from tests.helpers import IDEFICS2_FT, compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,3 +196,87 @@ def test_a_misspelt_mixture_key_is_named_with_the_nearest_one_before_hydra(tmp_p
             "data.mixture[0] (a).wieght is not a key of a mixture entry: did you mean weight?"
         )
         assert not (tmp_path / "run").exists()
+
+
+def test_an_older_run_folder_that_says_source_docvqa_and_lacks_the_new_keys_resumes_as_the_same_run(tmp_path):
+    """Review #37: the alias must compare equal on resume, and keys an older version did not write
+    (objective.*, data.pairs) at their defaults are no change."""
+    import yaml
+
+    from idefics2_ft.tasks.claim import changes
+
+    cfg = compose_config(["data=docvqa", "data.path=/data/docvqa", f"run_dir={tmp_path}"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    old["data"]["source"] = "docvqa"
+    del old["objective"], old["data"]["pairs"], old["model"]["adapter"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert changes(cfg, tmp_path, None) == {}
+    moved = compose_config(["data=docvqa", "data.path=/data/docvqa", "objective=dpo", f"run_dir={tmp_path}"])
+    assert "objective.name" in changes(moved, tmp_path, None)  # a real change is still one
+
+
+def test_a_cauldron_subsets_fingerprint_covers_its_own_folder_only(tmp_path):
+    """Review #29: downloading another subset into the folder is not an edit of this run's data."""
+    folder = tmp_path / "the_cauldron"
+    _cauldron_subset(folder, "chartqa", 2)
+    cfg = compose_config(["data=cauldron", f"data.path={folder}", "data.subset=chartqa", f"run_dir={tmp_path}"])
+    before = data_fingerprint(cfg.data)
+    _cauldron_subset(folder, "docvqa", 2)
+    assert data_fingerprint(cfg.data) == before and list(before) == ["chartqa/train-00000-of-00001.parquet"]
+
+
+def test_slices_of_one_data_file_hold_rows_out(tmp_path):
+    """Review #22: train[2:] / train[:2] on a JSON file were ignored, and the warning advised them."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": f"q{i}", "answers": [f"a{i}"], "image": "x.png"} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config(
+        [
+            "data=hub",
+            f"data.path={path}",
+            "data.train_split='train[2:]'",
+            "data.val_split='train[:2]'",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    train, val = build_rows(cfg.data, "train"), build_rows(cfg.data, "val")
+    assert [r.answers for r in train] == [["a2"], ["a3"], ["a4"]] and [r.answers for r in val] == [["a0"], ["a1"]]
+    assert not kind_of(cfg.data).one_split(val)
+    whole = compose_config(["data=hub", f"data.path={path}", f"run_dir={tmp_path}"])
+    assert kind_of(whole.data).one_split(build_rows(whole.data, "val"))  # no slices: named as memorisation
+
+
+def test_a_mixture_key_named_as_data_names_it_gets_the_entrys_name_and_plan_refuses_typos_too(tmp_path):
+    from idefics2_ft.config.validate import mixture_entry_problems
+
+    said = mixture_entry_problems([{"name": "a", "max_train_samples": 5}])
+    assert said == ["data.mixture[0] (a).max_train_samples is not a key of a mixture entry: did you mean max_samples?"]
+    done = subprocess.run(
+        [
+            IDEFICS2_FT,
+            "plan",
+            "recipe=easyvqa_tiny",
+            "data.mixture=[{name: a, source: easyvqa, wieght: 1.0}]",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.strip().endswith("did you mean weight?"), done.stderr[-1500:]
+
+
+def test_evaluating_a_mixture_on_a_split_asks_each_sources_kind(tmp_path):
+    """Review #40: a JSONL source of a mixture was scored on its val_file under data.split=train."""
+    from idefics2_ft.tasks.evaluate import config_for_split
+
+    train, val = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    for path in (train, val):
+        path.write_text(json.dumps({"question": "q", "answers": ["a"], "image": "x.png"}) + "\n")
+    mixture = f"data.mixture=[{{name: e, source: easyvqa}}, {{name: j, source: jsonl, train_file: '{train}', val_file: '{val}'}}]"
+    cfg = compose_config(["data=easyvqa", mixture, f"run_dir={tmp_path}"])
+    picked = config_for_split(cfg, "train")
+    entries = {e.name: e for e in picked.data.mixture}
+    assert entries["j"].val_file == str(train) and entries["e"].val_split == "train"
+    with pytest.raises(ConfigError, match="data.mixture source 'e'.*easy-VQA ships the splits train and test"):
+        config_for_split(cfg, "validation")

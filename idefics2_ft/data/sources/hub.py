@@ -13,10 +13,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from idefics2_ft.data.records import Row
+from idefics2_ft.data.records import DataError, Row
 from idefics2_ft.data.sources.base import SourceKind
 from idefics2_ft.data.sources.files import JSON_SUFFIXES, JsonRows
-from idefics2_ft.data.sources.table import DATA_FILE_TYPES, TableRows, stream_rows
+from idefics2_ft.data.sources.table import DATA_FILE_TYPES, TableRows, parse_split, stream_rows, subset_folder
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -33,11 +33,15 @@ class Hub(SourceKind):
 
     def rows(self, d: Any, split_key: str) -> Sequence[Row]:
         path = Path(d.path)
+        split = d[self.split_key(split_key)]
         if path.is_file() and path.suffix.lower() in JSON_SUFFIXES:
             rows = JsonRows(d.path, d)
-            rows.single_split = True  # one file serves both splits
+            _, start, stop = parse_split(split)
+            if start or stop is not None:  # train[200:] / train[:200]: a slice of the file's rows
+                return SlicedRows(rows, start, stop)
+            rows.single_split = True  # one file serves both splits whole
             return rows
-        return TableRows(d, d[self.split_key(split_key)])
+        return TableRows(d, split)
 
     def stream(self, d: Any, split: str, rank: int = 0, world: int = 1, seed: int | None = None) -> Iterator[Row]:
         return stream_rows(d, split, rank, world, seed)
@@ -57,7 +61,11 @@ class Hub(SourceKind):
         if folder is not None and folder.is_file():
             return {folder.name: file_fingerprint(folder)}
         if folder is not None and folder.is_dir() and not any(folder.rglob("state.json")):  # a folder of data files
-            files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in DATA_FILE_TYPES]
+            try:  # a subset's own folder (The Cauldron downloaded in part): only its files are this run's data
+                read, _ = subset_folder(folder, d.get("subset"))
+            except DataError:
+                read = folder
+            files = [p for p in sorted(read.rglob("*")) if p.is_file() and p.suffix.lower() in DATA_FILE_TYPES]
             return {str(p.relative_to(folder)): file_fingerprint(p) for p in files}  # the data files, not the images
         if folder is not None and folder.is_dir():
             states = sorted(folder.rglob("state.json"))
@@ -78,3 +86,24 @@ class Hub(SourceKind):
                 f"{where}.path is required with source {d.source}: a Hub dataset id, a local folder or a data file."
             ]
         return []
+
+
+class SlicedRows(Sequence):
+    """Rows ``start:stop`` of a file's rows (``data.train_split='train[200:]'`` on one data file)."""
+
+    def __init__(self, rows: Sequence[Row], start: int, stop: int | None) -> None:
+        self.rows, self.start = rows, min(start, len(rows))
+        self.stop = len(rows) if stop is None else min(stop, len(rows))
+        self.single_split = False
+        self.format = getattr(rows, "format", None)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, index: int) -> Row:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.rows[self.start + index]
+
