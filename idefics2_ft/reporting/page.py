@@ -2,8 +2,10 @@
 
 It holds the loss and learning-rate curves (``history.jsonl``), the metrics before and after,
 overall and per question type, a gallery of validation examples (half of them chosen among the
-wrong answers, so the failures show), and the run's config and plan. Images and plots are inlined
-as base64 PNG; the page loads nothing else and runs no script.
+wrong answers, so the failures show), and the run's config and plan. A preference run
+(``objective=dpo``) has no answers to show: its page draws the reward curves instead and tables the
+held-out pairs' metrics. Images and plots are inlined as base64 PNG; the page loads nothing else
+and runs no script.
 """
 
 from __future__ import annotations
@@ -69,6 +71,95 @@ def curves_png(history: Sequence[dict]) -> bytes | None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+# The reward curves of a preference run, (history key, label): the rewards on one axes, the share of
+# pairs ranked right on another (each drawn where the run logged it: train/ each step, val/ at each validation)
+REWARD_CURVES = (
+    ("rewards/chosen", "chosen"),
+    ("rewards/rejected", "rejected"),
+    ("rewards/margins", "margin"),
+)
+ACCURACY_CURVE = ("rewards/accuracies", "accuracy")
+
+
+def reward_curves_png(history: Sequence[dict]) -> tuple[bytes, list[str]] | None:
+    """A preference run's rewards over steps (chosen, rejected, margin) and its reward accuracy, the
+    train/ curves as lines and the val/ ones as points, as one PNG; with the history keys drawn.
+    None when the history holds no reward."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = {row["step"]: row[key] for row in history if row.get(key) is not None}
+        steps = sorted(points)
+        return steps, [points[s] for s in steps]
+
+    drawn: list[str] = []
+    figure = Figure(figsize=(10, 3.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    reward_axes, accuracy_axes = figure.subplots(1, 2, width_ratios=[3, 2])
+    colors = {"rewards/chosen": "#2a9d4a", "rewards/rejected": "#d1495b", "rewards/margins": "#1f77b4"}
+    colors["rewards/accuracies"] = "#9467bd"
+    for axes, curves in ((reward_axes, REWARD_CURVES), (accuracy_axes, (ACCURACY_CURVE,))):
+        for key, label in curves:
+            for stage, style in (("train", "-"), ("val", "o--")):
+                steps, values = series(f"{stage}/{key}")
+                if steps:
+                    axes.plot(steps, values, style, label=f"{label} ({stage})", color=colors[key])
+                    drawn.append(f"{stage}/{key}")
+    if not drawn:
+        return None
+    reward_axes.axhline(0.0, color="#999", linewidth=0.8)
+    reward_axes.set(xlabel="optimizer step", ylabel="beta x log-ratio", title="rewards")
+    accuracy_axes.set(xlabel="optimizer step", ylabel="share of pairs", title="reward accuracy", ylim=(-0.05, 1.05))
+    for axes in (reward_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue(), drawn
+
+
+# A preference run's table: (label, the key after its prefix, how the value reads)
+PAIR_ROWS = (
+    ("reward accuracy (chosen above rejected)", "rewards/accuracies", "{:.1%}"),
+    ("reward margin", "rewards/margins", "{:.4f}"),
+    ("reward, chosen", "rewards/chosen", "{:.4f}"),
+    ("reward, rejected", "rewards/rejected", "{:.4f}"),
+    ("log-prob, chosen", "logps/chosen", "{:.3f}"),
+    ("log-prob, rejected", "logps/rejected", "{:.3f}"),
+    ("answer length, chosen (tokens)", "length/chosen", "{:.1f}"),
+    ("answer length, rejected (tokens)", "length/rejected", "{:.1f}"),
+    ("loss", "loss", "{:.4f}"),
+    ("pairs", "pairs", "{:.0f}"),
+)
+
+
+def pair_table(columns: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """A preference run's metrics on held-out pairs: rewards, accuracy, log-probs, lengths, each loss,
+    one column per ``(title, {key: value})``; keys read as ``<prefix>/<name>`` (``val/``, ``eval/``)."""
+    parsed = [
+        {k.split("/", 1)[1]: float(v) for k, v in values.items() if "/" in k and isinstance(v, (int, float))}
+        for _, values in columns
+    ]
+    losses = sorted({k for p in parsed for k in p if k.startswith("loss/")})
+    losses = losses if len(losses) > 1 else []  # one loss: the loss row is it
+    rows = list(PAIR_ROWS[:-2]) + [(f"loss: {k.removeprefix('loss/')}", k, "{:.4f}") for k in losses]
+    rows += PAIR_ROWS[-2:]
+    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in columns)
+    body = []
+    for label, key, shown in rows:
+        cells = "".join(f'<td class="n">{"-" if key not in p else shown.format(p[key])}</td>' for p in parsed)
+        body.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+def is_preference(cfg: DictConfig) -> bool:
+    """Whether the run trained on preference pairs (``objective=dpo``)."""
+    objective = cfg.get("objective")
+    return objective is not None and objective.get("name") == "dpo"
 
 
 def metric_table(columns: Sequence[tuple[str, dict[str, Any]]], metric: str) -> str:
@@ -156,6 +247,20 @@ def gallery_html(predictions: Sequence[dict], rows: Iterable, metric: str) -> st
     return note + f'<div class="gallery">{"".join(cards)}</div>'
 
 
+def reward_curves_html(history: Sequence[dict]) -> str:
+    """The reward curves' image and, beneath it, the history keys it draws (or why there is none)."""
+    drawn = reward_curves_png(history)
+    if drawn is None:
+        return f'<p class="note">No reward curves: {HISTORY_FILE} holds no train/rewards/* step.</p>'
+    png, keys = drawn
+    return (
+        f'<img src="{png_data_uri(png)}" alt="reward curves: {", ".join(keys)}">'
+        f'<p class="note">Rewards are beta x (policy - reference) log-probabilities of each answer (without a '
+        f"reference, beta x its mean log-prob per token); the accuracy is the share of pairs whose chosen answer "
+        f"is rewarded above the rejected one. Drawn: {html.escape(', '.join(keys))}.</p>"
+    )
+
+
 def plan_html(plan: dict | None) -> str:
     if not plan:
         return '<p class="note">No plan.json in this run.</p>'
@@ -193,6 +298,7 @@ def write_report(
     """
     folder, run_dir = Path(folder), Path(run_dir)
     metric = cfg.data.metric
+    pairs = is_preference(cfg)
     history = read_history(run_dir)
     png = curves_png(history)
     curves = (
@@ -200,6 +306,12 @@ def write_report(
         if png
         else f'<p class="note">No curves: {HISTORY_FILE} holds no logged step (trainer.log_every_n_steps).</p>'
     )
+    if pairs:
+        curves += reward_curves_html(history)
+    if cfg.data.get("mixture") and not pairs:
+        table = source_table(columns, mixture_metrics(cfg))
+    else:
+        table = pair_table(columns) if pairs else metric_table(columns, metric)
     plan_path = RunFolder(run_dir).plan
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     header = "".join(
@@ -209,11 +321,10 @@ def write_report(
         title=html.escape(title),
         css=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
         header=header,
-        metrics=source_table(columns, mixture_metrics(cfg))
-        if cfg.data.get("mixture")
-        else metric_table(columns, metric),
+        metrics=table,
         curves=curves,
-        gallery=gallery_html(predictions, rows, metric),
+        # a preference run generates no answers: no gallery, not an empty one
+        gallery="" if pairs else "<h2>Examples</h2>\n" + gallery_html(predictions, rows, metric),
         plan=plan_html(plan),
         config=html.escape(OmegaConf.to_yaml(redacted(cfg))),
     )
@@ -233,6 +344,8 @@ def _facts(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     name = {"lora": "LoRA", "dora": "DoRA"}.get(peft.method, peft.method)
     method = name if peft.method == "full" else f"{'Q' if peft.quantize else ''}{name} r={peft.r}"
     facts: dict[str, Any] = {"recipe": cfg.name, "base model": cfg.model.name_or_path, "method": method}
+    if is_preference(cfg):
+        facts["objective"] = objective_line(cfg, metrics.get("objective/reference"))
     if "validation" in metrics:  # never validated: said at the top, not left to an empty table
         facts["validation"] = metrics["validation"]
     if "train/steps" in metrics:
@@ -242,6 +355,21 @@ def _facts(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     if "train/wall_s" in metrics:
         facts["training time"] = f"{metrics['train/wall_s']:.0f} s on {metrics.get('hardware', '?')}"
     return facts
+
+
+def objective_line(cfg: DictConfig, reference: str | None = None) -> str:
+    """A preference run's objective in one line: the losses with their weights, beta, the reference
+    (``reference``: as the run resolved ``objective.reference``, its metrics' ``objective/reference``)."""
+    o = cfg.objective
+    weights = list(o.loss_weights) if o.loss_weights is not None else [1.0] * len(o.loss)
+    losses = " + ".join(f"{w:g} x {name}" for name, w in zip(o.loss, weights, strict=False))
+    reference = reference or o.reference
+    named = {
+        "adapter": f"the adapter it started from ({cfg.model.adapter}), frozen",
+        "base": "the base with the adapters off",
+        "none": "none (reference-free)",
+    }.get(reference, f"{reference} (model.adapter={cfg.model.adapter})")
+    return f"dpo: {losses}, beta {o.beta:g}; reference: {named}"
 
 
 def _run_columns(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -271,7 +399,9 @@ def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], p
     """``out_dir/report.html`` of an evaluation, beside the run's own validation when it was on the same split."""
     run = read_metrics(Path(cfg.run_dir))
     split = metrics.get("eval/split")
-    columns = _run_columns(run, "run: ") if split == cfg.data.val_split else []
+    # beside the run's own validation when it scored the same split the same way (pairs, or answers)
+    same_kind = ("eval/pairs" in metrics) == ("val/pairs" in run)
+    columns = _run_columns(run, "run: ") if split == cfg.data.val_split and same_kind else []
     columns.append((f"this evaluation ({split})", metrics))
     facts = {"run folder": str(cfg.run_dir), "evaluated": model, **_facts(cfg, run), "split": split}
     return write_report(

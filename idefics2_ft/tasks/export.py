@@ -26,7 +26,7 @@ from idefics2_ft.metrics import display_name
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.models.bases import describe_base
 from idefics2_ft.models.generation import generation_config
-from idefics2_ft.reporting.page import TEMPLATES
+from idefics2_ft.reporting.page import TEMPLATES, is_preference
 from idefics2_ft.run_folder import MARKER, Output, RunFolder, output_folder, read_metrics, redacted, unfinished
 from idefics2_ft.stops import StopPolicy, active
 from idefics2_ft.tasks.evaluate import base_model_path
@@ -139,11 +139,12 @@ def merge_and_check(
 def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
     """The card's YAML front matter as the Hub reads it (``huggingface_hub.ModelCardData``): base
     model, library, license, task, datasets, tags, and a ``model-index`` with the validation metric."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import EvalResult
 
-    _, base_id = describe_base(cfg.model.name_or_path)
     data = cfg.data.path or cfg.data.source
     split = metrics.get("eval/split", cfg.data.val_split)
+    if is_preference(cfg):  # pairs: the held-out pairs' reward accuracy, not a QA metric it never computed
+        return _metadata(cfg, adapter_only, data, _pair_results(cfg, metrics, data, split))
     # one result per source: (its name in the metric keys, the dataset it reads, its subset, its metric)
     if cfg.data.get("mixture"):
         scored = [
@@ -168,16 +169,111 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
                     metric_value=round(float(value), 4),
                 )
             )
-    results = results or None
+    return _metadata(cfg, adapter_only, data, results)
+
+
+def _metadata(cfg: DictConfig, adapter_only: bool, data: str, results: list):
+    from huggingface_hub import ModelCardData
+
+    _, base_id = describe_base(cfg.model.name_or_path)
+    tags = ["idefics2", "idefics2-ft", "qlora" if cfg.peft.quantize else cfg.peft.method]
+    if is_preference(cfg):
+        tags += ["dpo", *[f"dpo-{name}" for name in cfg.objective.loss if name != "sigmoid"]]
     return ModelCardData(
         base_model=base_id,  # None for a stand-in: it is on no Hub
         library_name="peft" if adapter_only else "transformers",
         license="apache-2.0",
         pipeline_tag="image-text-to-text",
         datasets=[data] if cfg.data.path else None,
-        tags=["idefics2", "idefics2-ft", "qlora" if cfg.peft.quantize else cfg.peft.method],
+        tags=tags,
         model_name=cfg.name,
-        eval_results=results,
+        eval_results=results or None,
+    )
+
+
+# the model-index entry of a preference run: the share of held-out pairs whose chosen answer the model
+# rewards above the rejected one (its ``val/rewards/accuracies``, or an evaluation's ``eval/...``)
+PAIR_METRIC = "rewards/accuracies"
+
+
+def _pair_results(cfg: DictConfig, metrics: dict[str, Any], data: str, split: str) -> list:
+    from huggingface_hub import EvalResult
+
+    value = metrics.get(f"eval/{PAIR_METRIC}", metrics.get(f"val/{PAIR_METRIC}"))
+    if not isinstance(value, (int, float)):
+        return []
+    subset = cfg.data.get("subset")
+    return [
+        EvalResult(
+            task_type="image-text-to-text",
+            dataset_type=data,
+            dataset_name=f"{data} ({subset})" if subset else data,
+            dataset_config=subset,
+            dataset_split=split,
+            metric_type=PAIR_METRIC,
+            metric_name="Reward accuracy (held-out preference pairs)",
+            metric_value=round(float(value), 4),
+        )
+    ]
+
+
+def reference_text(cfg: DictConfig, metrics: dict[str, Any]) -> str:
+    """What a preference run compared its policy with: the adapter it started from (its run named),
+    the base, or none."""
+    from idefics2_ft.training.preference_module import reference_of
+
+    reference = metrics.get("objective/reference") or reference_of(cfg.objective, cfg.model.adapter)
+    if reference == "base":
+        return "the base model with the adapters switched off"
+    if reference == "none":
+        return "none: the losses are reference-free"
+    folder = Path(str(cfg.model.adapter))
+    run = RunFolder(folder)
+    if run.config.is_file():  # a run folder: its adapter/ is the reference, and its name says which run
+        try:
+            name = OmegaConf.load(run.config).get("name")
+        except Exception:  # an unreadable config still leaves the folder to name
+            name = None
+        which = f"the run `{name}` ({folder}), its `adapter/`" if name else f"the run {folder}, its `adapter/`"
+    else:
+        which = f"the adapter folder `{folder}`"
+    return f"the adapter the policy started from, frozen: {which}"
+
+
+def objective_lines(cfg: DictConfig, metrics: dict[str, Any]) -> str:
+    """The card's lines on a preference run (empty for SFT): objective, losses with weights, beta, the
+    reference, the pair data."""
+    if not is_preference(cfg):
+        return ""
+    o = cfg.objective
+    weights = list(o.loss_weights) if o.loss_weights is not None else [1.0] * len(o.loss)
+    losses = ", ".join(f"`{name}` (weight {w:g})" for name, w in zip(o.loss, weights, strict=False))
+    options = [f"beta={o.beta:g}"]
+    if o.label_smoothing:
+        options.append(f"label_smoothing={o.label_smoothing:g}")
+    if "simpo" in o.loss:
+        options.append(f"simpo_gamma={o.simpo_gamma:g}")
+    if "orpo" in o.loss:
+        options.append(f"orpo_lambda={o.orpo_lambda if o.orpo_lambda is not None else o.beta:g}")
+    if cfg.data.get("mixture"):
+        data = ", ".join(
+            f"{e.name} ({e.path or cfg.data.path or cfg.data.source}, weight {e.weight:g})" for e in cfg.data.mixture
+        )
+    else:
+        data = str(cfg.data.path or cfg.data.source)
+    pairs = metrics.get("eval/pairs", metrics.get("val/pairs"))
+    held_out = f", {pairs:.0f} held-out pairs scored" if isinstance(pairs, (int, float)) else ""
+    reference, started = reference_text(cfg, metrics), ""
+    if cfg.model.adapter and "started from" not in reference:  # the base as reference, from an adapter
+        started = f"- **Started from:** the adapter `{cfg.model.adapter}` (its copy is what trained)\n"
+    return (
+        "- **Objective:** preference tuning (`objective=dpo`) on pairs of a chosen and a rejected answer\n"
+        f"- **Losses:** {losses}; {', '.join(options)}\n"
+        f"- **Reference:** {reference}\n{started}"
+        f"- **Pair data:** {data} (train split `{cfg.data.train_split}`, held-out split "
+        f"`{metrics.get('eval/split', cfg.data.val_split)}`{held_out})\n"
+        "- **Rewards:** beta x (policy - reference) log-probability of each answer; the reward accuracy is the "
+        "share of held-out pairs whose chosen answer is rewarded above the rejected one\n"
     )
 
 
@@ -193,7 +289,12 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
         else f"CPU ({platform.processor() or platform.machine()})"
     )
     method = p.method + (f" on a {p.quantize.upper()} 4-bit base (QLoRA)" if p.quantize else "")
-    if p.method != "full":
+    saved = RunFolder(cfg.run_dir).adapter / "adapter_config.json"
+    if p.method != "full" and cfg.model.get("adapter") and saved.is_file():
+        # it went on from an adapter (model.adapter), which keeps its own rank and targets: the peft.* keys did not apply
+        own = json.loads(saved.read_text())
+        method += f", r={own.get('r')}, alpha={own.get('lora_alpha')}, as the adapter it started from"
+    elif p.method != "full":
         method += f", r={p.r}, alpha={p.alpha}, targets `{p.target}`"
     merge_check = ""
     if report:
@@ -212,6 +313,7 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
         train_split=cfg.data.train_split,
         split=metrics.get("eval/split", cfg.data.val_split),
         method=method,
+        objective=objective_lines(cfg, metrics),
         holds="the adapter only" if adapter_only else "the adapter merged into the full-precision base",
         splitting=cfg.data.do_image_splitting,
         longest_edge=cfg.data.longest_edge,

@@ -241,6 +241,8 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict, policy: StopPolicy, 
     module = _module(cfg, model, processor, datamodule)
     trainer = _trainer(cfg, run_dir, plan, changed, record, profile)
     metrics = _model_metrics(counts, model_path)
+    if isinstance(module, PreferenceModule):  # objective.reference as resolved: the report and the card name it
+        metrics["objective/reference"] = module.reference
 
     # 4. fit, with a validation pass before (fresh runs) and after
     resume_from = resume_checkpoint(cfg, run_dir)

@@ -1,8 +1,10 @@
 """The run's curves, whatever the logger: ``history.jsonl`` in the run folder, for ``report.html``.
 
-One JSON line per logging step (``train/loss``, ``train/lr``) and per validation (``val/loss`` and
-the validation metrics), each with its optimizer step. Written by rank 0 as it goes, so a crashed
-run keeps its curve; on a resume the lines of the steps that will run again are dropped.
+One JSON line per logging step (``train/loss``, ``train/lr``; with ``objective=dpo`` also the pair
+metrics: ``train/rewards/*``, ``train/logps/*``, ``train/loss/<name>``, ``train/length/*``) and per
+validation (``val/loss`` and the validation metrics), each with its optimizer step. Written by rank 0
+as it goes, so a crashed run keeps its curve; on a resume the lines of the steps that will run again
+are dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from idefics2_ft.ranks import is_rank_zero
 from idefics2_ft.run_folder import HISTORY_FILE, atomic_write_text, read_history
 
 TRAIN_KEYS = ("train/loss", "train/lr")
+# what a preference run logs each step besides (PreferenceModule): report.html draws the rewards
+PAIR_PREFIXES = ("train/rewards/", "train/logps/", "train/loss/", "train/length/")
 
 
 def _number(value) -> float | None:
@@ -44,6 +48,7 @@ class History(Callback):
             return
         metrics = trainer.callback_metrics
         row = {k: _number(metrics[k]) for k in TRAIN_KEYS if k in metrics}
+        row.update({k: _number(v) for k, v in metrics.items() if k.startswith(PAIR_PREFIXES) and v.numel() == 1})
         if row:
             self._write({"step": trainer.global_step, **row})
 

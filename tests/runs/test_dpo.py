@@ -76,3 +76,63 @@ def test_sft_data_given_to_dpo_and_pairs_given_to_sft_are_refused_naming_the_obj
     )
     with pytest.raises(DataError, match="Train on pairs with objective=dpo"):
         train(sft)
+
+
+# ---------------------------------------------------------------- the rest of the toolkit on a DPO run
+@pytest.fixture(scope="module")
+def dpo_run(trained_run, tiny_cache, pair_files, tmp_path_factory):
+    """One DPO run from the session's SFT run, validated before and after: ``(run_dir, metrics)``."""
+    run_dir = tmp_path_factory.mktemp("dpo") / "run"
+    extra = (*pair_files["trl_pairs"], "trainer.max_steps=3", "eval.before_training=true", "name=dpo-card")
+    return run_dir, train(dpo_cfg(trained_run, tiny_cache, run_dir, *extra))
+
+
+def test_the_card_of_a_dpo_run_names_its_objective_losses_reference_and_pairs(dpo_run, trained_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from idefics2_ft.cli.arguments import parse_overrides
+    from idefics2_ft.tasks.export import export_run, model_card
+
+    run_dir, metrics = dpo_run
+    sft_dir, _ = trained_run
+    cfg, _ = parse_overrides([f"run_dir={run_dir}", "export.adapter_only=true", f"export.out_dir={tmp_path / 'a'}"], {})
+    out, _ = export_run(cfg)
+    card = ModelCard.load(out / "README.md")
+    [result] = card.data.eval_results  # the held-out pairs' reward accuracy, not a QA metric never computed
+    assert (result.metric_type, result.dataset_split) == ("rewards/accuracies", "test")
+    assert result.metric_value == round(metrics["val/rewards/accuracies"], 4)
+    assert "dpo" in card.data.tags and card.data.library_name == "peft"
+    text = card.text
+    assert "**Objective:** preference tuning (`objective=dpo`)" in text
+    assert "**Losses:** `sigmoid` (weight 1); beta=0.1" in text
+    assert f"**Reference:** the adapter the policy started from, frozen: the run `t` ({sft_dir})" in text
+    assert f"**Pair data:** {cfg.data.path} (train split `train`, held-out split `test`, 4 held-out pairs" in text
+    assert "val/rewards/margins" in text and "val/accuracy" not in text
+    # the other references, and weighted losses, as the card names them
+    mpo = ["objective.loss=[sigmoid,bco_pair,sft]", "objective.loss_weights=[0.8,0.2,1.0]", "objective.beta=0.2"]
+    cfg, _ = parse_overrides([f"run_dir={run_dir}", *mpo, "objective.reference=base"], {})
+    text = model_card(cfg, {}, {}, adapter_only=True)
+    assert "**Losses:** `sigmoid` (weight 0.8), `bco_pair` (weight 0.2), `sft` (weight 1); beta=0.2" in text
+    assert "**Reference:** the base model with the adapters switched off" in text
+    assert f"**Started from:** the adapter `{sft_dir}`" in text
+    assert "model-index" not in text  # no held-out score given: no model-index rather than a made-up one
+    cfg, _ = parse_overrides([f"run_dir={run_dir}", "objective.loss=[simpo]", "objective.reference=none"], {})
+    assert "**Reference:** none: the losses are reference-free" in model_card(cfg, {}, {}, adapter_only=True)
+
+
+def test_a_dpo_runs_report_draws_the_reward_curves_and_no_answer_gallery(dpo_run):
+    run_dir, metrics = dpo_run
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    logged = [row for row in history if "train/rewards/margins" in row]
+    assert [row["step"] for row in logged] == [1, 2, 3]
+    assert {"train/rewards/accuracies", "train/logps/chosen", "train/length/chosen"} <= set(logged[0])
+    page = (run_dir / "report.html").read_text()
+    curves = page.split('alt="reward curves: ', 1)[1].split('"', 1)[0].split(", ")
+    for stage in ("train", "val"):
+        for name in ("chosen", "rejected", "margins", "accuracies"):
+            assert f"{stage}/rewards/{name}" in curves
+    assert "reward accuracy (chosen above rejected)" in page and f"{metrics['val/rewards/accuracies']:.1%}" in page
+    assert "before training" in page and "after training" in page
+    assert "objective</th><td>dpo: 1 x sigmoid, beta 0.1; reference: the adapter it started from" in page
+    # no question was answered: no gallery and no QA metric rather than empty ones
+    assert "<h2>Examples</h2>" not in page and 'class="gallery"' not in page and "accuracy, overall" not in page
