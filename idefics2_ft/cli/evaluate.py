@@ -7,6 +7,11 @@ every question of the split, prints a summary table and writes predictions.jsonl
 eval_metrics.json and report.html (metrics, curves, a gallery of answers) to out_dir (default
 RUN/eval/<split>), all at once when the evaluation is complete. A read-only run folder needs
 out_dir=; a folder that holds anything but an earlier evaluation of this run is refused.
+
+A preference run (objective=dpo) is scored on the split's pairs instead: its policy against its
+reference (the adapter it started from, model.adapter, or the base), the rewards, the reward accuracy
+and the log-probs, into eval_metrics.json and report.html. With objective.name=sft and a
+question/answer split's data.* keys, its policy answers that split's questions as above.
 """
 
 import logging
@@ -21,8 +26,10 @@ from idefics2_ft.stops import Interrupted, StopPolicy, active, exiting
 from idefics2_ft.tasks.evaluate import (
     config_for_split,
     evaluate,
+    evaluate_pairs,
     evaluation_output,
     format_table,
+    load_pair_run,
     load_run,
     scored_weights,
 )
@@ -51,11 +58,28 @@ def main(argv: list[str]) -> int:
                     *(cfg.run_dir, holder.get("pid"), holder.get("host"), holder.get("started")),
                     *(weights["eval/weights"], weights["eval/trained_steps"], weights["eval/weights_sha256"]),
                 )
-        with policy.phase_of("model loading", "load"):
-            model, processor = load_run(cfg, model_dir=own["model_dir"])
-        label = f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
-        with policy.phase_of("the evaluation", "evaluate"):
-            metrics = evaluate(cfg, model, processor, split, target, label, weights)
+        if cfg.objective.name == "dpo":  # pairs: the run's own reward metrics, its policy against its reference
+            if own["model_dir"]:
+                raise ConfigError(
+                    [
+                        f"model_dir={own['model_dir']}: a preference run's pairs are scored against its reference, "
+                        "which a merged model has lost; drop model_dir= (the run's adapter is used), or score a "
+                        "question/answer split with objective.name=sft and its data.* keys."
+                    ]
+                )
+            with policy.phase_of("model loading", "load"):
+                model, processor, reference = load_pair_run(cfg)
+            label = f"the run's policy against its reference ({reference})"
+            with policy.phase_of("the evaluation", "evaluate"):
+                metrics = evaluate_pairs(cfg, model, processor, reference, split, target, label, weights)
+        else:
+            with policy.phase_of("model loading", "load"):
+                model, processor = load_run(cfg, model_dir=own["model_dir"])
+            label = (
+                f"merged model {own['model_dir']}" if own["model_dir"] else "the run's adapter on its base, as trained"
+            )
+            with policy.phase_of("the evaluation", "evaluate"):
+                metrics = evaluate(cfg, model, processor, split, target, label, weights)
     except (ConfigError, DataError, FileNotFoundError, OutputRefused, RunFolderError) as err:
         sys.stderr.write(f"evaluate failed: {err}\n")
         return 2
@@ -65,7 +89,6 @@ def main(argv: list[str]) -> int:
         return stop.exit_code
     finally:
         policy.uninstall()
-    sys.stdout.write(
-        format_table(metrics) + f"\n\nwrote {target.path}/predictions.jsonl, eval_metrics.json and report.html\n"
-    )
+    written = "eval_metrics.json" if "eval/pairs" in metrics else "predictions.jsonl, eval_metrics.json"
+    sys.stdout.write(format_table(metrics) + f"\n\nwrote {target.path}/{written} and report.html\n")
     return 0

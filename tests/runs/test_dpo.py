@@ -136,3 +136,32 @@ def test_a_dpo_runs_report_draws_the_reward_curves_and_no_answer_gallery(dpo_run
     assert "objective</th><td>dpo: 1 x sigmoid, beta 0.1; reference: the adapter it started from" in page
     # no question was answered: no gallery and no QA metric rather than empty ones
     assert "<h2>Examples</h2>" not in page and 'class="gallery"' not in page and "accuracy, overall" not in page
+
+
+def test_evaluate_scores_a_dpo_runs_held_out_pairs_as_its_validation_did(dpo_run, tmp_path, capsys):
+    from idefics2_ft.cli.arguments import parse_overrides
+    from idefics2_ft.cli.evaluate import main
+    from idefics2_ft.config import ConfigError
+    from idefics2_ft.tasks.evaluate import evaluate
+
+    run_dir, metrics = dpo_run
+    assert main([f"run_dir={run_dir}", f"out_dir={tmp_path / 'pairs'}", "trainer.enable_progress_bar=false"]) == 0
+    scored = json.loads((tmp_path / "pairs" / "eval_metrics.json").read_text())
+    # the policy against the reference rebuilt from model.adapter: the run's own final validation, again
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected", "loss", "pairs"):
+        assert scored[f"eval/{key}"] == pytest.approx(metrics[f"val/{key}"], abs=1e-5), key
+    assert not (tmp_path / "pairs" / "predictions.jsonl").exists()
+    page = (tmp_path / "pairs" / "report.html").read_text()
+    assert "run: after training" in page and "this evaluation (test)" in page and "reward margin" in page
+    # a merged model has no reference: refused in one line, naming what to do
+    assert main([f"run_dir={run_dir}", f"model_dir={run_dir}", f"out_dir={tmp_path / 'm'}"]) == 2
+    assert "drop model_dir=" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    # answers of a question/answer split: objective.name=sft with its data keys
+    qa = ["objective.name=sft", "data.source=easyvqa", "data.path=null", "data.max_val_samples=4"]
+    assert main([f"run_dir={run_dir}", *qa, f"out_dir={tmp_path / 'qa'}", "trainer.enable_progress_bar=false"]) == 0
+    answered = json.loads((tmp_path / "qa" / "eval_metrics.json").read_text())
+    assert answered["eval/n_questions"] == 4 and 0.0 <= answered["eval/accuracy"] <= 1.0
+    assert "run: after training" not in (tmp_path / "qa" / "report.html").read_text()  # pairs are not answers
+    cfg, _ = parse_overrides([f"run_dir={run_dir}"], {})
+    with pytest.raises(ConfigError, match="is a preference run"):
+        evaluate(cfg, None, None, "test", tmp_path / "x")
