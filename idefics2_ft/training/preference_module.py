@@ -27,7 +27,14 @@ import torch
 
 from idefics2_ft.ranks import world_size
 from idefics2_ft.training.lightning_module import Idefics2Module
-from idefics2_ft.training.pair_forward import has_adapters, pair_features, pair_logps, part_of, see_pair
+from idefics2_ft.training.pair_forward import (
+    IGNORE_INDEX,
+    has_adapters,
+    pair_features,
+    pair_logps,
+    part_of,
+    see_pair,
+)
 from idefics2_ft.training.preference import LOSSES, PairLogps, preference_loss, reference_problem, unknown_loss_problem
 
 log = logging.getLogger(__name__)
@@ -90,8 +97,19 @@ class PreferenceModule(Idefics2Module):
         finally:
             self.model.train(training)
 
-    def pair_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch's preference loss and metrics (means over its pairs)."""
+    def pair_loss(
+        self, batch: dict, shares: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's preference loss and metrics (means over its pairs).
+
+        Args:
+            shares: under DDP, this rank's share of the global batch (``global_shares``): ``[pairs, chosen
+                answer tokens]`` of every rank summed, over the world size. The loss is then the sum over
+                this rank's pairs over its share of the pairs, and the chosen side's NLL (``sft``, ``orpo``)
+                the sum over this rank's tokens over its share of the tokens: DDP's average of the ranks'
+                gradients is then the global batch's mean, also when the ranks hold different numbers of
+                pairs (bad pairs dropped) or of answer tokens. None: the means over this batch.
+        """
         pictures, rejected = see_pair(self.model, batch)
         features = pair_features(self.model, batch, pictures, rejected)
         policy = pair_logps(self.model, batch, features)
@@ -104,6 +122,11 @@ class PreferenceModule(Idefics2Module):
                 if has_adapters(inner.vision_model) or has_adapters(inner.connector):
                     features = pair_features(self.model, batch, pictures, rejected)
                 reference = pair_logps(self.model, batch, [f.detach() for f in features])
+        scale, chosen_nll = 1.0, None
+        if shares is not None:  # the global batch's means under DDP's average (see Args)
+            pairs, tokens = shares.to(policy.chosen.dtype).unbind()
+            scale = policy.chosen.shape[0] / pairs
+            chosen_nll = -policy.chosen.sum() / tokens.clamp(min=1) / scale  # times scale below: sum / tokens share
         logps = PairLogps(
             policy.chosen,
             policy.rejected,
@@ -111,20 +134,37 @@ class PreferenceModule(Idefics2Module):
             policy.rejected_tokens,
             reference.chosen if reference is not None else None,
             reference.rejected if reference is not None else None,
+            chosen_nll,
         )
         loss, metrics = preference_loss(logps, self.losses, self.weights, self.beta, **self.options)
+        loss = loss * scale
         metrics["length/chosen"] = policy.chosen_tokens.float().mean()
         metrics["length/rejected"] = policy.rejected_tokens.float().mean()
         return loss, metrics
 
     # ------------------------------------------------------------------ training
+    def global_shares(self, batch: dict) -> torch.Tensor:
+        """``[pairs, chosen answer tokens]`` of the global batch over the world size (an all-reduce:
+        every rank calls it, also one whose pairs were all bad)."""
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if "chosen_input_ids" in batch:
+            counts[0] = batch["chosen_input_ids"].shape[0]
+            counts[1] = (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum()
+        torch.distributed.all_reduce(counts)
+        return counts / world_size()
+
     def training_step(self, batch: dict, batch_idx: int):
         self._count_bad(batch, "train")
+        synced = world_size() > 1
+        # Under DDP each rank's loss is scaled to its share of the global batch (pair_loss): with as
+        # many pairs on every rank (the sampler gives each rank data.batch_size records, a pair each)
+        # the scale is 1, but a bad pair dropped on one rank would otherwise weigh the others' pairs
+        # differently from one process over the global batch. The all-reduce comes first: every rank joins it.
+        shares = self.global_shares(batch) if synced else None
         if "chosen_input_ids" not in batch:  # every pair of this batch was bad: keep the step in step
             return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
-        loss, metrics = self.pair_loss(batch)
+        loss, metrics = self.pair_loss(batch, shares)
         n = batch["chosen_input_ids"].shape[0]
-        synced = world_size() > 1
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=synced)
         for key, value in metrics.items():
             self.log(f"train/{key}", value, batch_size=n, sync_dist=synced)

@@ -45,3 +45,54 @@ def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, gro
     assert_same_adapters(tmp_path / "one", tmp_path / "two")
     # one run folder for both ranks: nothing was written anywhere else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", *(["trl"] if mixture else []), "two"]
+
+
+def test_dpo_under_ddp_equals_one_process_over_the_global_batch_and_keeps_each_pair_whole(
+    tmp_path, trained_run, tiny_cache
+):
+    """objective=dpo from the session's SFT run (its adapter the frozen reference), losses sigmoid + sft.
+    The sampler shards records and a record is a whole pair (both sides, its pictures), so a pair is
+    never split across ranks. One pair has identical sides (a bad pair, dropped) and the chosen answers
+    differ in length: the ranks then hold different numbers of pairs and of answer tokens in some step,
+    and PreferenceModule scales each rank's loss to its share of the global batch, so that DDP's average
+    of the gradients is still one process's mean over the global batch (without it the adapters part)."""
+    import torch
+
+    from idefics2_ft.demo import formats
+    from tests.helpers import adapter_weights, training_tolerance
+
+    sft_dir, _ = trained_run
+    path = formats.write_swift_pairs(tmp_path / "pairs", rows=16)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 3 == 1 and "rejected_response" in row:  # chosen answers of several lengths
+            row["messages"][-1]["content"] += " , it is quite clear from the picture"
+    rows[5]["rejected_response"] = rows[5]["messages"][-1]["content"]  # identical sides: a bad pair
+    rows[5].pop("rejected_messages", None)
+    rows[5].pop("rejected_images", None)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = [*TINY_RUN, f"model.tiny.cache_dir={tiny_cache}", "name=ddp-dpo", "objective=dpo"]
+    common += [f"model.adapter={sft_dir}", "objective.loss=[sigmoid,sft]", "objective.loss_weights=[1.0,0.5]"]
+    common += ["data=jsonl", f"data.train_file={path}", f"data.val_file={path}"]
+    run_train(*common, "data.batch_size=4", f"run_dir={tmp_path / 'one'}")
+    run_train(
+        *common,
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.batch_size=2",
+        f"run_dir={tmp_path / 'two'}",
+    )
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["train/world_size"] == 2 and two["train/effective_batch"] == 4 and two["train/ranks_in_sync"] is True
+    # the bad pair counted once over both ranks, as by one process; every held-out pair scored once
+    assert one["data/skipped/train/identical_sides"] == two["data/skipped/train/identical_sides"] == 1
+    assert one["val/pairs"] == two["val/pairs"] == 11  # 12 held out, one of them the bad pair
+    assert_same_adapters(tmp_path / "one", tmp_path / "two")
+    assert two["val/rewards/accuracies"] == pytest.approx(one["val/rewards/accuracies"])
+    # and the DPO steps moved the policy away from the SFT adapter it copied: a bug could have shown
+    start, end = adapter_weights(sft_dir), adapter_weights(tmp_path / "two")
+    moved = max(float((end[k].float() - start[k].float()).abs().max()) for k in end)
+    assert moved > 10 * training_tolerance(lr=1e-3, steps=4)
+    assert all(torch.isfinite(v).all() for v in end.values())
