@@ -125,3 +125,27 @@ def test_easyvqa_rows_and_limits():
     assert dataset[0]["question_type"] in {"yes/no", "shape", "color"}
     with pytest.raises(ValueError, match="easy-VQA ships 'train' and 'test'"):
         build_rows(data_cfg(source="easyvqa", val_split="validation"), "val")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_cauldron_subset_smaller_than_its_held_out_rows_is_refused_naming_slices_that_fit(tmp_path, streaming):
+    # data=cauldron holds the first 200 rows out (train[200:] / train[:200]); this subset has 4
+    from idefics2_ft.data.records import DataError
+    from idefics2_ft.data.sources import check_sources
+    from idefics2_ft.demo.formats import write_cauldron
+    from tests.helpers import compose_config
+
+    folder = write_cauldron(tmp_path / "cauldron", subsets=("chartqa",), rows=4)
+    cfg = compose_config(["data=cauldron", f"data.path={folder}", "data.subset=chartqa", f"data.streaming={streaming}"])
+    held = "streams" if streaming else "has"
+    message = (
+        rf"data.train_split='train\[200:\]' leaves no rows: the split 'train' {held} 4 row\(s\). Hold fewer rows "
+        r"out: data.train_split=train\[1:\] data.val_split=train\[:1\]"
+    )
+    with pytest.raises(DataError, match=message):  # before: IndexError: Index 4 out of range for dataset of size 4
+        check_sources(cfg.data)
+    if not streaming:
+        with pytest.raises(DataError, match=message):
+            build_rows(cfg.data, "train")
+    fixed = OmegaConf.merge(cfg.data, {"train_split": "train[1:]", "val_split": "train[:1]"})
+    assert check_sources(fixed) == {}

@@ -33,14 +33,41 @@ def parse_split(split: str) -> tuple[str, int, int | None]:
     return match["name"], int(match["start"] or 0), int(stop) if stop else None
 
 
-def _slice(dataset: Any, start: int, stop: int | None) -> Any:
+def _slice(dataset: Any, start: int, stop: int | None, cfg: Any, split: str) -> Any:
+    """Rows ``start:stop`` of a split (``split`` as given, ``train[200:]``, names it in the message).
+
+    Raises:
+        DataError: the slice leaves no rows of a table (a stream's are counted when it is read).
+    """
     import datasets
 
     if isinstance(dataset, datasets.IterableDataset):
         dataset = dataset.skip(start) if start else dataset
         return dataset.take(stop - start) if stop is not None else dataset
     end = len(dataset) if stop is None else min(stop, len(dataset))
-    return dataset.select(range(min(start, end), end))
+    if start >= end:
+        raise DataError(no_rows_left(cfg, split, len(dataset)))
+    return dataset.select(range(start, end))
+
+
+def no_rows_left(cfg: Any, split: str, rows: int, stream: bool = False) -> str:
+    """The refusal of a slice of a split that leaves no rows (``train[200:]``, The Cauldron's default,
+    of a subset of fewer than 200), naming the key that gives it, the split's rows and slices that fit."""
+    name, start, stop = parse_split(split)
+    keys = [key for key in ("train_split", "val_split") if cfg.get(key) == split]
+    given = f"data.{keys[0]}={split!r}" if keys else f"the split {split!r}"
+    if stop is not None and stop <= start:
+        return f"data.path={cfg.path}: {given} is an empty slice: {name}[a:b] holds rows a to b-1, so b is above a."
+    held = f"has {rows:,} row(s)" if not stream else f"streams {rows:,} row(s)"
+    if rows >= 2:
+        out = max(1, min(200, rows // 10))
+        fix = (
+            f"Hold fewer rows out: data.train_split={name}[{out}:] data.val_split={name}[:{out}] (the first {out} "
+            "for validation), or validate on a split of its own."
+        )
+    else:
+        fix = f"Train on the whole split (data.train_split={name}), or give data with more rows."
+    return f"data.path={cfg.path}: {given} leaves no rows: the split {name!r} {held}. {fix}"
 
 
 def open_table(cfg: Any, split: str, streaming: bool = False) -> tuple[Any, str, bool]:
@@ -73,6 +100,7 @@ def open_table(cfg: Any, split: str, streaming: bool = False) -> tuple[Any, str,
 def _open_table(cfg: Any, split: str, streaming: bool) -> tuple[Any, str, bool]:
     import datasets
 
+    given = split
     split, start, stop = parse_split(split)
     path = cfg.path
     folder = Path(path)
@@ -110,7 +138,7 @@ def _open_table(cfg: Any, split: str, streaming: bool) -> tuple[Any, str, bool]:
             )
         dataset = dataset[split]
     if start or stop is not None:
-        dataset = _slice(dataset, start, stop)
+        dataset = _slice(dataset, start, stop, cfg, given)
     if isinstance(dataset, datasets.IterableDataset):
         # images stay bytes and paths until a record is read; decode(False) alone would leave the
         # Json columns (the content parts of a JSON file's messages) as JSON text too
@@ -204,6 +232,8 @@ class TableRows(Sequence):
 
     def __init__(self, cfg: Any, split: str) -> None:
         dataset, base, self.single_split = open_table(cfg, split)
+        if not len(dataset):  # a slice that leaves none is refused by _slice, naming the slice
+            raise DataError(f"data.path={cfg.path}: the split {split!r} has no rows; give data that has some.")
         # rows as Arrow gives images as stored (bytes and path), decoded only when a record is read
         self.dataset, self.cfg = dataset.with_format("arrow"), cfg
         self.decode = json_decoder(dataset.features)
@@ -248,6 +278,13 @@ def open_stream(cfg: Any, split: str, rank: int = 0, world: int = 1):
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
     sample = list(islice(iter(dataset), SAMPLE_ROWS))
     if not sample:
+        name, start, stop = parse_split(split)
+        if (start or stop is not None) and world == 1:  # the slice leaves nothing: count the rows it starts from
+            rows = 0
+            if stop is None or stop > start:
+                whole, _, _ = open_table(cfg, name, streaming=True)
+                rows = sum(1 for _ in islice(iter(whole), start))
+            raise DataError(no_rows_left(cfg, split, rows, stream=True))
         raise DataError(f"{cfg.path}[{split}]: the stream is empty.")
     columns = sorted({key for item in sample for key in item})
     fmt = chosen_format(cfg, columns, sample, f"{cfg.path}[{split}]")
