@@ -13,6 +13,7 @@ shows the chosen side's images, or the rejected side's own (ms-swift's ``rejecte
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,11 +85,23 @@ def count_images(messages: list[dict]) -> int:
 
 
 ROLES = ("system", "user", "assistant")
+# Idefics2's image token as text: the processor and the collator expand each one into an image's tokens
+IMAGE_TOKEN = "<image>"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_url(ref: Any) -> bool:
-    """An image given as a web address (they are not fetched: images must be local)."""
-    return isinstance(ref, str) and ref.startswith(("http://", "https://"))
+    """An image given as an address of a scheme other than ``file://`` (``https://``, ``s3://``,
+    ``ftp://``, ...): they are not fetched, images must be local."""
+    return isinstance(ref, str) and _URL.match(ref) is not None and not ref.startswith("file://")
+
+
+def is_empty_image(ref: Any) -> bool:
+    """An image reference that names nothing: None, ``""``, or a ``datasets`` image dict with neither
+    bytes nor a path."""
+    if isinstance(ref, dict):
+        return not ref.get("bytes") and not ref.get("path")
+    return ref is None or (isinstance(ref, (str, bytes)) and not ref)
 
 
 def check_row(row: Row) -> tuple[str, str] | None:
@@ -108,17 +121,48 @@ def check_row(row: Row) -> tuple[str, str] | None:
         return "no_assistant_turn", "no assistant turn"
     if any(not message_text(m).strip() for m in assistant):
         return "empty_answer", "empty assistant answer"
-    urls = [ref for ref in row.images if is_url(ref)]
-    if urls:
-        return "image_url", f"image URLs are not fetched ({urls[0]}): download the image and give its local path"
-    problem = _images_problem(row.messages, row.images)
+    problem = _marker_problem(row.messages) or _refs_problem(row.images)
+    problem = problem or _images_problem(row.messages, row.images)
     if problem is None and row.rejected is not None:
         images = row.images if row.rejected_images is None else row.rejected_images
-        urls = [ref for ref in images if is_url(ref)]
-        if urls:
-            return "image_url", f"image URLs are not fetched ({urls[0]}): download the image and give its local path"
-        problem = _images_problem(row.rejected, images, "the rejected side: ")
+        side = "the rejected side: "
+        problem = _marker_problem(row.rejected, side) or _refs_problem(images, side)
+        problem = problem or _images_problem(row.rejected, images, side)
     return problem
+
+
+def _marker_problem(messages: list[dict], side: str = "") -> tuple[str, str] | None:
+    """A literal ``<image>`` in a turn's text (``marker_in_text``): the collator would expand it into
+    an image's tokens with no image behind them, and the model stops the run mid-fit (``Image
+    features and image tokens do not match``)."""
+    for number, message in enumerate(messages, 1):
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+            if isinstance(text, str) and IMAGE_TOKEN in text:
+                return "marker_in_text", (
+                    f"{side}turn {number} ({message.get('role')}) holds a literal {IMAGE_TOKEN} in its text "
+                    f"({_snippet(text)}), which Idefics2 would read as an image with no picture behind it. "
+                    f"Remove it from the text: an image is placed by an {{'type': 'image'}} part (or goes before "
+                    f"the question); strings that place their images with {IMAGE_TOKEN} markers, one per image, "
+                    "are read as such when every turn's content is a string (format=llava, or trl)"
+                )
+    return None
+
+
+def _refs_problem(images: list, side: str = "") -> tuple[str, str] | None:
+    """An image given as a web address (``image_url``) or as nothing at all (``missing_image``)."""
+    urls = [ref for ref in images if is_url(ref)]
+    if urls:
+        return "image_url", f"{side}image URLs are not fetched ({urls[0]}): download the image and give its local path"
+    empty = [number for number, ref in enumerate(images, 1) if is_empty_image(ref)]
+    if empty:
+        return "missing_image", (
+            f"{side}empty image path (image {empty[0]} of {len(images)} is {images[empty[0] - 1]!r}): give each "
+            "image's path, or leave the image and its placeholder out"
+        )
+    return None
 
 
 def _images_problem(messages: list[dict], images: list, side: str = "") -> tuple[str, str] | None:
@@ -164,3 +208,10 @@ def sides_problem(
 
 def _short(text: str) -> str:
     return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _snippet(text: str) -> str:
+    """The text around its first ``<image>``, quoted."""
+    at = text.index(IMAGE_TOKEN)
+    start, end = max(0, at - 20), at + len(IMAGE_TOKEN) + 20
+    return repr(("..." if start else "") + text[start:end] + ("..." if end < len(text) else ""))

@@ -236,3 +236,50 @@ def test_every_image_mode_becomes_8_bit_rgb(mode):
         assert out.getpixel((0, 0)) == expected
     if mode.startswith("LAB"):
         assert min(out.getpixel((0, 0))) >= 250  # L=100 is white, not the colour convert("RGB") makes of it
+
+
+# ---------------------------------------------------------------- a literal <image> in a text
+def _marker_files(folder):
+    """Files whose second row's text holds a literal <image> (the collator would expand it into an
+    image's tokens with no picture: the model stopped the run mid-fit), each as a user holds it."""
+    good = {"images": ["red.png"], "messages": [user(IMG, q("What color?")), answer("red")]}
+    rows = {
+        # axolotl / TRL parts, the marker left in the text part
+        "a text part": [
+            good,
+            {"images": ["red.png"], "messages": [user(IMG, q("<image>\nWhat color?")), answer("red")]},
+        ],
+        # ms-swift's older query/response, read as qa: the question column holds the marker
+        "a question column": [
+            {"query": "What color?", "response": "red", "images": ["red.png"]},
+            {"query": "<image>What color?", "response": "red", "images": ["red.png"]},
+        ],
+        # an answer that quotes it
+        "an answer": [good, {"images": ["red.png"], "messages": [user(IMG, q("Color?")), answer("<image> red")]}],
+    }
+    return {case: write_jsonl(folder / f"{i}.jsonl", r) for i, (case, r) in enumerate(rows.items())}
+
+
+QA_COLUMNS = {"question_column": "query", "answer_column": "response", "image_column": "images"}
+
+
+@pytest.mark.parametrize("case", ["a text part", "a question column", "an answer"])
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_a_literal_image_token_in_a_text_is_a_counted_bad_record(case, mode, pictures, processor):
+    path = _marker_files(pictures)[case]
+    columns = QA_COLUMNS if case == "a question column" else {}
+    cfg = data_cfg(source="jsonl", train_file=path, val_file=path, on_bad_sample=mode, **columns)
+    if mode == "raise":
+        with pytest.raises(BadSampleError, match=r"\d\.jsonl:2: turn \d \((user|assistant)\) holds a literal <image>"):
+            check_sources(cfg)
+        return
+    assert check_sources(cfg) == {"train/marker_in_text": 1, "val/marker_in_text": 1}
+    dataset = RecordDataset(build_rows(cfg, "train"))
+    bad = dataset[1]
+    assert bad.kind == "marker_in_text" and bad.origin.endswith(".jsonl:2")
+    assert "Remove it from the text" in bad.reason and "format=llava" in bad.reason
+    # the collator never encodes it: the batch holds one image's tokens per picture, as the model checks
+    batch = Idefics2Collator(processor)([dataset[0], dataset[1]])
+    assert [b.kind for b in batch["bad_samples"]] == ["marker_in_text"] and len(batch["input_ids"]) == 1
+    image_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
+    assert image_tokens == batch["pixel_values"].shape[1] * processor.image_seq_len
