@@ -20,18 +20,20 @@ import binascii
 import logging
 import math
 import numbers
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
-from idefics2_ft.data.records import DataError, Row, is_url, message_text, qa_messages, sides_problem
+from idefics2_ft.data.records import IMAGE_TOKEN, DataError, Row, is_url, message_text, qa_messages, sides_problem
 
 log = logging.getLogger(__name__)
 
 _LOGGED: set[tuple[str, str]] = set()  # each table's detected format is logged once
-MARKER = "<image>"
+MARKER = IMAGE_TOKEN  # LLaVA's, LLaMA-Factory's and ms-swift's image marker in a string is Idefics2's image token
 SAMPLE_ROWS = 32  # the first rows of a file, table or stream that its format is detected from
 # LLaVA / ShareGPT speakers, as Idefics2's roles
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -119,13 +121,28 @@ class Format:
 
 
 def _marked_messages(sample: Sequence[dict]) -> bool:
-    """Whether the first rows' ``messages`` hold string content with ``<image>`` markers (LLaMA-Factory's)."""
-    strings = [m.get("content") for item in sample for m in (item.get("messages") or []) if isinstance(m, dict)]
-    return any(isinstance(c, str) and MARKER in c for c in strings)
+    """Whether the first rows' ``messages`` are LLaMA-Factory's: more of them hold string content with
+    ``<image>`` markers than content as lists of parts (TRL's), so that a stray row of the other form
+    does not decide for the whole table (it is read, or counted, as a row of its own)."""
+    marked = parts = 0
+    for item in sample:
+        turns = item.get("messages")
+        contents = [m.get("content") for m in turns if isinstance(m, dict)] if isinstance(turns, list) else []
+        if any(isinstance(c, list) for c in contents):
+            parts += 1
+        elif any(isinstance(c, str) and MARKER in c for c in contents):
+            marked += 1
+    return marked > parts
 
 
 class ImagePaths:
-    """Where an image given as a relative path lies: under ``data.image_dir`` or the data file's folder."""
+    """An image reference as it is read (``image_reference``: addresses and base64 decoded), a relative
+    path under ``data.image_dir`` or the data file's folder. For every image of every format: the
+    ``images`` / ``image`` columns' and the images image parts carry.
+
+    Raises:
+        binascii.Error: base64 (or a ``data:`` address) that does not decode.
+    """
 
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root) if root else None
@@ -133,9 +150,52 @@ class ImagePaths:
     def __call__(self, ref: Any) -> Any:
         if isinstance(ref, dict) and ref.get("bytes") is None and isinstance(ref.get("path"), str):
             return self(ref["path"])
-        if isinstance(ref, str) and self.root is not None and not is_url(ref) and not Path(ref).is_absolute():
+        ref = image_reference(ref)
+        if isinstance(ref, str) and ref and self.root is not None and not is_url(ref) and not Path(ref).is_absolute():
             return str(self.root / ref)
         return ref
+
+
+# what an image file starts with (PNG, JPEG, GIF, WebP, BMP, TIFF): tells a base64 image from a path
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+
+
+def image_reference(value: Any) -> Any:
+    """An image reference as it is read: a ``data:`` address decoded to bytes, a ``file://`` address as
+    its path, a string of base64 that holds an image (its first bytes say which) decoded; anything
+    else as it is: a path, bytes, a ``datasets`` image dict, a PIL image, or a web address (which the
+    row check refuses, naming the fix). Base64 may be wrapped over lines (whitespace is skipped).
+
+    Raises:
+        binascii.Error: base64 that does not decode.
+    """
+    if not isinstance(value, str):
+        return value
+    if value.startswith("data:"):
+        header, _, payload = value.partition(",")
+        return decode_base64(payload) if header.endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+    if value.startswith("file://"):
+        path = value.removeprefix("file://")
+        return urllib.parse.unquote(path.removeprefix("localhost") if path.startswith("localhost/") else path)
+    if len(value) >= 64 and _BASE64.fullmatch(value):
+        compact = "".join(value[:200].split())[:16]
+        try:
+            head = base64.b64decode(compact)
+        except binascii.Error:
+            return value
+        if head.startswith(_IMAGE_MAGIC):
+            return decode_base64(value)
+    return value
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 as bytes, whitespace skipped (MIME wraps it at 76 characters a line).
+
+    Raises:
+        binascii.Error: it does not decode.
+    """
+    return base64.b64decode("".join(text.split()), validate=True)
 
 
 def as_list(value: Any) -> list:
@@ -213,10 +273,10 @@ def carried_image(part: dict) -> Any:
 
     ``{"type": "image", "path" | "image" | "url" | "base64": ...}`` (axolotl's, transformers') and
     ``{"type": "image_url", "image_url": {"url": ...}}`` or ``{"type": "image_url", "value": ...}``
-    (OpenAI's, LLaMA-Factory's). Base64 and ``data:`` addresses are decoded to bytes, a ``file://``
-    address is read as its path; anything else is kept as it is: a path (made absolute by
-    ``ImagePaths``), bytes, a ``datasets`` image dict, or a web address, which the row check refuses
-    naming the fix.
+    (OpenAI's, LLaMA-Factory's). The ``base64`` key's value is decoded to bytes; anything else is
+    kept as it is, and read as the ``images`` column's are (``ImagePaths``: ``data:`` and ``file://``
+    addresses, base64, relative paths). A part whose key holds an empty string carries ``""``: an empty
+    image path, which the row check counts.
 
     Raises:
         binascii.Error: base64 that does not decode.
@@ -225,21 +285,18 @@ def carried_image(part: dict) -> Any:
         value = part.get("image_url") if part.get("image_url") is not None else part.get("value")
         if isinstance(value, dict):
             value = value.get("url")
+        if value == "":
+            return ""
         if not _given(value):
             raise ValueError("an 'image_url' part with no address (give image_url.url, or value)")
         key = "url"
     else:
         key = next((k for k in IMAGE_KEYS if _given(part.get(k))), None)
         if key is None:
-            return None
+            return "" if any(part.get(k) == "" for k in IMAGE_KEYS) else None
         value = part[key]
-    if isinstance(value, str):
-        if value.startswith("data:"):
-            return base64.b64decode(value.partition(",")[2], validate=True)
-        if key == "base64":
-            return base64.b64decode(value, validate=True)
-        if value.startswith("file://"):
-            return value.removeprefix("file://")
+    if key == "base64" and isinstance(value, str) and not value.startswith("data:"):
+        return decode_base64(value)
     return value
 
 
@@ -316,6 +373,8 @@ def trl_messages(item: dict, cfg: Any = None) -> Converted:
             carried += held
     except binascii.Error as err:
         return Converted([], images, ("unreadable_image", f"an image part's base64 does not decode ({err})"))
+    if images:  # an image part with an empty key (a table's filler) carries nothing beside 'images'
+        carried = [None if ref == "" else ref for ref in carried]
     given = [ref for ref in carried if ref is not None]
     if not given:
         return Converted(messages, images)
@@ -348,16 +407,13 @@ def cauldron_messages(item: dict, cfg: Any = None) -> Converted:
 
 
 def llava_messages(item: dict, cfg: Any = None) -> Converted:
-    """LLaVA / ShareGPT ``conversations`` (``from``, ``value``) or ``messages`` with ``<image>`` markers."""
+    """LLaVA / ShareGPT ``conversations`` (``from``, ``value``; or ``role``, ``content``, as LLaMA-Factory's
+    ``role_tag`` / ``content_tag`` let a file name them) or ``messages`` with ``<image>`` markers."""
     images = _row_images(item)
     if "conversations" in item and item["conversations"] is not None:
-        turns = []
-        for turn in item["conversations"]:
-            speaker = turn.get("from")
-            if speaker not in SPEAKERS:
-                known = ", ".join(sorted(SPEAKERS))
-                return Converted([], images, ("unknown_role", f"speaker from={speaker!r} (use one of {known})"))
-            turns.append((SPEAKERS[speaker], as_text(turn.get("value")) or ""))
+        turns = _speaker_turns(item["conversations"])
+        if isinstance(turns, tuple):
+            return Converted([], images, turns)
     elif isinstance(item.get("messages"), list):
         turns = [(m.get("role"), m.get("content") or "") for m in item["messages"]]
         if not all(isinstance(text, str) for _, text in turns):
@@ -457,7 +513,8 @@ def _speaker_turns(turns: list[dict]) -> list[tuple[str, str]] | tuple[str, str]
     for turn in turns:
         speaker = turn.get("from") if turn.get("from") is not None else turn.get("role")
         if speaker not in SPEAKERS:
-            return ("unknown_role", f"speaker {speaker!r} (use one of {', '.join(sorted(SPEAKERS))})")
+            key = "from" if turn.get("from") is not None or turn.get("role") is None else "role"
+            return ("unknown_role", f"speaker {key}={speaker!r} (use one of {', '.join(sorted(SPEAKERS))})")
         text = turn.get("value") if turn.get("value") is not None else turn.get("content")
         out.append((SPEAKERS[speaker], as_text(text) or ""))
     return out
@@ -669,16 +726,23 @@ def to_row(
         last = [m for m in messages if m.get("role") == "assistant"]
         answers = [message_text(last[-1])] if last else []
     qtype = item.get(cfg.type_column or "question_type")
+    try:
+        images = [paths(ref) for ref in images]
+        rejected_images = None if rejected_images is None else [paths(ref) for ref in rejected_images]
+    except binascii.Error as err:
+        return Row(
+            messages=[], origin=origin, problem=("unreadable_image", f"an image's base64 does not decode ({err})")
+        )
     return Row(
         messages=messages,
-        images=[paths(ref) for ref in images],
+        images=images,
         answers=as_list(answers),
         id=_row_id(item, cfg, index),
         question_type=qtype[0] if isinstance(qtype, list) and qtype else qtype,
         origin=origin,
         problem=form.problem(problem) if problem else None,
         rejected=rejected,
-        rejected_images=None if rejected_images is None else [paths(ref) for ref in rejected_images],
+        rejected_images=rejected_images,
     )
 
 

@@ -202,3 +202,106 @@ def test_an_image_part_that_cannot_be_read_is_refused_naming_the_fix(case, tmp_p
     assert isinstance(record, BadSample) and record.kind == kind and reason in record.reason
     with pytest.raises(BadSampleError, match=rf"d.jsonl:2: {re.escape(reason)}"):
         check_sources(OmegaConf.merge(cfg, {"on_bad_sample": "raise"}))
+
+
+# ---------------------------------------------------------------- images given as addresses, in a part or in `images`
+def _addresses(tmp_path: Path, red: Image.Image) -> dict[str, str]:
+    red.save(tmp_path / "r.png")
+    (tmp_path / "my pics").mkdir()
+    red.save(tmp_path / "my pics" / "r.png")
+    b64 = base64.b64encode(_png(red)).decode()
+    return {
+        "data: address": f"data:image/png;base64,{b64}",
+        "file:// address": f"file://{tmp_path / 'r.png'}",
+        "file:// address, percent-encoded": f"file://{tmp_path}/my%20pics/r.png",
+        "plain base64": b64,
+        "base64 wrapped at 76 characters (MIME)": "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)),
+    }
+
+
+ADDRESSES = [
+    "data: address",
+    "file:// address",
+    "file:// address, percent-encoded",
+    "plain base64",
+    "base64 wrapped at 76 characters (MIME)",
+]
+
+
+@pytest.mark.parametrize("where", ["images column", "image column", "image part"])
+@pytest.mark.parametrize("case", ADDRESSES)
+def test_an_image_address_reads_the_same_in_the_images_column_and_in_a_part(case, where, tmp_path, red):
+    address = _addresses(tmp_path, red)[case]
+    if where == "image part":
+        key = "base64" if "base64" in case else "url"
+        row = {"messages": _user_turn({"type": "image", key: address})}
+    else:  # before: "image not found: <the file's folder>/data:image/png;base64,..."
+        column = where.split()[0]  # images: a list of them; image: one
+        row = {"messages": _user_turn({"type": "image"}), column: [address] if column == "images" else address}
+    path = _jsonl(tmp_path / "d.jsonl", [row] * 2)
+    cfg = data_cfg(source="jsonl", train_file=path, val_file=path)
+    assert check_sources(cfg) == {}
+    record = RecordDataset(build_rows(cfg, "train"))[0]
+    assert len(record["images"]) == 1 and record["images"][0].getpixel((0, 0)) == (255, 0, 0)
+
+
+ADDRESS_REFUSED = {
+    # case: (the bad row, the kind counted, the reason's text)
+    "an ftp:// address in a part": (
+        {"messages": _user_turn({"type": "image", "url": "ftp://example.com/r.png"})},
+        "image_url",
+        "image URLs are not fetched (ftp://example.com/r.png): download the image and give its local path",
+    ),
+    "an s3:// address in images": (
+        {"messages": _user_turn({"type": "image"}), "images": ["s3://bucket/r.png"]},
+        "image_url",
+        "image URLs are not fetched (s3://bucket/r.png): download the image and give its local path",
+    ),
+    "an https:// address in images": (
+        {"messages": _user_turn({"type": "image"}), "images": ["https://example.com/r.png"]},
+        "image_url",
+        "image URLs are not fetched (https://example.com/r.png): download the image and give its local path",
+    ),
+    "an empty path in a part": (  # before: 1 image placeholders but 0 images
+        {"messages": _user_turn({"type": "image", "path": ""})},
+        "missing_image",
+        "empty image path (image 1 of 1 is '')",
+    ),
+    "an empty image_url in a part": (  # before: format_mismatch, "an 'image_url' part with no address"
+        {"messages": _user_turn({"type": "image_url", "image_url": {"url": ""}})},
+        "missing_image",
+        "empty image path (image 1 of 1 is '')",
+    ),
+    "an empty path in images": (  # before: IsADirectoryError on the file's folder
+        {"messages": _user_turn({"type": "image"}), "images": [""]},
+        "missing_image",
+        "empty image path (image 1 of 1 is '')",
+    ),
+    "a data: address that does not decode": (
+        {"messages": _user_turn({"type": "image"}), "images": ["data:image/png;base64,not base64!"]},
+        "unreadable_image",
+        "an image's base64 does not decode",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDRESS_REFUSED))
+def test_an_image_address_that_cannot_be_read_is_a_counted_bad_record(case, tmp_path, red):
+    red.save(tmp_path / "r.png")
+    bad, kind, reason = ADDRESS_REFUSED[case]
+    good = {"messages": _user_turn({"type": "image", "path": "r.png"})}
+    path = _jsonl(tmp_path / "d.jsonl", [good, bad])
+    cfg = data_cfg(source="jsonl", train_file=path, val_file=path)
+    assert check_sources(cfg) == {f"train/{kind}": 1, f"val/{kind}": 1}
+    record = RecordDataset(build_rows(cfg, "train"))[1]
+    assert isinstance(record, BadSample) and record.kind == kind and reason in record.reason
+    with pytest.raises(BadSampleError, match=rf"d.jsonl:2: {re.escape(reason)}"):
+        check_sources(OmegaConf.merge(cfg, {"on_bad_sample": "raise"}))
+
+
+def test_an_empty_image_key_beside_the_images_column_carries_nothing(tmp_path, red):
+    # a writer that fills a part's unused keys with "" (as datasets fills them with None)
+    red.save(tmp_path / "r.png")
+    path = _jsonl(tmp_path / "d.jsonl", [{"messages": _user_turn({"type": "image", "path": ""}), "images": ["r.png"]}])
+    rows = build_rows(data_cfg(source="jsonl", train_file=path, val_file=path), "train")
+    assert rows[0].problem is None and rows[0].images == [str(tmp_path / "r.png")]

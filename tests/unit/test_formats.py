@@ -267,3 +267,67 @@ def test_a_split_a_source_does_not_have_is_named_with_the_splits_it_has(stored):
     cfg, _ = stored["trl (save_to_disk, parts)"]
     with pytest.raises(DataError, match=r"has no split 'validation'; its splits are \['test', 'train'\]"):
         build_rows(OmegaConf.merge(cfg, {"val_split": "validation"}), "val")
+
+
+# ---------------------------------------------------------------- one stray row does not decide a table's format
+def _parts_row(color="red"):
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": color}]},
+        ],
+        "images": ["r.png"],
+    }
+
+
+def _marked_row(color="red"):  # LLaMA-Factory's / ms-swift's: string content, <image> markers
+    return {
+        "messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": color}],
+        "images": ["r.png"],
+    }
+
+
+def test_one_marked_row_among_trl_rows_does_not_turn_the_file_into_llava(tmp_path, red):
+    # 12 TRL rows and one LLaMA-Factory row on line 6: read as trl, which reads the marked row too
+    red.save(tmp_path / "r.png")
+    rows = [_parts_row() for _ in range(12)]
+    rows.insert(5, _marked_row())
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    cfg = data_cfg(source="jsonl", train_file=path, val_file=path)
+    built = build_rows(cfg, "train")
+    assert built.format == "trl"
+    assert check_sources(cfg) == {}  # before: llava, and the 12 TRL rows refused as format_mismatch
+    assert built[5].messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Colour?"}]
+
+
+def test_one_trl_row_among_marked_rows_is_the_one_counted(tmp_path, red):
+    red.save(tmp_path / "r.png")
+    rows = [_marked_row() for _ in range(12)]
+    rows.insert(5, _parts_row())
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    cfg = data_cfg(source="jsonl", train_file=path, val_file=path)
+    assert build_rows(cfg, "train").format == "llava"
+    assert check_sources(cfg) == {"train/format_mismatch": 1, "val/format_mismatch": 1}
+    with pytest.raises(BadSampleError, match=r"d.jsonl:6: not a llava row: messages with content parts"):
+        check_sources(OmegaConf.merge(cfg, {"on_bad_sample": "raise"}))
+
+
+def test_sharegpt_conversations_with_role_and_content_keys_are_read(tmp_path, red):
+    # LLaMA-Factory's sharegpt with role_tag=role, content_tag=content (a JSON array, as it ships)
+    red.save(tmp_path / "r.png")
+    rows = [
+        {
+            "conversations": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}],
+            "images": ["r.png"],
+        }
+    ] * 3
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    cfg = data_cfg(source="jsonl", train_file=str(tmp_path / "d.json"), val_file=str(tmp_path / "d.json"))
+    built = build_rows(cfg, "train")
+    assert built.format == "llava"
+    assert check_sources(cfg) == {}  # before: every row unknown_role, "speaker from=None"
+    assert built[0].messages == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    assert RecordDataset(built)[0]["images"][0].getpixel((0, 0)) == (255, 0, 0)
