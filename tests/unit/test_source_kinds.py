@@ -244,6 +244,9 @@ def test_slices_of_one_data_file_hold_rows_out(tmp_path):
     assert not kind_of(cfg.data).one_split(val)
     whole = compose_config(["data=hub", f"data.path={path}", f"run_dir={tmp_path}"])
     assert kind_of(whole.data).one_split(build_rows(whole.data, "val"))  # no slices: named as memorisation
+    short = compose_config(["data=hub", f"data.path={path}", "data.train_split='train[10:]'", f"run_dir={tmp_path}"])
+    with pytest.raises(DataError, match=r"data.train_split='train\[10:\]' leaves no rows"):
+        build_rows(short.data, "train")
 
 
 def test_a_mixture_key_named_as_data_names_it_gets_the_entrys_name_and_plan_refuses_typos_too(tmp_path):

@@ -16,7 +16,14 @@ from typing import Any
 from idefics2_ft.data.records import DataError, Row
 from idefics2_ft.data.sources.base import SourceKind
 from idefics2_ft.data.sources.files import JSON_SUFFIXES, JsonRows
-from idefics2_ft.data.sources.table import DATA_FILE_TYPES, TableRows, parse_split, stream_rows, subset_folder
+from idefics2_ft.data.sources.table import (
+    DATA_FILE_TYPES,
+    TableRows,
+    no_rows_left,
+    parse_split,
+    stream_rows,
+    subset_folder,
+)
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -38,7 +45,10 @@ class Hub(SourceKind):
             rows = JsonRows(d.path, d)
             _, start, stop = parse_split(split)
             if start or stop is not None:  # train[200:] / train[:200]: a slice of the file's rows
-                return SlicedRows(rows, start, stop)
+                sliced = SlicedRows(rows, start, stop)
+                if not len(sliced):
+                    raise DataError(no_rows_left(d, split, len(rows)))
+                return sliced
             rows.single_split = True  # one file serves both splits whole
             return rows
         return TableRows(d, split)
@@ -106,4 +116,3 @@ class SlicedRows(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         return self.rows[self.start + index]
-
