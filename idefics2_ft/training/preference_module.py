@@ -77,6 +77,7 @@ class PreferenceModule(Idefics2Module):
         self.reference, self.options = reference, dict(options or {})
         self._val_sums: dict[str, float] = {}
         self._val_pairs = 0
+        self._said_start = False
 
     # ------------------------------------------------------------------ the reference
     @contextmanager
@@ -143,6 +144,10 @@ class PreferenceModule(Idefics2Module):
         return loss, metrics
 
     # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._said_start = False
+
     def global_shares(self, batch: dict) -> torch.Tensor:
         """``[pairs, chosen answer tokens]`` of the global batch over the world size (an all-reduce:
         every rank calls it, also one whose pairs were all bad)."""
@@ -168,7 +173,8 @@ class PreferenceModule(Idefics2Module):
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=synced)
         for key, value in metrics.items():
             self.log(f"train/{key}", value, batch_size=n, sync_dist=synced)
-        if self.global_step == self.first_step and batch_idx == 0:
+        if not self._said_start:  # the fit's first batch (batch_idx is not 0 after a resume: Lightning restores it)
+            self._said_start = True
             log.info(
                 "Step %d: loss %.6f, rewards/margins %.6f (policy and reference %s)",
                 self.global_step,

@@ -165,3 +165,46 @@ def test_evaluate_scores_a_dpo_runs_held_out_pairs_as_its_validation_did(dpo_run
     cfg, _ = parse_overrides([f"run_dir={run_dir}"], {})
     with pytest.raises(ConfigError, match="is a preference run"):
         evaluate(cfg, None, None, "test", tmp_path / "x")
+
+
+def test_a_crashed_dpo_run_resumes_to_the_uninterrupted_adapter_with_its_reference_rebuilt(
+    trained_run, tiny_cache, pair_files, tmp_path, monkeypatch
+):
+    """Checkpoints hold the policy's trainable weights only: the resume builds the reference again from
+    model.adapter (the SFT run), and ends with the adapter of the run that was never stopped."""
+    import torch
+
+    from idefics2_ft.training import RehearsedCrash
+    from idefics2_ft.training.preference_module import PreferenceModule
+    from tests.helpers import adapter_weights, assert_same_adapters
+
+    sft_dir, _ = trained_run
+    common = (
+        *pair_files["trl_pairs"],
+        "trainer.max_steps=4",
+        "trainer.checkpoint_every_n_steps=1",
+        "eval.at_end=false",
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(dpo_cfg(trained_run, tiny_cache, straight, *common))
+    with pytest.raises(RehearsedCrash):
+        train(dpo_cfg(trained_run, tiny_cache, resumed, *common, "debug.crash_at_step=2"))
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2
+    assert state["state_dict"] and all(".default." in k for k in state["state_dict"])  # the policy's only
+
+    seen = {}
+    start = PreferenceModule.on_train_start
+
+    def record_reference(self):
+        start(self)
+        seen.update({k: v.detach().clone() for k, v in self.model.named_parameters() if ".reference." in k})
+        seen["step"] = self.global_step
+
+    monkeypatch.setattr(PreferenceModule, "on_train_start", record_reference)
+    train(dpo_cfg(trained_run, tiny_cache, resumed, *common, "resume=true"))
+    assert seen.pop("step") == 2
+    sft = adapter_weights(sft_dir)  # the reference, as model.adapter holds it
+    assert {k.replace(".reference.", ".") for k in seen} == set(sft)
+    assert all(torch.equal(v, sft[k.replace(".reference.", ".")]) for k, v in seen.items())
+    assert_same_adapters(straight, resumed)
