@@ -359,6 +359,11 @@ class Idefics2DataModule(L.LightningDataModule):
             )
         if self.cfg.get("pairs", False):  # held-out pairs: the same batches as training's
             collate = self.train_collator()
+            if sampler is not None and len(self.val_set) >= trainer.world_size:
+                # Each pair once: DistributedSampler would pad the last batches with pairs another rank
+                # scores too, and the means over all ranks (PreferenceModule) would count them twice.
+                # Its validation step runs no collective, so the ranks may hold one pair more or less.
+                sampler = range(trainer.global_rank, len(self.val_set), trainer.world_size)
         else:
             collate = ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample)
         return self._loader(self.val_set, collate, batch_size=self.cfg.eval_batch_size, sampler=sampler, shuffle=False)
