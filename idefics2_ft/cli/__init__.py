@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         StopPolicy(command).install().completed("nothing was written yet", same_command(command, rest))
     if command in ("plan", "prefetch"):  # they compose train's config: the same refusal as train's, in one line
-        from idefics2_ft.cli.train import mixture_problem
+        from idefics2_ft.cli.arguments import mixture_problem
 
         problem = mixture_problem(rest)
         if problem:

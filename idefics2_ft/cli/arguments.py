@@ -63,3 +63,23 @@ def setup_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def mixture_problem(args: list[str]) -> str | None:
+    """A ``data.mixture=[...]`` override whose entries hold a key no entry has (``wieght``), named with
+    the nearest key, in one line; Hydra's own refusal suggests ``+data.mixture``, which fails the same way."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from idefics2_ft.config.validate import mixture_entry_problems
+
+    given = [a for a in args if a.split("=", 1)[0].lstrip("+~") == "data.mixture"]
+    if not given:
+        return None
+    try:
+        value = OverridesParser.create().parse_override(given[-1]).value()
+    except Exception:  # not Hydra's grammar: Hydra says so itself
+        return None
+    problems = mixture_entry_problems(value)
+    if not problems:
+        return None
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
