@@ -5,6 +5,7 @@ Why and how: ``docs/data.md#how-the-collator-builds-the-labels``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,26 @@ def _expand_images(text: str, image_str: str, fake: str, image: str) -> str:
         if end < len(text) and not text[end].isspace() and text[end] != "<":
             out.append(" ")
         i = end
+
+
+def encode_records(records: list, encode: Callable[[dict], Any], on_bad_sample: str) -> tuple[list, list[BadSample]]:
+    """Each record encoded, apart from the bad ones (read bad, or found bad by ``encode``): ``(encoded, bad)``.
+
+    Raises:
+        BadSampleError: the first bad one, with ``on_bad_sample=raise``, naming where it is.
+    """
+    encoded, bad = [], []
+    for record in records:
+        item = record if isinstance(record, BadSample) else encode(record)
+        if isinstance(item, BadSample):
+            if on_bad_sample == "raise":
+                raise BadSampleError(
+                    f"{item.where()}: {item.reason} (set data.on_bad_sample=skip to skip such records)"
+                )
+            bad.append(item)
+        else:
+            encoded.append(item)
+    return encoded, bad
 
 
 class Idefics2Collator:
@@ -194,17 +215,7 @@ class Idefics2Collator:
 
     # ---------------------------------------------------------------- batch
     def __call__(self, records: list[dict | BadSample]) -> dict[str, Any]:
-        encoded, bad = [], []
-        for record in records:
-            item = record if isinstance(record, BadSample) else self.encode(record)
-            if isinstance(item, BadSample):
-                if self.on_bad_sample == "raise":
-                    raise BadSampleError(
-                        f"{item.where()}: {item.reason} (set data.on_bad_sample=skip to skip such records)"
-                    )
-                bad.append(item)
-            else:
-                encoded.append(item)
+        encoded, bad = encode_records(records, self.encode, self.on_bad_sample)
         batch: dict[str, Any] = {"bad_samples": bad}
         if not encoded:
             return batch

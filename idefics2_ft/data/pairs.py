@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from idefics2_ft.data.collator import IGNORE_INDEX, Idefics2Collator, padding_stats
-from idefics2_ft.data.records import BadSample, BadSampleError, final_answer, sides_problem
+from idefics2_ft.data.collator import IGNORE_INDEX, Idefics2Collator, encode_records, padding_stats
+from idefics2_ft.data.records import BadSample, final_answer, sides_problem
 
 SIDES = ("chosen", "rejected")
 
@@ -94,17 +94,7 @@ class PairCollator:
 
     # ---------------------------------------------------------------- batch
     def __call__(self, records: list[dict | BadSample]) -> dict[str, Any]:
-        encoded, bad = [], []
-        for record in records:
-            item = record if isinstance(record, BadSample) else self.encode(record)
-            if isinstance(item, BadSample):
-                if self.on_bad_sample == "raise":
-                    raise BadSampleError(
-                        f"{item.where()}: {item.reason} (set data.on_bad_sample=skip to skip such records)"
-                    )
-                bad.append(item)
-            else:
-                encoded.append(item)
+        encoded, bad = encode_records(records, self.encode, self.on_bad_sample)
         batch: dict[str, Any] = {"bad_samples": bad, "n_pairs": len(encoded)}
         if not encoded:
             return batch

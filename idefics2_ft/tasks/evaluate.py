@@ -165,11 +165,9 @@ def evaluate(
     Raises:
         OutputRefused: ``out_dir`` may not be written (before any question is answered).
     """
-    import lightning as L
 
     from idefics2_ft.data.datamodule import Idefics2DataModule
     from idefics2_ft.training.lightning_module import Idefics2Module
-    from idefics2_ft.training.trainer import follow_stop_policy
 
     if cfg.objective.name == "dpo":
         raise ConfigError([PAIRS_NOT_ANSWERS.format(run_dir=cfg.run_dir)])
@@ -185,15 +183,7 @@ def evaluate(
         max_new_tokens=cfg.eval.max_new_tokens,
         source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
     )
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        logger=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_checkpointing=False,
-    )
-    follow_stop_policy(trainer)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    validate_once(cfg, module, datamodule)
     rows = module.val_predictions
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
     for column in diagnostic_columns():  # eval/accuracy, eval/anls beside the run's own metric
@@ -227,6 +217,23 @@ PAIRS_NOT_ANSWERS = (
     "score. Score its held-out pairs with `idefics2-ft evaluate run_dir={run_dir}` (evaluate_pairs), or a "
     "question/answer split with objective.name=sft and that split's data.* keys."
 )
+
+
+def validate_once(cfg: DictConfig, module, datamodule) -> None:
+    """One validation pass of ``module`` over ``datamodule``'s validation set, on one device, writing nothing."""
+    import lightning as L
+
+    from idefics2_ft.training.trainer import follow_stop_policy
+
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_checkpointing=False,
+    )
+    follow_stop_policy(trainer)  # a stop is ours, not Lightning's
+    trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
 def load_pair_run(cfg: DictConfig):
@@ -284,36 +291,17 @@ def evaluate_pairs(
         Flat metrics: ``eval/rewards/*``, ``eval/logps/*``, ``eval/loss``, ``eval/loss/<name>``,
         ``eval/length/*``, ``eval/pairs``, ``eval/split``, and ``weights``.
     """
-    import lightning as L
 
     from idefics2_ft.data.datamodule import Idefics2DataModule
     from idefics2_ft.reporting import evaluation_report
     from idefics2_ft.training.preference_module import PreferenceModule
-    from idefics2_ft.training.trainer import follow_stop_policy
 
     target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
     o = cfg.objective
     data_cfg = OmegaConf.merge(cfg.data, {"val_split": split, "pairs": True})
     datamodule = Idefics2DataModule(data_cfg, processor)
-    module = PreferenceModule(
-        model,
-        processor.tokenizer,
-        optimizer_factory=None,
-        losses=list(o.loss),
-        weights=list(o.loss_weights) if o.loss_weights is not None else None,
-        beta=o.beta,
-        reference=reference,
-        options={"label_smoothing": o.label_smoothing, "simpo_gamma": o.simpo_gamma, "orpo_lambda": o.orpo_lambda},
-    )
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        logger=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_checkpointing=False,
-    )
-    follow_stop_policy(trainer)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    module = PreferenceModule.from_objective(model, processor.tokenizer, o, reference)
+    validate_once(cfg, module, datamodule)
     metrics: dict[str, Any] = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
     metrics.update({f"eval/skipped/{k.removeprefix('val/')}": v for k, v in module.skipped.items()})
     metrics["eval/split"] = split

@@ -362,16 +362,13 @@ def check_adapter_base(adapter: Path, model_path: str) -> None:
 def _module(cfg: DictConfig, model: torch.nn.Module, processor, datamodule: Idefics2DataModule) -> Idefics2Module:
     if cfg.objective.name == "dpo":
         o = cfg.objective
-        return PreferenceModule(
+        return PreferenceModule.from_objective(
             model,
             processor.tokenizer,
+            o,
+            reference_of(o, cfg.model.adapter),
             make_optimizer_factory(cfg),
             make_schedule(cfg),
-            losses=list(o.loss),
-            weights=list(o.loss_weights) if o.loss_weights is not None else None,
-            beta=o.beta,
-            reference=reference_of(o, cfg.model.adapter),
-            options={"label_smoothing": o.label_smoothing, "simpo_gamma": o.simpo_gamma, "orpo_lambda": o.orpo_lambda},
             shard=make_shard_fn(cfg),
         )
     return Idefics2Module(

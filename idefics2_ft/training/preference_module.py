@@ -79,6 +79,32 @@ class PreferenceModule(Idefics2Module):
         self._val_pairs = 0
         self._said_start = False
 
+    @classmethod
+    def from_objective(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        objective: Any,
+        reference: str,
+        optimizer_factory: Callable[[list], torch.optim.Optimizer] | None = None,
+        lr_lambda: Callable[[int], float] | None = None,
+        shard: Callable[[torch.nn.Module, Any], int] | None = None,
+    ) -> PreferenceModule:
+        """The module for the ``objective`` group (its losses, weights, beta and the losses' options)."""
+        o = objective
+        return cls(
+            model,
+            tokenizer,
+            optimizer_factory,
+            lr_lambda,
+            losses=list(o.loss),
+            weights=list(o.loss_weights) if o.loss_weights is not None else None,
+            beta=o.beta,
+            reference=reference,
+            options={"label_smoothing": o.label_smoothing, "simpo_gamma": o.simpo_gamma, "orpo_lambda": o.orpo_lambda},
+            shard=shard,
+        )
+
     # ------------------------------------------------------------------ the reference
     @contextmanager
     def as_reference(self) -> Iterator[None]:
