@@ -11,6 +11,8 @@ EXTRAS ?= dev,oracle,deepspeed,slurm
 PIP_FLAGS ?= -q
 MIN_VENV ?= .venv-min
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
+# make demo-dpo: a finished `make demo` run folder; empty: the newest outputs/easyvqa_tiny/demo-*
+DEMO_RUN ?=
 # The fast and fault tiers run JOBS tests at a time (pytest-xdist), each process on one thread: a tiny
 # run keeps one core busy whatever its threads (imports, data, the report are Python), so on 2 cores
 # two at a time take ~0.6 of the wall time, where 2 threads each would only contend. The fast tier
@@ -21,7 +23,7 @@ JOBS ?= 2
 PARALLEL := OMP_NUM_THREADS=1
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-browser demo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
+.PHONY: help install install-browser demo demo-dpo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,6 +46,9 @@ install-browser: ## Debian's Chromium + ChromeDriver (root), for the test that o
 demo: $(VENV)/.installed ## train the embedded default recipe (tiny Idefics2, easy-VQA, QLoRA) on the CPU and report
 	$(PY) train.py run_dir=$(DEMO_DIR)
 	$(PY) scripts/demo_report.py $(DEMO_DIR) --min-overall 0.80 --min-gain 0.15 --goal-overall 0.85 --goal-type 0.75
+
+demo-dpo: $(VENV)/.installed ## DPO on a demo run's own wrong answers, its adapter the reference; before/after table (DEMO_RUN=, default the newest demo-*)
+	$(PY) scripts/demo_dpo.py $(DEMO_RUN)
 
 test: $(VENV)/.installed ## the fast test tier (CPU, tiny model; JOBS=2 files at a time)
 	$(PARALLEL) $(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder
