@@ -23,7 +23,7 @@ JOBS ?= 2
 PARALLEL := OMP_NUM_THREADS=1
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-browser demo demo-dpo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-gpu plan lint format clean
+.PHONY: help install install-browser demo demo-dpo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-dpo bench-gpu plan lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ bench: $(VENV)/.installed ## our loop against a bare PyTorch loop and HF Trainer
 bench-mixed: $(VENV)/.installed ## data.group_by on mixed DocVQA-like pages against HF Trainer's group_by_length, and a three-format mixture against one source (outputs/bench_mixed.md, bench_mixture.md; ~15 min)
 	$(PY) scripts/benchmarks/mixed_pages.py --repeats 3
 	$(PY) scripts/benchmarks/mixture.py --repeats 3
+
+bench-dpo: $(VENV)/.installed ## our DPO against TRL's DPOTrainer on the same QLoRA Idefics2 and pairs: pairs/s, peak RSS, pictures per pair; tiny and the 8B's shapes with 2 decoder layers (outputs/bench_dpo.md; 20 min on 2 busy CPU cores)
+	$(PY) scripts/benchmarks/dpo.py
 
 bench-gpu: $(VENV)/.installed ## on a CUDA GPU: the 8B's measured memory, tokens/s and MFU against the plan (outputs/bench_gpu.md); says so and exits 0 without CUDA
 	$(PY) scripts/bench_gpu.py

@@ -65,3 +65,16 @@ def test_a_three_format_mixture_against_one_source_and_the_shapes_of_a_large_mix
     assert rate(table, "three sources (JSONL, LLaVA JSON, TRL parquet)") > 0
     assert "three sources / one source = " in table
     assert re.search(r"record_shapes over a 300-row mixture .*: [\d.]+ s", table)
+
+
+def test_our_dpo_against_trls_sends_each_picture_through_the_vision_tower_once_per_pair(tmp_path):
+    table = bench(tmp_path, "dpo.py", "--shapes", "tiny", "--steps", "1")
+    cells = {}
+    for row in ("ours DPO", "TRL DPO", "ours SFT (chosen answers)"):
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        cells[row] = [cell.strip() for cell in line.split("|")[2:7]]
+        assert rate(table, row) > 0 and float(cells[row][1]) > 0 and float(cells[row][2]) > 0  # pairs/s, CPU, GB
+    # ours: the prompt's picture once per pair; TRL 1.16: chosen and rejected, policy and reference
+    assert float(cells["ours DPO"][4]) == 1 and float(cells["TRL DPO"][4]) == 4
+    assert float(cells["ours SFT (chosen answers)"][4]) == 1
+    assert re.search(r"ours/TRL pairs/s = [\d.]+, ours/TRL peak = [\d.]+, DPO/SFT step time = [\d.]+", table)
