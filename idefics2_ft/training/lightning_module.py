@@ -157,23 +157,60 @@ class Idefics2Module(L.LightningModule):
             log.warning("Skipped %d bad records: %s", metrics["data/skipped"], skipped)
         return metrics
 
+    @property
+    def weights_sharded(self) -> bool:
+        """True when the ranks hold shards of the weights (FSDP2, DeepSpeed ZeRO-3): every forward is
+        then a collective that all ranks must join. False on one process and under DDP or ZeRO-2."""
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+        if world_size() == 1:
+            return False
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            return strategy.zero_stage_3
+        return not isinstance(strategy, DDPStrategy)
+
+    def zero_loss(self) -> torch.Tensor:
+        """0 over the trainable weights: a step that learns nothing from this batch and still runs the
+        backward (and, across ranks, the gradient all-reduce) with everyone else."""
+        return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
+
+    def batch_stats(self, batch: dict, has_batch: bool, tokens: torch.Tensor | float = 0.0) -> tuple[float, int]:
+        """``(tokens, ranks without a batch)`` over all ranks: one all-reduce that every rank joins, also
+        one whose records were all bad (a rank that skipped a collective would leave the others waiting
+        in it for ever). ``tokens`` is this rank's count of the tokens the loss divides by."""
+        stats = torch.tensor([float(tokens), 0.0 if has_batch else 1.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats)
+        return float(stats[0]), int(stats[1])
+
     def training_step(self, batch: dict, batch_idx: int):
         self._count_bad(batch, "train")
-        if "input_ids" not in batch:
-            # Every record of this batch was bad. A zero loss over the trainable weights keeps the
-            # step (and, across ranks, the gradient all-reduce) in step with everyone else.
-            return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
+        has_batch = "input_ids" in batch
         world = world_size()
-        num_items = None
-        if world > 1:
-            # Normalise by the supervised tokens of the global batch, not of this rank's share:
-            # DDP averages the ranks' gradients, so each rank divides its summed loss by
-            # total/world, and the step equals one process over the whole batch.
-            total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
-            dist.all_reduce(total)
-            num_items = total.clamp(min=1) / world
-        loss = self.learned_loss(batch, num_items)
-        n = batch["input_ids"].shape[0]
+        if world == 1:
+            if not has_batch:  # every record of this batch was bad: keep the step, learn nothing
+                return self.zero_loss()
+            loss, n = self.learned_loss(batch), batch["input_ids"].shape[0]
+        else:
+            # Normalise by the supervised tokens of the global batch, not of this rank's share: DDP
+            # averages the ranks' gradients, so each rank divides its summed loss by total/world, and
+            # the step equals one process over the whole batch. A rank whose records were all bad adds
+            # a zero loss: under DDP that is its exact share of the global mean. Under sharded weights
+            # its forward would be a collective the others miss, so then every rank skips the batch.
+            tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() if has_batch else 0.0
+            total, without = self.batch_stats(batch, has_batch, tokens)
+            if has_batch and not (without and self.weights_sharded):
+                loss = self.learned_loss(batch, torch.tensor(max(total, 1.0) / world, device=self.device))
+                n = batch["input_ids"].shape[0]
+            else:
+                if without and self.weights_sharded and has_batch:
+                    log.warning(
+                        "Step %d: a rank's records were all bad; with sharded weights every rank skips this "
+                        "micro-batch (its %d good records on this rank are not learned).",
+                        self.global_step,
+                        batch["input_ids"].shape[0],
+                    )
+                loss, n = self.zero_loss(), 1
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
         if self.trainer._logger_connector.should_update_logs:  # written only then: skip the call (~0.7 ms) otherwise
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
@@ -208,6 +245,15 @@ class Idefics2Module(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_bad(batch, "val")
+        if self.weights_sharded:  # a forward is a collective there: no rank may skip one alone
+            _, without = self.batch_stats(batch, "loss_inputs" in batch)
+            if without:
+                raise RuntimeError(
+                    f"Validation batch {batch_idx}: every record of it was bad on {without} rank(s), and with "
+                    "sharded weights (FSDP, DeepSpeed ZeRO-3) each forward needs every rank. Remove the bad "
+                    "records from the validation data (the data check at the start names them) or raise "
+                    "data.eval_batch_size."
+                )
         if "loss_inputs" not in batch:
             return
         inputs = batch["loss_inputs"]
@@ -238,7 +284,6 @@ class Idefics2Module(L.LightningModule):
     def generate(self, inputs: dict) -> list[str]:
         """Greedy answers for a left-padded batch of prompts ending with ``Assistant:``."""
         gen_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs and k != "labels"}
-        synced = world_size() > 1
         output = self.model.generate(
             **gen_inputs,
             max_new_tokens=self.max_new_tokens,
@@ -246,7 +291,9 @@ class Idefics2Module(L.LightningModule):
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
-            synced_gpus=synced,  # sharded ranks must keep stepping together until all are done
+            # sharded ranks must keep stepping together until all are done; replicated ones (DDP) need not,
+            # and a rank without a batch (all its records bad) then never waits on the others
+            synced_gpus=self.weights_sharded,
         )
         new_tokens = output[:, gen_inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -18,7 +18,10 @@ against plain forwards with the pixels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
 
@@ -160,3 +163,46 @@ def see_pair(model: torch.nn.Module, batch: dict) -> tuple[Pictures | None, Pict
         if "rejected_pixel_values" in batch:
             rejected = see(model, batch["rejected_pixel_values"], batch.get("rejected_pixel_attention_mask"))
     return pictures, rejected
+
+
+def pair_passes(
+    model: torch.nn.Module, batch: dict, as_reference: Callable[[], ContextManager] | None
+) -> tuple[AnswerLogps, AnswerLogps | None]:
+    """The policy's log-probabilities of a batch of pairs and, given ``as_reference`` (a context in which
+    the model is the reference), the reference's, without grad: each picture through the tower once.
+
+    One call is one forward of the whole model: under FSDP2 it is registered as the root unit's
+    forward method (``strategies.shard_idefics2``), so the weights outside the layers (the patch
+    embedding, the connector's projection, the head) are gathered for the tower and the connector,
+    which run here directly, and their gradients reduced after the backward.
+    """
+    pictures, rejected = see_pair(model, batch)
+    features = pair_features(model, batch, pictures, rejected)
+    reference_features = None
+    if as_reference is not None:
+        # The tower and the connector (which run here directly) before either text pass: a nested
+        # forward of the whole model gathers the root's weights again for itself, and under FSDP2 they
+        # are sharded again when it returns.
+        inner = part_of(model, "Idefics2Model")
+        reference_features = [f.detach() for f in features]
+        if has_adapters(inner.vision_model) or has_adapters(inner.connector):
+            with torch.no_grad(), as_reference():
+                if has_adapters(inner.vision_model):  # the reference's tower differs (no recipe does this)
+                    pictures, rejected = see_pair(model, batch)
+                reference_features = pair_features(model, batch, pictures, rejected)
+    policy = pair_logps(model, batch, features)
+    if reference_features is None:
+        return policy, None
+    with torch.no_grad(), as_reference():
+        reference = pair_logps(model, batch, reference_features)
+    return policy, reference
+
+
+PAIR_PASSES = "pair_passes"  # the name of the forward method ``attach_pair_passes`` gives the model
+
+
+def attach_pair_passes(model: torch.nn.Module) -> None:
+    """Give ``model`` the method ``pair_passes`` (this module's function bound to it), so that a sharding
+    strategy can register it as a forward of the whole model. Idempotent."""
+    if PAIR_PASSES not in vars(model):
+        model.__dict__[PAIR_PASSES] = MethodType(pair_passes, model)

@@ -27,14 +27,7 @@ import torch
 
 from idefics2_ft.ranks import world_size
 from idefics2_ft.training.lightning_module import Idefics2Module
-from idefics2_ft.training.pair_forward import (
-    IGNORE_INDEX,
-    has_adapters,
-    pair_features,
-    pair_logps,
-    part_of,
-    see_pair,
-)
+from idefics2_ft.training.pair_forward import IGNORE_INDEX, attach_pair_passes
 from idefics2_ft.training.preference import LOSSES, PairLogps, preference_loss, reference_problem, unknown_loss_problem
 
 log = logging.getLogger(__name__)
@@ -78,6 +71,9 @@ class PreferenceModule(Idefics2Module):
         self._val_sums: dict[str, float] = {}
         self._val_pairs = 0
         self._said_start = False
+        self._metric_names: list[str] | None = None
+        attach_pair_passes(self.model)  # the pair's forward, as one method of the model (FSDP2 registers it)
+        self._global_pairs = 0.0
 
     @classmethod
     def from_objective(
@@ -137,18 +133,8 @@ class PreferenceModule(Idefics2Module):
                 gradients is then the global batch's mean, also when the ranks hold different numbers of
                 pairs (bad pairs dropped) or of answer tokens. None: the means over this batch.
         """
-        pictures, rejected = see_pair(self.model, batch)
-        features = pair_features(self.model, batch, pictures, rejected)
-        policy = pair_logps(self.model, batch, features)
-        reference = None
-        if self.reference != "none":
-            inner = part_of(self.model, "Idefics2Model")
-            with torch.no_grad(), self.as_reference():
-                if has_adapters(inner.vision_model):  # the reference's tower differs (no recipe does this)
-                    pictures, rejected = see_pair(self.model, batch)
-                if has_adapters(inner.vision_model) or has_adapters(inner.connector):
-                    features = pair_features(self.model, batch, pictures, rejected)
-                reference = pair_logps(self.model, batch, [f.detach() for f in features])
+        reference_pass = None if self.reference == "none" else self.as_reference
+        policy, reference = self.model.pair_passes(batch, reference_pass)  # pair_forward.pair_passes
         scale, chosen_nll = 1.0, None
         if shares is not None:  # the global batch's means under DDP's average (see Args)
             pairs, tokens = shares.to(policy.chosen.dtype).unbind()
@@ -174,42 +160,89 @@ class PreferenceModule(Idefics2Module):
         super().on_train_start()
         self._said_start = False
 
-    def global_shares(self, batch: dict) -> torch.Tensor:
-        """``[pairs, chosen answer tokens]`` of the global batch over the world size (an all-reduce:
-        every rank calls it, also one whose pairs were all bad)."""
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def global_shares(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """``[pairs, chosen answer tokens]`` of the global batch over the world size, and how many ranks
+        hold no pair (an all-reduce: every rank calls it, also one whose pairs were all bad)."""
+        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         if "chosen_input_ids" in batch:
             counts[0] = batch["chosen_input_ids"].shape[0]
             counts[1] = (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum()
+        else:
+            counts[2] = 1
         torch.distributed.all_reduce(counts)
-        return counts / world_size()
+        return counts[:2] / world_size(), int(counts[2])
+
+    def metric_names(self) -> list[str]:
+        """The names ``pair_loss`` returns its metrics under, in its order (from the losses alone): a rank
+        without a pair joins the metrics' all-reduce with zeros under the same names."""
+        if self._metric_names is None:
+            one = torch.zeros(1, device=self.device)
+            reference = None if self.reference == "none" else one
+            logps = PairLogps(one, one, one + 1, one + 1, reference, reference)
+            _, metrics = preference_loss(logps, self.losses, self.weights, self.beta, **self.options)
+            self._metric_names = [*metrics, "length/chosen", "length/rejected"]
+        return self._metric_names
+
+    def global_metrics(
+        self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], pairs: int
+    ) -> dict[str, torch.Tensor]:
+        """The loss and the metrics of the global batch: the loss is the ranks' sum over the world size
+        (each rank's loss is its share of the global mean, ``pair_loss``), each metric the mean over all
+        the ranks' pairs. One all-reduce, in an order every rank knows (``metric_names``)."""
+        names = self.metric_names()
+        values = [loss.detach().double()] + [metrics[k].detach().double() * pairs if pairs else 0.0 for k in names]
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        torch.distributed.all_reduce(stacked)
+        total_pairs = max(float(self._global_pairs), 1.0)
+        out = {"loss": stacked[0] / world_size()}
+        out.update({k: stacked[i + 1] / total_pairs for i, k in enumerate(names)})
+        return out
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_bad(batch, "train")
-        synced = world_size() > 1
-        # Under DDP each rank's loss is scaled to its share of the global batch (pair_loss): with as
-        # many pairs on every rank (the sampler gives each rank data.batch_size records, a pair each)
-        # the scale is 1, but a bad pair dropped on one rank would otherwise weigh the others' pairs
-        # differently from one process over the global batch. The all-reduce comes first: every rank joins it.
-        shares = self.global_shares(batch) if synced else None
-        if "chosen_input_ids" not in batch:  # every pair of this batch was bad: keep the step in step
-            return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
-        loss, metrics = self.pair_loss(batch, shares)
-        n = batch["chosen_input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=synced)
-        for key, value in metrics.items():
-            self.log(f"train/{key}", value, batch_size=n, sync_dist=synced)
-        if not self._said_start:  # the fit's first batch (batch_idx is not 0 after a resume: Lightning restores it)
+        has_batch = "chosen_input_ids" in batch
+        if world_size() == 1:
+            if not has_batch:  # every pair of this batch was bad: keep the step, learn nothing
+                return self.zero_loss()
+            loss, metrics = self.pair_loss(batch)
+            logged = {"loss": loss, **metrics}
+        else:
+            # Under DDP each rank's loss is scaled to its share of the global batch (pair_loss): with as
+            # many pairs on every rank (the sampler gives each rank data.batch_size records, a pair each)
+            # the scale is 1, but a bad pair dropped on one rank would otherwise weigh the others' pairs
+            # differently from one process over the global batch. A rank whose pairs were all bad adds a
+            # zero loss, its exact share. Every rank joins each all-reduce, in the same order; with
+            # sharded weights a forward is one too, so there every rank skips a batch that one rank lacks.
+            shares, without = self.global_shares(batch)
+            self._global_pairs = float(shares[0]) * world_size()
+            if has_batch and not (without and self.weights_sharded):
+                loss, metrics = self.pair_loss(batch, shares)
+                pairs = batch["chosen_input_ids"].shape[0]
+            else:
+                loss, metrics, pairs = self.zero_loss(), {}, 0
+                if without and self.weights_sharded:
+                    self._global_pairs = 0.0
+            logged = self.global_metrics(loss, metrics, pairs)
+            if without and self.weights_sharded and has_batch:
+                log.warning(
+                    "Step %d: a rank's pairs were all bad; with sharded weights every rank skips this micro-batch.",
+                    self.global_step,
+                )
+        for key, value in logged.items():  # already the global batch's: no sync
+            self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=1, sync_dist=False)
+        if (
+            not self._said_start and "rewards/margins" in logged
+        ):  # the fit's first batch (batch_idx is not 0 after a resume)
             self._said_start = True
             log.info(
                 "Step %d: loss %.6f, rewards/margins %.6f (policy and reference %s)",
                 self.global_step,
-                float(loss.detach()),
-                float(metrics["rewards/margins"]),
+                float(logged["loss"].detach()),
+                float(logged["rewards/margins"]),
                 "agree: ln 2 = 0.693147 for sigmoid" if self.global_step == 0 else "as resumed",
             )
         if self.trainer._logger_connector.should_update_logs:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
 
     # ------------------------------------------------------------------ validation
@@ -221,6 +254,15 @@ class PreferenceModule(Idefics2Module):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_bad(batch, "val")
+        if self.weights_sharded:  # a forward is a collective there: no rank may skip one alone
+            _, without = self.global_shares(batch)
+            if without:
+                raise RuntimeError(
+                    f"Validation batch {batch_idx}: every pair of it was bad on {without} rank(s), and with "
+                    "sharded weights (FSDP, DeepSpeed ZeRO-3) each forward needs every rank. Remove the bad "
+                    "pairs from the validation data (the data check at the start names them) or raise "
+                    "data.eval_batch_size."
+                )
         if "chosen_input_ids" not in batch:
             return
         loss, metrics = self.pair_loss(batch)
@@ -234,7 +276,8 @@ class PreferenceModule(Idefics2Module):
         if world_size() > 1:
             gathered: list = [None] * world_size()
             torch.distributed.all_gather_object(gathered, (sums, pairs))
-            sums = {k: sum(s.get(k, 0.0) for s, _ in gathered) for k in sums}
+            names = {k for part, _ in gathered for k in part}  # a rank without a pair has none
+            sums = {k: sum(s.get(k, 0.0) for s, _ in gathered) for k in sorted(names)}
             pairs = sum(p for _, p in gathered)
         metrics = {f"val/{k}": v / pairs for k, v in sums.items()} if pairs else {}
         metrics["val/pairs"] = float(pairs)

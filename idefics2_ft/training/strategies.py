@@ -17,6 +17,10 @@ from idefics2_ft.ranks import world_size
 
 log = logging.getLogger(__name__)
 
+# The model's methods that run a forward of their own (past the root unit's hook): FSDP2 gathers the
+# root's weights around each. ``pair_passes``: training/pair_forward.attach_pair_passes.
+FORWARD_METHODS = ("generate", "pair_passes")
+
 
 def is_sharded(cfg: DictConfig) -> bool:
     """True when ranks hold shards of the weights (FSDP, or DeepSpeed ZeRO-3)."""
@@ -40,8 +44,9 @@ def shard_idefics2(model: torch.nn.Module, mesh: Any, reshard_after_forward: boo
 
     The root unit owns what lies outside the layers (embeddings, norms, patch embedding, the
     connector's projection, the head). It is the outermost module, the PEFT wrapper when there is
-    one: PEFT calls the inner model's ``forward`` directly, past any hook on it. ``generate`` is
-    registered as a forward method so the root weights are gathered for the whole generation.
+    one: PEFT calls the inner model's ``forward`` directly, past any hook on it. ``generate`` and a
+    preference run's ``pair_passes`` (which runs the tower and the connector directly) are registered as
+    forward methods, so the root weights are gathered for the whole call.
     Idempotent (Lightning calls ``configure_model`` for every ``fit`` and ``validate``). Returns
     the number of units.
     """
@@ -56,7 +61,9 @@ def shard_idefics2(model: torch.nn.Module, mesh: Any, reshard_after_forward: boo
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
             units += 1
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    register_fsdp_forward_method(model, "generate")
+    for method in FORWARD_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return units + 1
 
 

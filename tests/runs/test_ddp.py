@@ -47,6 +47,40 @@ def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, gro
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", *(["trl"] if mixture else []), "two"]
 
 
+def test_a_rank_whose_records_are_all_bad_keeps_step_and_the_run_equals_one_process(tmp_path, tiny_cache):
+    """One record per rank and every other record bad (an empty answer): in some steps one rank holds
+    nothing to learn. It must still join every collective of the step (the token count, the logged
+    loss, the gradient all-reduce) and of validation (generation): a rank that skipped one left the
+    other waiting in it until the timeout. Its zero loss is its exact share of the global mean, so the
+    run still equals one process over the global batch of 2."""
+    from idefics2_ft.demo import formats
+
+    path = formats.write_llava(tmp_path / "llava", rows=24)
+    rows = json.loads(path.read_text())
+    for i, row in enumerate(rows):
+        if i % 2 == 1:
+            row["conversations"][1]["value"] = ""
+    path.write_text(json.dumps(rows))
+    common = [*TINY_RUN, f"model.tiny.cache_dir={tiny_cache}", "peft.dropout=0", "name=ddp-bad"]
+    common += ["data=jsonl", f"data.train_file={path}", f"data.val_file={path}", "data.max_val_samples=7"]
+    common += ["data.eval_batch_size=1", "trainer.max_steps=6"]
+    run_train(*common, "data.batch_size=2", f"run_dir={tmp_path / 'one'}")
+    run_train(
+        *common,
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.batch_size=1",
+        f"run_dir={tmp_path / 'two'}",
+    )
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["train/world_size"] == 2 and two["train/ranks_in_sync"] is True
+    assert one["data/skipped/train/empty_answer"] == two["data/skipped/train/empty_answer"] > 0
+    assert one["val/n_questions"] == two["val/n_questions"] == 4  # 7 held out, 3 of them bad
+    assert_same_adapters(tmp_path / "one", tmp_path / "two")
+
+
 def test_dpo_under_ddp_equals_one_process_over_the_global_batch_and_keeps_each_pair_whole(
     tmp_path, trained_run, tiny_cache
 ):

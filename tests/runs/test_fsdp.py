@@ -118,3 +118,30 @@ def test_the_recomputed_connector_trains_under_fsdp_and_ddp_as_one_process(strat
     assert metrics["params/trainable/connector"] > 0 and metrics["train/ranks_in_sync"] is True
     assert any(".connector." in k for k in adapter(one))
     assert_same_adapters(one, two)
+
+
+def test_dpo_under_fsdp_equals_one_process_over_the_global_batch(runs):
+    """objective=dpo (the base the reference, LoRA on the text model and the connector) sharded over 2
+    ranks. The pair's forward runs the vision tower and the connector directly, past the root unit's
+    hook: it is registered as a forward method of the root (strategies.FORWARD_METHODS), so their
+    weights outside the layers are gathered. Without that the sharded run fails on its first step."""
+    from idefics2_ft.demo import formats
+
+    tmp, common = runs
+    pairs = formats.write_trl_pairs(tmp / "pairs", rows=16)
+    dpo = [
+        *common,
+        "objective=dpo",
+        "data=hub",
+        f"data.path={pairs}",
+        "data.val_split=test",
+        "peft.target=text+connector",
+    ]
+    run_train(*dpo, "data.batch_size=4", f"run_dir={tmp / 'one-dpo'}")
+    run_train(*dpo, *TWO_RANKS, f"run_dir={tmp / 'two-dpo'}")
+    one = json.loads((tmp / "one-dpo" / "metrics.json").read_text())
+    two = json.loads((tmp / "two-dpo" / "metrics.json").read_text())
+    assert two["train/world_size"] == 2 and two["train/ranks_in_sync"] is True
+    assert one["val/pairs"] == two["val/pairs"] > 0
+    assert two["val/rewards/accuracies"] == pytest.approx(one["val/rewards/accuracies"])
+    assert_same_adapters(tmp / "one-dpo", tmp / "two-dpo")
