@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -68,6 +70,7 @@ def test_a_three_format_mixture_against_one_source_and_the_shapes_of_a_large_mix
 
 
 def test_our_dpo_against_trls_sends_each_picture_through_the_vision_tower_once_per_pair(tmp_path):
+    pytest.importorskip("trl")  # the peer, in the test-only `oracle` extra (make test-min has none)
     table = bench(tmp_path, "dpo.py", "--shapes", "tiny", "--steps", "1")
     cells = {}
     for row in ("ours DPO", "TRL DPO", "ours SFT (chosen answers)"):
