@@ -120,3 +120,35 @@ def step_flops(config: Idefics2Config, w: Workload, s: Setup, params: dict[str, 
     vision_backward = vision * backward if s.target == "all" or s.method == "full" else 0
     micro = vision + vision_backward + (connector + text + head) * (1 + backward) + recompute
     return micro * s.accumulate
+
+
+def reference_terms(config: Idefics2Config, w: Workload, s: Setup) -> tuple[float, float, float, float]:
+    """objective=dpo: the reference's pass over the pairs (``pair_forward.py``), under no_grad, after the
+    policy's forward and before the backward: everything the policy's forward saved is held meanwhile.
+
+    Returns the bytes of what the policy holds of its head then (its fp32 log-softmax at the learned
+    positions, saved for the backward; the loss's gradients do not exist yet), of what its text model
+    has saved by then (the forward's share of ``activation_terms``' text term: with checkpointing the
+    layer boundaries, the layer recomputed and the gradients come in the backward), and of the pass's
+    text pass's largest transient: one decoder layer at a time, or its head, whose logits at the learned
+    positions of every row are copied to fp32 beside their log-softmax (``sequence_logps``); and of the
+    reference's connector, run again where adapters sit in it (the reference's connector differs)
+    without grad, right after the policy's connector and before either text pass (``pair_passes``), so
+    in one piece over every patch rather than in the recomputed chunks: the projection's
+    gate-activated, up and product tensors, ``intermediate_size`` wide per patch. Nothing of the pass
+    is kept but each row's log-probability: no cache (``use_cache`` is off in training), no second model."""
+    t = config.text_config
+    a = s.act_bytes
+    D, inter = t.hidden_size, t.intermediate_size
+    T, B, L = w.seq_len, w.batch, t.num_hidden_layers
+    positions = B * (w.learned if w.learned is not None else T)
+    kept = positions * t.vocab_size * 4
+    if s.checkpointing:
+        text = L * B * T * D * a
+    else:
+        text = L * B * _text_layer_bytes(D, inter, t.num_attention_heads, T, s, lora=True)
+    head = positions * t.vocab_size * (a + 4 + (4 if a != 4 else 0))  # logits, their fp32 copy, the log-softmax
+    layer = B * T * (3 * inter + 3 * D) * a  # the MLP's three wide tensors, the residual stream
+    connector_differs = s.method == "full" or "connector" in s.target or s.target == "all"
+    connector = w.images * w.patches * 3 * inter * a if connector_differs else 0
+    return kept, text, max(head, layer), connector

@@ -22,10 +22,16 @@ class Workload:
     crops: int = 1  # images per picture: 5 with do_image_splitting (4 crops and the whole)
     longest_edge: int = 980
     learned: int | None = None  # positions whose logits are computed (where some sample learns); None: all
+    rows_per_sample: int = 1  # text rows per sample: 2 for a preference pair (chosen and rejected stacked)
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq_len
+
+    @property
+    def samples(self) -> int:
+        """Samples (pairs for objective=dpo) in the batch: ``data.batch_size``."""
+        return self.batch // self.rows_per_sample
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class Setup:
     gpus: int = 1
     accumulate: int = 1
     recompute_connector: bool = True  # model.checkpoint_connector (on when the connector trains)
+    # objective=dpo: the reference's pass without grad, "base" (the adapters off) or "adapter" (a frozen
+    # second adapter, model.adapter); None: none (SFT, or a reference-free loss)
+    reference: str | None = None
 
     @property
     def act_bytes(self) -> int:  # activations and the unquantized weights: the compute dtype's size
@@ -76,6 +85,7 @@ def setup_from_cfg(cfg: DictConfig, device: str) -> Setup:
         gpus=num_devices(cfg) * cfg.trainer.num_nodes,
         accumulate=accumulation(cfg),
         recompute_connector=connector_recomputed(cfg),
+        reference=reference_pass(cfg),
     )
 
 
@@ -84,6 +94,34 @@ def connector_recomputed(cfg: DictConfig) -> bool:
     if cfg.model.checkpoint_connector is not None:
         return bool(cfg.model.checkpoint_connector)
     return cfg.peft.method == "full" or cfg.peft.target in ("text+connector", "all")
+
+
+def is_dpo(cfg: DictConfig) -> bool:
+    return cfg.get("objective") is not None and cfg.objective.name == "dpo"
+
+
+# The losses that need no reference (``reference="free"`` in training/preference.py's LOSSES; planning
+# sits beside training and does not import it: tests/unit/test_batch_auto.py pins the two agree), and
+# those that work with or without one.
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})
+REFERENCE_OPTIONAL_LOSSES = frozenset({"sft"})
+
+
+def reference_pass(cfg: DictConfig) -> str | None:
+    """The reference a DPO run passes its pairs through (``objective.reference`` resolved as
+    ``preference_module.reference_of`` does), or None where there is no reference pass."""
+    if not is_dpo(cfg):
+        return None
+    o = cfg.objective
+    reference = o.reference
+    if reference == "auto":
+        losses = set(o.loss)
+        free = losses & REFERENCE_FREE_LOSSES
+        if free and not losses - REFERENCE_FREE_LOSSES - REFERENCE_OPTIONAL_LOSSES:
+            reference = "none"
+        else:
+            reference = "adapter" if cfg.model.adapter else "base"
+    return None if reference == "none" else reference
 
 
 def workload_from_cfg(
@@ -101,20 +139,28 @@ def workload_from_cfg(
     if d.max_length:
         seq = min(seq, d.max_length)
     # objective=dpo: a pair is two text rows (chosen and rejected) and its pictures once
-    rows = d.batch_size * (2 if cfg.get("objective") is not None and cfg.objective.name == "dpo" else 1)
+    per_sample = 2 if is_dpo(cfg) else 1
+    rows = d.batch_size * per_sample
     learned = min(seq, answer_tokens * rows)  # the union over the batch, at most
-    return Workload(rows, d.batch_size * images * crops, side * side, seq, crops, d.longest_edge, learned)
+    pictures = d.batch_size * images * crops
+    return Workload(rows, pictures, side * side, seq, crops, d.longest_edge, learned, per_sample)
 
 
 def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) -> Workload:
     """The shapes of a collated batch (its padded sizes, as the model sees them). A batch of B pairs is
     2B rows for the text model (chosen and rejected stacked) and its pictures once (the vision tower's
-    share); the reference's pass, without activations, is not counted."""
+    share), the rejected sides' own pictures besides where some pair has them; the reference's pass is
+    the ``Setup``'s (``reference_pass``)."""
+    per_sample = 1
     if "chosen_input_ids" in batch:
         import torch
 
+        per_sample = 2
+        pixels = batch["pixel_values"]
+        if "rejected_pixel_values" in batch and batch["rejected_pixel_values"].shape[-2:] == pixels.shape[-2:]:
+            pixels = torch.cat([pixels.flatten(0, 1), batch["rejected_pixel_values"].flatten(0, 1)]).unsqueeze(0)
         batch = {
-            "pixel_values": batch["pixel_values"],
+            "pixel_values": pixels,
             "labels": torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
             "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
         }
@@ -125,4 +171,5 @@ def workload_from_batch(batch: dict, config: Idefics2Config, cfg: DictConfig) ->
     crops = pictures_per_image(cfg.data.do_image_splitting)
     learned = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())  # the positions the loss keeps
     seq = batch["input_ids"].shape[1]
-    return Workload(batch["input_ids"].shape[0], real, patches, seq, crops, cfg.data.longest_edge, learned)
+    rows = batch["input_ids"].shape[0]
+    return Workload(rows, real, patches, seq, crops, cfg.data.longest_edge, learned, per_sample)

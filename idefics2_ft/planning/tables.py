@@ -16,8 +16,10 @@ def format_parts(plan: Plan) -> str:
 def format_plan(plan: Plan) -> str:
     """The plan as a Markdown report: the parts, the terms, the verdict, the time per step."""
     w, s = plan.workload, plan.setup
+    rows = f"{w.batch} sample(s)" if w.rows_per_sample == 1 else f"{w.samples} pair(s), {w.batch} text rows"
+    reference = f", the reference's pass ({s.reference}) without grad" if s.reference else ""
     lines = [
-        f"Batch: {w.batch} sample(s) x {w.seq_len} tokens, {w.images} image(s) of {w.patches} patches; "
+        f"Batch: {rows} x {w.seq_len} tokens, {w.images} image(s) of {w.patches} patches{reference}; "
         f"{s.device}, {'NF4 ' if s.quantize else ''}{s.method} r={s.r} on {s.target}, checkpointing "
         f"{'on' if s.checkpointing else 'off'}, attention {s.attn}, {s.optimizer}, {s.strategy} x {s.gpus}",
         "",

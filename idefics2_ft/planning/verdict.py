@@ -14,7 +14,7 @@ from transformers import Idefics2Config
 
 from idefics2_ft.hardware import GB, GPUS
 from idefics2_ft.models import COMPONENTS
-from idefics2_ft.planning.activations import activation_terms, step_flops
+from idefics2_ft.planning.activations import activation_terms, reference_terms, step_flops
 from idefics2_ft.planning.shapes import Setup, Workload
 from idefics2_ft.planning.weights import _meta_model, inventory, parts_summary, per_gpu_gb
 
@@ -89,12 +89,15 @@ def plan_run(config: Idefics2Config, w: Workload, s: Setup, gpu_gb: float | None
             raise ValueError(f"strategy {s.strategy} cannot shard 4-bit weights (use fsdp or deepspeed_zero2)")
         lora_state = inv.lora * (4 + 4 + adam)
         rows = {"weights (NF4 + unquantized)": gb * GB - lora_state, "LoRA weights, gradients, optimizer": lora_state}
+        if s.reference == "adapter":  # objective=dpo from an SFT run: its adapter loaded again, frozen (fp32)
+            rows["LoRA weights of the reference (frozen)"] = inv.lora * 4
     pixels, vision_transient, saved, connector_grads = activation_terms(config, w, s)
     t = config.text_config
     largest = max(t.hidden_size * t.intermediate_size, t.vocab_size * t.hidden_size * (not s.quantize))
     dequant = 2 * t.hidden_size * t.intermediate_size * a if s.quantize else 0
     optimizer_step = 2 * inv.lora * 4 if s.method != "full" else 2 * largest * 4
-    # The peak is at one of four moments; the terms of the others are listed as not at the peak.
+    # The peak is at one of four moments (six with a reference's passes, objective=dpo); the terms of
+    # the others are listed as not at the peak.
     inputs = {"inputs: pixel values": pixels}
     moments = {
         "the vision tower's largest layer": {**inputs, "activations: vision tower's largest layer": vision_transient},
@@ -107,6 +110,22 @@ def plan_run(config: Idefics2Config, w: Workload, s: Setup, gpu_gb: float | None
         },
         "the optimizer step": {"temporaries: optimizer step": optimizer_step},
     }
+    if s.reference is not None:  # objective=dpo: the reference's connector, then its text pass (no grad)
+        kept, text, transient, connector = reference_terms(config, w, s)
+        moments["the reference's connector"] = {
+            **inputs,
+            "activations: vision tower": saved["activations: vision tower"],
+            "activations: connector": saved["activations: connector"],
+            "temporaries: the reference's connector (no grad)": connector,
+        }
+        moments["the reference's text pass"] = {
+            **inputs,
+            **saved,
+            "activations: text model": text,
+            "activations: logits and loss": kept,
+            "temporaries: NF4 dequantization": dequant,
+            "temporaries: the reference's text pass (no grad)": transient,
+        }
     peak = max(moments, key=lambda m: sum(moments[m].values()))
     rows.update(moments[peak])
     off_peak = {}
@@ -145,11 +164,11 @@ def candidate_fixes(w: Workload, s: Setup, patch: int):
             w,
             replace(s, recompute_connector=True),
         )  # the connector once more: a few % of a step
-    if w.batch > 1:
-        b = w.batch // 2
+    if w.samples > 1:
+        b = w.samples // 2
         yield (
             f"data.batch_size={b} trainer.accumulate_grad_batches={s.accumulate * 2} (the same effective batch)",
-            replace(w, batch=b, images=max(1, w.images // 2)),
+            replace(w, batch=b * w.rows_per_sample, images=max(1, w.images // 2)),
             replace(s, accumulate=s.accumulate * 2),
         )
     if not s.checkpointing:
@@ -178,10 +197,11 @@ def verdict(config: Idefics2Config, w: Workload, s: Setup, total: float, gpu_gb:
         # halving the batch may need doing more than once
         while True:
             needed = _total(config, w2, s2)
-            if needed <= gpu_gb or not text.startswith("data.batch_size") or w2.batch == 1:
+            if needed <= gpu_gb or not text.startswith("data.batch_size") or w2.samples == 1:
                 break
-            b = w2.batch // 2
-            w2, s2 = replace(w2, batch=b, images=max(1, w2.images // 2)), replace(s2, accumulate=s2.accumulate * 2)
+            b = w2.samples // 2
+            w2 = replace(w2, batch=b * w2.rows_per_sample, images=max(1, w2.images // 2))
+            s2 = replace(s2, accumulate=s2.accumulate * 2)
             text = f"data.batch_size={b} trainer.accumulate_grad_batches={s2.accumulate} (the same effective batch)"
         if needed <= gpu_gb:
             return (

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,12 +45,47 @@ CONFIGS = {
         ["data.batch_size=2", *SPLIT, "model.checkpoint_connector=false"],
     ),
 }
+# objective=dpo on pairs of the same pages (ms-swift's JSONL), the reference the base with the adapters off
+DPO = ["objective=dpo", "model.adapter=null"]
+DPO_CONFIGS = {
+    "DPO, tiny, 2 pairs": ({}, ["data.batch_size=2"]),
+    "DPO, mid, 2 pairs, splitting": (MID, ["data.batch_size=2", *SPLIT]),
+    "DPO, text-heavy, 2 pairs, splitting, checkpointing off": (
+        TEXT_HEAVY,
+        ["data.batch_size=2", *SPLIT, "model.gradient_checkpointing=false"],
+    ),
+}
 TABLE: list[str] = []
 
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     return write_docs(tmp_path_factory.mktemp("docs"), 4, 2, sizes=((760, 980),))  # one page size: uniform batches
+
+
+def write_page_pairs(docs: dict) -> dict:
+    """The pages' questions as preference pairs (ms-swift's JSONL, beside the pages): the page's answer
+    chosen, another page's rejected."""
+    out = {}
+    for split, path in docs.items():
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        lines = []
+        for i, record in enumerate(records):
+            question = record["messages"][0]["content"][1]["text"]
+            answer = record["answers"][0]
+            other = records[(i + 1) % len(records)]["answers"][0]
+            rejected = other if other != answer else f"not {answer}"
+            messages = [{"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": answer}]
+            row = {"messages": messages, "images": record["images"], "rejected_response": rejected}
+            lines.append(json.dumps(row))
+        out[split] = path.with_name(f"pairs-{split}.jsonl")
+        out[split].write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def page_pairs(docs):
+    return write_page_pairs(docs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,18 +107,58 @@ def torch_older_than_calibration() -> bool:
     return Version(torch.__version__.split("+")[0]) < Version(CALIBRATED_ON)
 
 
+def small_checkpoint(sizes: dict, tmp_path_factory):
+    key = "-".join(f"{k}{v}" for k, v in sorted(sizes.items())) or "default"
+    return write_random_checkpoint(tmp_path_factory.getbasetemp() / f"checkpoint-{key}", tiny_config(**sizes))
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_plan_predicts_the_measured_peak_within_15_percent(name, docs, tmp_path_factory):
     sizes, overrides = CONFIGS[name]
-    key = "-".join(f"{k}{v}" for k, v in sorted(sizes.items())) or "default"
-    checkpoint = write_random_checkpoint(tmp_path_factory.getbasetemp() / f"checkpoint-{key}", tiny_config(**sizes))
+    check_against_measured(name, small_checkpoint(sizes, tmp_path_factory), overrides, docs, tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    "name",
+    # mid peaks where its SFT runs do (the connector's backward): in the slow tier, to keep the fast one short
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith("DPO, mid") else n for n in DPO_CONFIGS],
+)
+def test_the_plan_predicts_a_dpo_runs_measured_peak_within_15_percent(name, page_pairs, tmp_path_factory):
+    """A pair: two text rows, its pictures once, the reference's pass without grad (docs/memory.md)."""
+    sizes, overrides = DPO_CONFIGS[name]
+    checkpoint = small_checkpoint(sizes, tmp_path_factory)
+    plan = check_against_measured(name, checkpoint, [*DPO, *overrides], page_pairs, tmp_path_factory)
+    assert plan["setup"]["reference"] == "base" and plan["workload"]["rows_per_sample"] == 2
+
+
+@pytest.mark.slow  # the 8B's vision tower and connector at full size, 2 decoder layers: 8 min CPU (make test-slow)
+def test_the_plan_predicts_a_dpo_run_of_the_8bs_shapes_within_15_percent(page_pairs, tmp_path_factory):
+    """One pair of 490-px pages with splitting (5 pictures), the 8B's shapes with 2 decoder layers (the
+    checkpoint ``scripts/build_8b.py --text-layers 2`` writes, in the same cache)."""
+    from idefics2_ft.models.random_checkpoint import default_cache_dir
+
+    config = idefics2_8b_config()
+    config.text_config.num_hidden_layers = 2
+    cache = Path(os.environ.get("IDEFICS2_FT_CACHE", default_cache_dir()))
+    checkpoint = write_random_checkpoint(cache / "idefics2-8b-random-L2", config)
+    name = "DPO, the 8B's shapes with 2 decoder layers, 1 pair, splitting"
+    overrides = [*DPO, "data.batch_size=1", *SPLIT]
+    plan = check_against_measured(name, checkpoint, overrides, page_pairs, tmp_path_factory, timeout=1800)
+    assert plan["setup"]["reference"] == "base"
+
+
+def check_against_measured(
+    name: str, checkpoint, overrides: list[str], data: dict, tmp_path_factory, timeout: int = 600
+) -> dict:
+    """Train ``recipe=docvqa_qlora`` 2 steps from ``checkpoint`` with ``overrides``: the plan's allocated
+    GB within 15% of the measured peak (the row is added to the table). Returns plan.json."""
     run_dir = tmp_path_factory.mktemp("run")
     args = [
         "recipe=docvqa_qlora",
         f"model.name_or_path={checkpoint}",
         "data=jsonl",
-        f"data.train_file={docs['train']}",
-        f"data.val_file={docs['val']}",
+        f"data.train_file={data['train']}",
+        f"data.val_file={data['val']}",
         "trainer.max_steps=2",
         "optim.warmup_steps=1",
         "trainer.accumulate_grad_batches=1",
@@ -94,7 +170,7 @@ def test_the_plan_predicts_the_measured_peak_within_15_percent(name, docs, tmp_p
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -110,6 +186,7 @@ def test_the_plan_predicts_the_measured_peak_within_15_percent(name, docs, tmp_p
     log = (run_dir / "train.log").read_text()
     assert "The model by part" in log and "Memory: planned" in log
     assert "Total estimated model params size" not in log  # Lightning's summary, wrong for 4-bit weights
+    return plan
 
 
 def test_the_docvqa_recipe_fits_24_gb_and_a_larger_batch_gets_the_cheapest_fix():
@@ -221,3 +298,35 @@ def test_connector_recompute_and_learned_logits_fit_image_splitting_in_24_gb():
     assert learned.off_peak.get("activations: logits and loss", learned.rows.get("activations: logits and loss", 0)) < (
         full.off_peak.get("activations: logits and loss", full.rows.get("activations: logits and loss", 0)) / 10
     )
+
+
+def test_the_rlaifv_dpo_recipe_fits_24_gb_at_one_pair_with_and_without_splitting():
+    """A pair (two text rows, its pictures once) and the reference's pass, counted: one pair per device."""
+    from idefics2_ft.planning import setup_from_cfg, workload_from_cfg
+    from tests.helpers import compose_config
+
+    config = idefics2_8b_config()
+    plans = {}
+    for splitting in ("false", "true"):
+        cfg = compose_config(["recipe=rlaifv_dpo", f"data.do_image_splitting={splitting}"])
+        assert cfg.data.batch_size == 1 and cfg.objective.name == "dpo"
+        w, s = workload_from_cfg(cfg, config), setup_from_cfg(cfg, "cuda")
+        assert (w.batch, w.samples, w.images) == (2, 1, 5 if splitting == "true" else 1) and s.reference == "base"
+        plans[splitting] = plan_run(config, w, s, gpu_gb=24)
+        assert plans[splitting].verdict.startswith("fits") and plans[splitting].fix is None
+        # the reference's pass is a moment of its own: everything the policy saved, and its transient
+        terms = {**plans[splitting].rows, **plans[splitting].off_peak}
+        assert terms["temporaries: the reference's connector (no grad)"] > 0
+        # from an SFT run, its adapter loaded again as the frozen reference
+        adapter = plan_run(config, w, replace(s, reference="adapter"), gpu_gb=24)
+        assert adapter.rows["LoRA weights of the reference (frozen)"] == pytest.approx(0.0933, abs=0.01)
+    assert plans["true"].total_gb > plans["false"].total_gb
+    # the longest pair the recipe keeps (data.max_length=2048 tokens a side) fits too
+    cfg = compose_config(["recipe=rlaifv_dpo", "data.do_image_splitting=true"])
+    w = workload_from_cfg(cfg, config, text_tokens=2048, answer_tokens=1024)
+    assert w.seq_len == 2048 and plan_run(config, w, setup_from_cfg(cfg, "cuda"), gpu_gb=24).verdict.startswith("fits")
+    # too many pairs: the cheapest change halves the pairs (two rows each), keeping the effective batch
+    eight = compose_config(["recipe=rlaifv_dpo", "data.do_image_splitting=true", "data.batch_size=8"])
+    plan = plan_run(config, workload_from_cfg(eight, config), setup_from_cfg(eight, "cuda"), gpu_gb=24)
+    assert plan.verdict.startswith("does not fit")
+    assert plan.fix.startswith("data.batch_size=4 trainer.accumulate_grad_batches=32 (the same effective batch)")
