@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from idefics2_ft.data.collator import IGNORE_INDEX
+from idefics2_ft.data.records import DataError
 from idefics2_ft.metrics import row_scores
 from idefics2_ft.models.generation import stop_token_ids
 from idefics2_ft.ranks import world_size
@@ -173,7 +174,14 @@ class Idefics2Module(L.LightningModule):
     def zero_loss(self) -> torch.Tensor:
         """0 over the trainable weights: a step that learns nothing from this batch and still runs the
         backward (and, across ranks, the gradient all-reduce) with everyone else."""
-        return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
+        from torch.distributed.tensor import DTensor
+
+        # a shard's own sum under FSDP2: a plain tensor, which the log's all-reduce takes; the gradient
+        # still reaches the sharded weight (zeros), so every rank's optimizer step sees the same weights
+        parts = [
+            (p.to_local() if isinstance(p, DTensor) else p).sum() for p in self.model.parameters() if p.requires_grad
+        ]
+        return torch.stack(parts).sum() * 0.0
 
     def batch_stats(self, batch: dict, has_batch: bool, tokens: torch.Tensor | float = 0.0) -> tuple[float, int]:
         """``(tokens, ranks without a batch)`` over all ranks: one all-reduce that every rank joins, also
@@ -203,12 +211,13 @@ class Idefics2Module(L.LightningModule):
                 loss = self.learned_loss(batch, torch.tensor(max(total, 1.0) / world, device=self.device))
                 n = batch["input_ids"].shape[0]
             else:
-                if without and self.weights_sharded and has_batch:
+                if without < world and self.weights_sharded:  # some rank's good records are skipped
                     log.warning(
-                        "Step %d: a rank's records were all bad; with sharded weights every rank skips this "
-                        "micro-batch (its %d good records on this rank are not learned).",
+                        "Step %d: %d of %d ranks had only bad records; with sharded weights every rank skips "
+                        "this micro-batch.",
                         self.global_step,
-                        batch["input_ids"].shape[0],
+                        without,
+                        world,
                     )
                 loss, n = self.zero_loss(), 1
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=world > 1)
@@ -248,11 +257,12 @@ class Idefics2Module(L.LightningModule):
         if self.weights_sharded:  # a forward is a collective there: no rank may skip one alone
             _, without = self.batch_stats(batch, "loss_inputs" in batch)
             if without:
-                raise RuntimeError(
+                raise DataError(
                     f"Validation batch {batch_idx}: every record of it was bad on {without} rank(s), and with "
                     "sharded weights (FSDP, DeepSpeed ZeRO-3) each forward needs every rank. Remove the bad "
                     "records from the validation data (the data check at the start names them) or raise "
-                    "data.eval_batch_size."
+                    "data.eval_batch_size; `resume=true` then goes on from the last checkpoint (resume_changes= naming "
+                    "what changed)."
                 )
         if "loss_inputs" not in batch:
             return

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from idefics2_ft.data.records import DataError
 from idefics2_ft.ranks import world_size
 from idefics2_ft.training.lightning_module import Idefics2Module
 from idefics2_ft.training.pair_forward import IGNORE_INDEX, attach_pair_passes
@@ -223,10 +224,13 @@ class PreferenceModule(Idefics2Module):
                 if without and self.weights_sharded:
                     self._global_pairs = 0.0
             logged = self.global_metrics(loss, metrics, pairs)
-            if without and self.weights_sharded and has_batch:
+            if 0 < without < world_size() and self.weights_sharded:  # some rank's good pairs are skipped
                 log.warning(
-                    "Step %d: a rank's pairs were all bad; with sharded weights every rank skips this micro-batch.",
+                    "Step %d: %d of %d ranks had only bad pairs; with sharded weights every rank skips this "
+                    "micro-batch.",
                     self.global_step,
+                    without,
+                    world_size(),
                 )
         for key, value in logged.items():  # already the global batch's: no sync
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=1, sync_dist=False)
@@ -257,11 +261,12 @@ class PreferenceModule(Idefics2Module):
         if self.weights_sharded:  # a forward is a collective there: no rank may skip one alone
             _, without = self.global_shares(batch)
             if without:
-                raise RuntimeError(
+                raise DataError(
                     f"Validation batch {batch_idx}: every pair of it was bad on {without} rank(s), and with "
                     "sharded weights (FSDP, DeepSpeed ZeRO-3) each forward needs every rank. Remove the bad "
                     "pairs from the validation data (the data check at the start names them) or raise "
-                    "data.eval_batch_size."
+                    "data.eval_batch_size; `resume=true` then goes on from the last checkpoint (resume_changes= naming "
+                    "what changed)."
                 )
         if "chosen_input_ids" not in batch:
             return

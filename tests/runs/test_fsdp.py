@@ -145,3 +145,38 @@ def test_dpo_under_fsdp_equals_one_process_over_the_global_batch(runs):
     assert one["val/pairs"] == two["val/pairs"] > 0
     assert two["val/rewards/accuracies"] == pytest.approx(one["val/rewards/accuracies"])
     assert_same_adapters(tmp / "one-dpo", tmp / "two-dpo")
+
+
+def test_under_fsdp_a_rank_without_a_good_record_skips_with_the_others_and_validation_says_so(runs):
+    """Sharded weights make every forward a collective. One record per rank, every other record bad (an
+    empty answer): a training micro-batch that one rank lacks is skipped by every rank (a warning names
+    the step), and a validation batch all bad on one rank stops the run with exit 2 and one line naming
+    the fix, where it used to hang or crash on a DTensor; the fit's checkpoint is kept for the resume."""
+    from idefics2_ft.demo import formats
+
+    tmp, common = runs
+    path = formats.write_llava(tmp / "llava-bad", rows=16)
+    rows = json.loads(path.read_text())
+    for i, row in enumerate(rows):
+        if i % 2 == 1:
+            row["conversations"][1]["value"] = ""
+    path.write_text(json.dumps(rows))
+    run_dir = tmp / "fsdp-bad"
+    out = run_train(
+        *common,
+        *TWO_RANKS[:3],
+        "data.batch_size=1",
+        "data.eval_batch_size=1",
+        "data=jsonl",
+        f"data.train_file={path}",
+        f"data.val_file={path}",
+        "trainer.max_steps=6",
+        f"run_dir={run_dir}",
+        expect_ok=False,
+    )
+    said = out.stdout + out.stderr
+    assert out.returncode == 2, said[-3000:]
+    assert "every record of it was bad on 1 rank(s)" in said and "Traceback" not in said
+    log = (run_dir / "train.log").read_text()
+    assert "1 of 2 ranks had only bad records; with sharded weights every rank skips" in log
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
