@@ -183,7 +183,7 @@ class Idefics2Module(L.LightningModule):
         ]
         return torch.stack(parts).sum() * 0.0
 
-    def batch_stats(self, batch: dict, has_batch: bool, tokens: torch.Tensor | float = 0.0) -> tuple[float, int]:
+    def batch_stats(self, has_batch: bool, tokens: torch.Tensor | float = 0.0) -> tuple[float, int]:
         """``(tokens, ranks without a batch)`` over all ranks: one all-reduce that every rank joins, also
         one whose records were all bad (a rank that skipped a collective would leave the others waiting
         in it for ever). ``tokens`` is this rank's count of the tokens the loss divides by."""
@@ -206,7 +206,7 @@ class Idefics2Module(L.LightningModule):
             # a zero loss: under DDP that is its exact share of the global mean. Under sharded weights
             # its forward would be a collective the others miss, so then every rank skips the batch.
             tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() if has_batch else 0.0
-            total, without = self.batch_stats(batch, has_batch, tokens)
+            total, without = self.batch_stats(has_batch, tokens)
             if has_batch and not (without and self.weights_sharded):
                 loss = self.learned_loss(batch, torch.tensor(max(total, 1.0) / world, device=self.device))
                 n = batch["input_ids"].shape[0]
@@ -255,7 +255,7 @@ class Idefics2Module(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_bad(batch, "val")
         if self.weights_sharded:  # a forward is a collective there: no rank may skip one alone
-            _, without = self.batch_stats(batch, "loss_inputs" in batch)
+            _, without = self.batch_stats("loss_inputs" in batch)
             if without:
                 raise DataError(
                     f"Validation batch {batch_idx}: every record of it was bad on {without} rank(s), and with "
