@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 import torch
-from shared import OUT, ROOT, Clock, LightningClock, compose_cfg, fresh_model, spread
+from shared import OUT, ROOT, Clock, LightningClock, compose_cfg, fresh_model, hf_arguments, hf_clock, spread
 
 log = logging.getLogger("bench")
 
@@ -242,30 +242,12 @@ def run_one(args) -> int:
 
 def trl_trainer(cfg, model, processor, pairs, clock, run_dir: str):
     """TRL's DPOTrainer over ``model`` (already PEFT-wrapped as ours), with our optimizer settings."""
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    class HFClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            clock.begin(state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.tick(state.global_step)
-
-    o, t = cfg.optim, cfg.trainer
     config = DPOConfig(
-        output_dir=run_dir,
+        **hf_arguments(cfg, run_dir),
         per_device_train_batch_size=cfg.data.batch_size,
         gradient_accumulation_steps=1,
-        max_steps=t.max_steps,
-        learning_rate=o.lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1],
-        warmup_steps=o.warmup_steps,
-        lr_scheduler_type="cosine" if o.scheduler == "cosine" else "constant_with_warmup",
-        optim="adamw_torch",
-        max_grad_norm=t.gradient_clip_val or 0.0,
         beta=0.1,
         loss_type=["sigmoid"],
         max_length=cfg.data.max_length,
@@ -273,16 +255,13 @@ def trl_trainer(cfg, model, processor, pairs, clock, run_dir: str):
         gradient_checkpointing=False,  # the model checkpoints what ours does already (apply_peft)
         bf16=False,
         use_cpu=True,
-        logging_steps=t.log_every_n_steps,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
         dataloader_num_workers=0,
         train_sampling_strategy="sequential",
         disable_tqdm=True,
-        seed=cfg.seed,
     )
-    return DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=processor, callbacks=[HFClock()])
+    return DPOTrainer(
+        model=model, args=config, train_dataset=pairs, processing_class=processor, callbacks=[hf_clock(clock)]
+    )
 
 
 # ---------------------------------------------------------------------------------------- the benchmark

@@ -139,8 +139,9 @@ def run_bare(cfg, path, device, clock, batches) -> torch.nn.Module:
     return model
 
 
-def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extra):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def hf_clock(clock: Clock):
+    """A ``transformers`` callback that times each step on ``clock`` (HF Trainer and TRL's trainers)."""
+    from transformers import TrainerCallback
 
     class HFClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):  # called once the batch is fetched
@@ -149,10 +150,15 @@ def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extr
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick(state.global_step)
 
+    return HFClock()
+
+
+def hf_arguments(cfg, run_dir: str) -> dict:
+    """Our ``optim.*`` and ``trainer.*`` as ``TrainingArguments`` keys (also ``DPOConfig``'s): the same
+    optimizer, schedule, clipping and steps; no saving, evaluation or reporting."""
     o, t = cfg.optim, cfg.trainer
-    args = TrainingArguments(
+    return dict(
         output_dir=run_dir,
-        per_device_train_batch_size=extra.pop("batch_size", 1),
         max_steps=t.max_steps,
         learning_rate=o.lr,
         weight_decay=o.weight_decay,
@@ -166,13 +172,22 @@ def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extr
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
+        seed=cfg.seed,
+    )
+
+
+def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extra):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        **hf_arguments(cfg, run_dir),
+        per_device_train_batch_size=extra.pop("batch_size", 1),
         use_cpu=device == "cpu",
         bf16=device == "cuda",
         dataloader_num_workers=extra.pop("workers", 0),
         dataloader_persistent_workers=False,
         remove_unused_columns=False,
         disable_tqdm=not sys.stdout.isatty(),
-        seed=cfg.seed,
         **extra,
     )
 
@@ -183,7 +198,7 @@ def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extr
             return super().training_step(model, inputs, num_items_in_batch)
 
     trainer = CountingTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[HFClock()]
+        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[hf_clock(clock)]
     )
     trainer.train()
     return model
