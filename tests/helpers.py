@@ -59,6 +59,22 @@ class CaseTable(list):
         return "\n".join(lines) + "\n"
 
 
+def llava_every_other_answer_empty(folder: Path, rows: int) -> Path:
+    """A LLaVA JSON file of easy-VQA rows whose every other answer is empty (a bad record, counted
+    ``empty_answer``): with one record per rank, some steps give one rank nothing to learn."""
+    import json
+
+    from idefics2_ft.demo import formats
+
+    path = formats.write_llava(folder, rows=rows)
+    records = json.loads(path.read_text())
+    for i, record in enumerate(records):
+        if i % 2 == 1:
+            record["conversations"][1]["value"] = ""
+    path.write_text(json.dumps(records))
+    return path
+
+
 def run_train(*overrides: str, cwd: Path = ROOT, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """``python train.py OVERRIDES`` in a subprocess (how users launch several processes)."""
     out = subprocess.run(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import TINY_RUN, assert_same_adapters, run_train
+from tests.helpers import TINY_RUN, assert_same_adapters, llava_every_other_answer_empty, run_train
 
 
 @pytest.mark.parametrize("group_by, mixture", [("none", False), ("length", True)])
@@ -53,14 +53,7 @@ def test_a_rank_whose_records_are_all_bad_keeps_step_and_the_run_equals_one_proc
     loss, the gradient all-reduce) and of validation (generation): a rank that skipped one left the
     other waiting in it until the timeout. Its zero loss is its exact share of the global mean, so the
     run still equals one process over the global batch of 2."""
-    from idefics2_ft.demo import formats
-
-    path = formats.write_llava(tmp_path / "llava", rows=24)
-    rows = json.loads(path.read_text())
-    for i, row in enumerate(rows):
-        if i % 2 == 1:
-            row["conversations"][1]["value"] = ""
-    path.write_text(json.dumps(rows))
+    path = llava_every_other_answer_empty(tmp_path / "llava", rows=24)
     common = [*TINY_RUN, f"model.tiny.cache_dir={tiny_cache}", "peft.dropout=0", "name=ddp-bad"]
     common += ["data=jsonl", f"data.train_file={path}", f"data.val_file={path}", "data.max_val_samples=7"]
     common += ["data.eval_batch_size=1", "trainer.max_steps=6"]

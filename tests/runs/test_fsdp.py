@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import TINY_RUN, assert_same_adapters, run_train
+from tests.helpers import TINY_RUN, assert_same_adapters, llava_every_other_answer_empty, run_train
 
 TWO_RANKS = ["strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2"]
 
@@ -152,15 +152,8 @@ def test_under_fsdp_a_rank_without_a_good_record_skips_with_the_others_and_valid
     empty answer): a training micro-batch that one rank lacks is skipped by every rank (a warning names
     the step), and a validation batch all bad on one rank stops the run with exit 2 and one line naming
     the fix, where it used to hang or crash on a DTensor; the fit's checkpoint is kept for the resume."""
-    from idefics2_ft.demo import formats
-
     tmp, common = runs
-    path = formats.write_llava(tmp / "llava-bad", rows=16)
-    rows = json.loads(path.read_text())
-    for i, row in enumerate(rows):
-        if i % 2 == 1:
-            row["conversations"][1]["value"] = ""
-    path.write_text(json.dumps(rows))
+    path = llava_every_other_answer_empty(tmp / "llava-bad", rows=16)
     run_dir = tmp / "fsdp-bad"
     out = run_train(
         *common,
