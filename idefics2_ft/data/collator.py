@@ -69,6 +69,8 @@ class Idefics2Collator:
         train_on_truncated: keep a training sample whose answer ``max_length`` cuts short (it then
             has no closing ``<end_of_utterance>`` to learn, which teaches the model not to stop);
             by default such a sample is skipped and counted as ``answer_truncated``.
+        generation_prefix: with ``add_generation_prompt``, text the answer starts after ``Assistant:``
+            (an evaluation preset's prefill, `` Answer:``); the generated text is what follows it.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Idefics2Collator:
         add_generation_prompt: bool = False,
         on_bad_sample: str = "skip",
         train_on_truncated: bool = False,
+        generation_prefix: str = "",
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'.")
@@ -91,6 +94,7 @@ class Idefics2Collator:
         self.add_generation_prompt = add_generation_prompt
         self.on_bad_sample = on_bad_sample
         self.train_on_truncated = train_on_truncated
+        self.generation_prefix = generation_prefix
         self.fake_token = processor.fake_image_token
         self.image_token = processor.image_token
         self.fake_id = self.tokenizer.convert_tokens_to_ids(self.fake_token)
@@ -141,7 +145,7 @@ class Idefics2Collator:
             pieces.append("\n")
             pos = sum(len(p) for p in pieces)
         if add_generation_prompt:
-            pieces.append("Assistant:")
+            pieces.append("Assistant:" + self.generation_prefix)
         return "".join(pieces), spans
 
     # ---------------------------------------------------------------- one sample

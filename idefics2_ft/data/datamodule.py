@@ -65,13 +65,18 @@ STREAM_VAL_ROWS = 1000  # validation records read from a streamed source without
 class ValCollator:
     """Validation batches: right-padded inputs for ``val/loss`` and left-padded prompts to generate from."""
 
-    def __init__(self, processor: Any, max_length: int | None, on_bad_sample: str) -> None:
+    def __init__(self, processor: Any, max_length: int | None, on_bad_sample: str, generation_prefix: str = "") -> None:
         # the loss of a truncated answer is still a loss: measured, not skipped
         self.loss = Idefics2Collator(
             processor, max_length, "right", on_bad_sample=on_bad_sample, train_on_truncated=True
         )
         self.gen = Idefics2Collator(
-            processor, max_length, "left", add_generation_prompt=True, on_bad_sample=on_bad_sample
+            processor,
+            max_length,
+            "left",
+            add_generation_prompt=True,
+            on_bad_sample=on_bad_sample,
+            generation_prefix=generation_prefix,
         )
 
     def __call__(self, records: list) -> dict:
@@ -118,6 +123,7 @@ class Idefics2DataModule(L.LightningDataModule):
         self.order: RecordOrder | None = None  # a mixture's draws (None: one source)
         self.probs: list[float] = [1.0]
         self.train_stream: list[float] | None = None  # data.streaming: the sources' probabilities
+        self.generation_prefix = ""  # an evaluation preset's prefill after "Assistant:" (presets.Preset.prefill)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and self.train_stream is None and stage in (None, "fit"):
@@ -365,7 +371,7 @@ class Idefics2DataModule(L.LightningDataModule):
                 # Its validation step runs no collective, so the ranks may hold one pair more or less.
                 sampler = range(trainer.global_rank, len(self.val_set), trainer.world_size)
         else:
-            collate = ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample)
+            collate = ValCollator(self.processor, self.cfg.max_length, self.cfg.on_bad_sample, self.generation_prefix)
         return self._loader(self.val_set, collate, batch_size=self.cfg.eval_batch_size, sampler=sampler, shuffle=False)
 
 

@@ -435,9 +435,13 @@ def qa_row(item: dict, cfg: Any) -> Converted:
         question = as_text(item[cfg.question_column]) or ""
     except TypeError as err:
         problem = ("unreadable_text", f"column {cfg.question_column!r} holds {err}: give the question as text")
+    images = as_list(item[cfg.image_column])
+    if problem is not None and problem[0] == "missing_answer":
+        # a test split's question (DocVQA test has no public answers): never trained on, but an evaluation
+        # may answer it for a submission file (presets.EvalRows), so the question and images stay
+        return Converted(qa_messages(question, "", None, len(images)), images, problem, answers=[])
     if problem is not None:
         return Converted([], [], problem, answers=[])
-    images = as_list(item[cfg.image_column])
     return Converted(qa_messages(question, answers[0], None, len(images)), images, answers=answers)
 
 

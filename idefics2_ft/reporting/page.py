@@ -285,6 +285,7 @@ def write_report(
     rows: Iterable,
     run_dir: Path,
     facts: dict[str, Any] | None = None,
+    metric: str | None = None,
 ) -> Path:
     """Write ``folder/report.html`` and return its path.
 
@@ -295,9 +296,10 @@ def write_report(
         rows: the data rows the predictions answer (their images and questions), matched by ``id``.
         run_dir: the run whose curves (``history.jsonl``), config and plan are shown.
         facts: a few lines for the header (steps, wall time, hardware, ...).
+        metric: the metric the columns hold; None: ``data.metric`` (an evaluation preset scores with its own).
     """
     folder, run_dir = Path(folder), Path(run_dir)
-    metric = cfg.data.metric
+    metric = metric or cfg.data.metric
     pairs = is_preference(cfg)
     history = read_history(run_dir)
     png = curves_png(history)
@@ -382,7 +384,10 @@ def _run_columns(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, d
 def training_report(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], predictions, rows) -> Path:
     """``run_dir/report.html`` of a finished training run: validation before and after training."""
     columns = _run_columns(metrics)
+    from idefics2_ft.presets import card_rows
+
     facts = {"run folder": str(run_dir), **_facts(cfg, metrics), "validation split": cfg.data.val_split}
+    facts.update({f"score card: {label}": value for label, value in card_rows(metrics, "val/")})
     return write_report(
         run_dir,
         title=f"{cfg.name}: {Path(run_dir).name}",
@@ -397,13 +402,18 @@ def training_report(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], pre
 
 def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], predictions, rows, model: str) -> Path:
     """``out_dir/report.html`` of an evaluation, beside the run's own validation when it was on the same split."""
+    from idefics2_ft.presets import TRAINING, card_rows
+
     run = read_metrics(Path(cfg.run_dir))
     split = metrics.get("eval/split")
-    # beside the run's own validation when it scored the same split the same way (pairs, or answers)
+    # beside the run's own validation when it scored the same split the same way (pairs, or answers with
+    # the training prompt: a preset asks and scores otherwise)
     same_kind = ("eval/pairs" in metrics) == ("val/pairs" in run)
-    columns = _run_columns(run, "run: ") if split == cfg.data.val_split and same_kind else []
+    same_prompt = metrics.get("eval/card/preset", TRAINING) == TRAINING
+    columns = _run_columns(run, "run: ") if split == cfg.data.val_split and same_kind and same_prompt else []
     columns.append((f"this evaluation ({split})", metrics))
     facts = {"run folder": str(cfg.run_dir), "evaluated": model, **_facts(cfg, run), "split": split}
+    facts.update({f"score card: {label}": value for label, value in card_rows(metrics, "eval/")})
     return write_report(
         out_dir,
         title=f"{cfg.name}: evaluation of {Path(cfg.run_dir).name} on {split}",
@@ -413,4 +423,5 @@ def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], p
         rows=rows,
         run_dir=Path(cfg.run_dir),
         facts=facts,
+        metric=metrics.get("eval/card/metric"),
     )

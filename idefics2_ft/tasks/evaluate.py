@@ -22,6 +22,7 @@ from idefics2_ft.data.sources import kind_of
 from idefics2_ft.metrics import diagnostic_columns
 from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, resolve_base, resolve_dtype
 from idefics2_ft.models.generation import stop_token_ids
+from idefics2_ft.presets import EvalRows, preset_of, score_card
 from idefics2_ft.run_folder import Output, RunFolder, output_folder, read_base_record, read_metrics, unfinished
 
 log = logging.getLogger(__name__)
@@ -173,23 +174,38 @@ def evaluate(
         raise ConfigError([PAIRS_NOT_ANSWERS.format(run_dir=cfg.run_dir)])
     target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
 
+    preset = preset_of(cfg.eval.preset)  # None: the questions as the run trained on them
     data_cfg = OmegaConf.merge(cfg.data, {"val_split": split, "pairs": False})
     datamodule = Idefics2DataModule(data_cfg, processor)
     module = Idefics2Module(
         model,
         processor.tokenizer,
         optimizer_factory=None,
-        metric=data_cfg.metric,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
+        metric=preset.metric if preset else data_cfg.metric,
+        max_new_tokens=preset.max_new_tokens if preset else cfg.eval.max_new_tokens,
+        # a preset scores every source with its harness's metric
+        source_metrics={} if preset else {s.name: s.cfg.metric for s in datamodule.sources if s.name},
     )
+    datamodule.setup("validate")
+    datamodule.val_set.rows = EvalRows(datamodule.val_set.rows, preset)
+    datamodule.generation_prefix = preset.prefill if preset else ""
+    if preset:
+        log.info(
+            "Preset %s: %s's %s prompt, %s, max_new_tokens=%d.",
+            *(preset.name, preset.harness, preset.benchmark, preset.metric, preset.max_new_tokens),
+        )
     validate_once(cfg, module, datamodule)
     rows = module.val_predictions
+    scored = [r for r in rows if not r.get("unanswered")]
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
     for column in diagnostic_columns():  # eval/accuracy, eval/anls beside the run's own metric
-        metrics.setdefault(f"eval/{column}", sum(r[column] for r in rows) / len(rows) if rows else float("nan"))
+        if scored:
+            metrics.setdefault(f"eval/{column}", sum(r[column] for r in scored) / len(scored))
     metrics["eval/split"] = split
     metrics.update(weights or {})
+    unparsed = metrics.get("eval/unparsed")
+    card = score_card(cfg, preset, split, model, len(rows), None if unparsed is None else int(unparsed))
+    metrics.update({f"eval/{k}": v for k, v in card.items()})
     from idefics2_ft.reporting import evaluation_report
 
     lines = [
@@ -199,17 +215,44 @@ def evaluate(
             "references": row["answers"],
             "question_type": row["question_type"],
             "source": row.get("source"),
-            row.get("metric", "score"): row.get("score"),
-            **{column: row[column] for column in diagnostic_columns()},
+            **({} if row.get("unanswered") else {row.get("metric", "score"): row.get("score")}),
+            **{column: row[column] for column in diagnostic_columns() if column in row},
+            **({"unparsed": row["unparsed"]} if "unparsed" in row else {}),
         }
         for row in rows
     ]
-    with target.writing() as folder:  # all three files appear together, once complete
+    with target.writing() as folder:  # all files appear together, once complete
         (folder / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
         (folder / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        evaluation_report(cfg, folder, metrics, rows, datamodule.val_set.rows, label)
+        (folder / "score_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        if len(scored) < len(rows):  # questions without public answers: the file their server scores
+            (folder / SUBMISSION).write_text(json.dumps(submission(rows), indent=1) + "\n")
+        evaluation_report(cfg, folder, metrics, scored, datamodule.val_set.rows, label)
     log.info("Report: %s", target.path / "report.html")
+    if len(scored) < len(rows):
+        log.info(
+            "%d of %d questions have no answer in split %r: not scored; %s holds the answers for the benchmark's "
+            "server (DocVQA: the Robust Reading Competition's site, task 'Single Page Document VQA').",
+            *(len(rows) - len(scored), len(rows), split, target.path / SUBMISSION),
+        )
     return metrics
+
+
+SUBMISSION = "submission.json"
+
+
+def submission(rows: list[dict]) -> list[dict]:
+    """The answers to questions without a public answer, as DocVQA's evaluation server takes them:
+    ``[{"questionId": 57344, "answer": "..."}]`` (the id an integer where it is one: DocVQA's
+    ``questionId``; ``data.id_column=questionId`` reads it)."""
+
+    def as_id(value):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return value
+
+    return [{"questionId": as_id(r["id"]), "answer": r["prediction"]} for r in rows if r.get("unanswered")]
 
 
 PAIRS_NOT_ANSWERS = (

@@ -466,6 +466,11 @@ def _validate_at_end(
     if cfg.eval.at_end:
         with phase("validate"):
             metrics.update(_validate(trainer, module, datamodule, cfg.trainer.limit_val_batches))
+        if metrics.get("val/n_questions"):  # what the validation score depends on beside the weights
+            from idefics2_ft.presets import score_card
+
+            card = score_card(cfg, None, cfg.data.val_split, module.model, metrics["val/n_questions"])
+            metrics.update({f"val/{k}": v for k, v in card.items()})
     scored = ("val/n_questions", "val/pairs")  # questions answered, or held-out pairs (objective=dpo)
     if not any(m.get(key) for m in (metrics, module.val_metrics) for key in scored):
         reason = (

@@ -287,7 +287,10 @@ class Idefics2Module(L.LightningModule):
             metric = self.source_metrics.get(source, self.metric) if source else self.metric
             row = {"id": rid if source is None else f"{source}/{rid}", "prediction": pred, "answers": refs}
             row.update(question_type=qtype, source=source, metric=metric)
-            row.update(row_scores(metric, pred, refs, question))  # score, the diagnostic columns, <metric>
+            if refs:
+                row.update(row_scores(metric, pred, refs, question))  # score, the diagnostic columns, <metric>
+            else:  # a test split's question without a public answer: answered for a submission, not scored
+                row["unanswered"] = True
             self._val_rows.append((key, row))
 
     @torch.no_grad()
@@ -320,9 +323,14 @@ class Idefics2Module(L.LightningModule):
         total = sum(n for _, n in losses)
         if total:
             metrics["val/loss"] = sum(x for x, _ in losses) / total
+        scored = [r for r in rows if not r.get("unanswered")]
+        if scored:
+            metrics.update(score_metrics(scored, self.metric))
         if rows:
-            metrics.update(score_metrics(rows, self.metric))
             metrics["val/n_questions"] = float(len(rows))
+        if len(scored) < len(rows):
+            metrics["val/unanswered"] = float(len(rows) - len(scored))
+            metrics.pop("val/loss", None)  # partly the loss of a stand-in answer (presets.NO_REFERENCE)
         self.val_metrics = metrics
         self.val_predictions = rows
         for key, value in metrics.items():
@@ -404,7 +412,7 @@ def score_metrics(rows: list[dict], metric: str) -> dict[str, float]:
                 by_type[str(r["question_type"])].append(r["score"])
         for qtype, scores in sorted(by_type.items()):
             metrics[f"val/{metric}/{qtype}"] = sum(scores) / len(scores)
-        return metrics
+        return metrics | unparsed_count(rows)
     means = []
     for source, part in sorted(by_source.items(), key=lambda kv: str(kv[0])):
         mean = sum(r["score"] for r in part) / len(part)
@@ -412,4 +420,11 @@ def score_metrics(rows: list[dict], metric: str) -> dict[str, float]:
         metrics[f"val/{source}/n_questions"] = float(len(part))
         means.append(mean)
     metrics["val/score"] = sum(means) / len(means)
-    return metrics
+    return metrics | unparsed_count(rows)
+
+
+def unparsed_count(rows: list[dict]) -> dict[str, float]:
+    """``val/unparsed``: the multiple-choice answers that named no option (scored 0, never guessed);
+    absent when no row's metric parses options."""
+    parsed = [r for r in rows if "unparsed" in r]
+    return {"val/unparsed": float(sum(bool(r["unparsed"]) for r in parsed))} if parsed else {}
