@@ -227,6 +227,9 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 16
+    # how `idefics2-ft evaluate` asks and scores the questions: training (as the run trained, data.metric,
+    # max_new_tokens above) or a harness's preset (idefics2_ft/presets.py: docvqa_lmms, ai2d_vlmevalkit, ...)
+    preset: str = "training"
     at_end: bool = True  # validate (loss + generation metrics) once after the last step
     before_training: bool = False  # also validate the model as loaded, before any step
 
