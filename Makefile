@@ -9,6 +9,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,oracle,deepspeed,slurm
 PIP_FLAGS ?= -q
+# With the oracle extra, install also puts in lmms-eval, the harness whose metric files
+# tests/unit/test_metrics_harness.py runs against ours: without its dependencies (torchvision, opencv,
+# a wandb pin, ... far too heavy for a test tool; the test stands in for the few its metric files import).
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
 MIN_VENV ?= .venv-min
 DEMO_DIR ?= outputs/easyvqa_tiny/demo-$(shell date +%Y%m%d-%H%M%S)
 # make demo-dpo: a finished `make demo` run folder; empty: the newest outputs/easyvqa_tiny/demo-*
@@ -35,6 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -c "import sys; from importlib.metadata import version; print(f'make: {sys.executable} (Python {sys.version.split()[0]}), keeping torch {version(\"torch\")}')"
 	@$(PY) -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(VENV)/keep-torch.txt
 	$(PY) -m pip install $(PIP_FLAGS) -c $(VENV)/keep-torch.txt -e ".[$(EXTRAS)]"
+	@case ",$(EXTRAS)," in *,oracle,*) $(PY) -m pip install $(PIP_FLAGS) --no-deps "$(LMMS_EVAL_SPEC)";; esac
 	@touch $@
 
 install: $(VENV)/.installed ## create .venv and install the package with its test tools

@@ -26,7 +26,9 @@ DataFormat = Literal[
 ]
 # The names and aliases of idefics2_ft.metrics.METRICS, in its order (accuracy is exact_match's older
 # name). config may not import metrics (both are foundations), so tests/unit/test_metric_table.py pins the two.
-Metric = Literal["accuracy", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy", "multiple_choice"]
+Metric = Literal[
+    "accuracy", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy", "multiple_choice", "letter_match"
+]
 GroupBy = Literal["none", "length", "aspect"]
 Objective = Literal["sft", "dpo"]
 # the reference of preference tuning: auto is adapter with model.adapter, else base (docs/preference-tuning.md)
