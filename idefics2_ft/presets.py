@@ -176,7 +176,7 @@ def preset_of(name: str) -> Preset | None:
     except KeyError:
         raise ValueError(
             f"eval.preset={name!r}: not a preset; give {TRAINING} or one of {', '.join(PRESETS)} "
-            "(docs/evaluate-and-export.md#presets)."
+            "(docs/evaluate-and-export.md#presets-a-score-beside-a-published-row)."
         ) from None
 
 
@@ -340,3 +340,22 @@ CARD_FIELDS: tuple[tuple[str, str], ...] = (
 def card_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """The score card's fields present in ``metrics`` as ``(label, value)`` rows, in the card's order."""
     return [(label, str(metrics[prefix + key])) for key, label in CARD_FIELDS if prefix + key in metrics]
+
+
+def card_of(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The score card a run's or an evaluation's metrics hold, and the prefix of its scores: an
+    evaluation's (``eval/card/*``) before the run's own validation (``val/card/*``); ``{}`` if neither."""
+    for prefix in ("eval/", "val/"):
+        card = {k.removeprefix(prefix + "card/"): v for k, v in metrics.items() if k.startswith(prefix + "card/")}
+        if card:
+            return prefix, card
+    return "", {}
+
+
+def card_table(metrics: dict[str, Any]) -> str:
+    """The score card as a Markdown table (the model card's "Score card"); empty without one."""
+    prefix, card = card_of(metrics)
+    if not card:
+        return ""
+    rows = "".join(f"| {label} | {value} |\n" for label, value in card_rows(metrics, prefix))
+    return "| setting | value |\n|---|---|\n" + rows

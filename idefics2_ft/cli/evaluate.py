@@ -8,6 +8,10 @@ eval_metrics.json and report.html (metrics, curves, a gallery of answers) to out
 RUN/eval/<split>), all at once when the evaluation is complete. A read-only run folder needs
 out_dir=; a folder that holds anything but an earlier evaluation of this run is refused.
 
+eval.preset= asks and scores the questions as a harness does (lmms-eval, VLMEvalKit:
+docs/evaluate-and-export.md#presets-a-score-beside-a-published-row); every score is written with its
+score card (score_card.json), and the answers to a split without public answers into submission.json.
+
 A preference run (objective=dpo) is scored on the split's pairs instead: its policy against its
 reference (the adapter it started from, model.adapter, or the base), the rewards, the reward accuracy
 and the log-probs, into eval_metrics.json and report.html. With objective.name=sft and a
@@ -21,6 +25,7 @@ from idefics2_ft.cli import same_command
 from idefics2_ft.cli.arguments import parse_overrides, rehearsed_stop, setup_logging
 from idefics2_ft.config import ConfigError
 from idefics2_ft.data import DataError
+from idefics2_ft.presets import preset_of
 from idefics2_ft.run_folder import FolderLock, OutputRefused, RunFolder, RunFolderError
 from idefics2_ft.stops import Interrupted, StopPolicy, active, exiting
 from idefics2_ft.tasks.evaluate import (
@@ -46,6 +51,10 @@ def main(argv: list[str]) -> int:
         policy.rehearse(rehearsed_stop(argv))
         split = own["data.split"] or cfg.data.val_split
         with policy.phase_of("checks"):
+            try:  # an unknown preset, before anything loads
+                preset_of(cfg.eval.preset)
+            except ValueError as err:
+                raise ConfigError([str(err)]) from None
             cfg = config_for_split(cfg, split)  # a split the source does not have is refused here
             # where the results go, refused before a weight loads if it may not be written
             target = evaluation_output(cfg, own["out_dir"] or RunFolder(cfg.run_dir).eval(split))

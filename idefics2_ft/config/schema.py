@@ -172,7 +172,8 @@ class DataConfig:
     num_workers: int | None = None  # loader workers; null: up to 4 per GPU rank with cores to spare, 0 on the CPU
     # batches of alike records: none | length (tokens) | aspect (image count and size, then tokens)
     group_by: str = choice("none", GroupBy)
-    # the validation score: accuracy (= exact_match), anls, vqa_accuracy, relaxed_accuracy, multiple_choice
+    # the validation score: accuracy (= exact_match), anls, vqa_accuracy, relaxed_accuracy, multiple_choice,
+    # letter_match (each as lmms-eval scores it: docs/evaluate-and-export.md#metrics-identical-to-lmms-eval)
     metric: str = choice("accuracy", Metric)
     # rows are preference pairs (chosen, rejected): set from objective=dpo, not by hand
     pairs: bool = False
