@@ -1,5 +1,6 @@
-"""What both benchmarks share: the config, a fresh model, the clocks, and our loop, a bare loop and
-HF Trainer on the same batches. ``loops.py`` and ``mixed_pages.py`` are the benchmarks."""
+"""What the benchmarks share: the config, a fresh model, the clocks, and our loop, a bare loop (with
+our head-where-learned loss or transformers' full head) and HF Trainer on the same batches.
+``loops.py``, ``mixed_pages.py``, ``mixture.py`` and ``dpo.py`` are the benchmarks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -24,7 +26,10 @@ from idefics2_ft.training.optim import make_optimizer_factory, make_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "outputs" / "bench"
-LOOPS = ("ours", "bare", "hf")
+# ours: Idefics2Module under make_trainer (the LM head only where some sample learns); bare, same work:
+# a bare loop with our module's forward and loss; bare, full head: a bare loop with transformers' forward
+# and loss (the head on every position); HF Trainer: transformers.Trainer as users run it (full head)
+LOOPS = ("ours", "bare, same work", "bare, full head", "HF Trainer")
 log = logging.getLogger("bench")
 
 
@@ -78,6 +83,12 @@ class Clock:
         self.wait = 0.0
         self._end = 0.0
         self.stats: list[dict] = []  # each step's padding counts, in the loop's process (workers or not)
+        self.first_loss: float | None = None  # the loss of the first step (before any update)
+
+    def loss(self, value) -> None:
+        """The loss a step returned; the first one is kept (read at a warm-up step, outside the timing)."""
+        if self.first_loss is None:
+            self.first_loss = float(value)
 
     def begin(self, step: int) -> None:  # step: the steps done before this one
         if self.first <= step < self.last:
@@ -104,6 +115,8 @@ class LightningClock(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.stats.append(batch["stats"])
+        if self.clock.first_loss is None and outputs is not None:
+            self.clock.loss(outputs["loss"] if isinstance(outputs, dict) else outputs)
         self.clock.tick(trainer.global_step)
 
 
@@ -122,16 +135,31 @@ def run_ours(cfg, path, device, clock, batches=None, datamodule=None) -> torch.n
     return model
 
 
-def run_bare(cfg, path, device, clock, batches) -> torch.nn.Module:
+def run_bare(cfg, path, device, clock, batches, head: str = "learned") -> torch.nn.Module:
+    """Forward, backward, clipping (``trainer.gradient_clip_val``, as Lightning and HF Trainer clip),
+    step, schedule, zero_grad, nothing else. ``head="learned"``: the forward and loss of
+    ``Idefics2Module.learned_loss`` (the LM head only at the positions where some sample learns, the
+    summed cross-entropy over the supervised tokens divided by their count): our module's work.
+    ``head="full"``: ``model(**inputs).loss``, transformers' forward and loss (the head on every position)."""
     model = fresh_model(cfg, path, device)
-    optimizer = make_optimizer_factory(cfg)([p for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer_factory(cfg)(trainable)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(cfg))
+    clip = cfg.trainer.gradient_clip_val
     bf16 = device == "cuda"
+    module = SimpleNamespace(model=model)  # learned_loss reads only self.model: the module's code, unwrapped
     for step, batch in enumerate(batches, 1):
         inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**inputs).loss
+            if head == "learned":
+                loss = Idefics2Module.learned_loss(module, inputs)
+            else:
+                loss = model(**inputs).loss
         loss.backward()
+        if step == 1:
+            clock.loss(loss.detach())
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -195,7 +223,10 @@ def hf_trainer(cfg, model, device, clock, dataset, collate, run_dir: str, **extr
         def training_step(self, model, inputs, num_items_in_batch=None):
             if "stats" in inputs:
                 clock.stats.append(inputs.pop("stats"))
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if clock.first_loss is None:
+                clock.loss(loss)
+            return loss
 
     trainer = CountingTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[hf_clock(clock)]
@@ -221,8 +252,8 @@ def run_hf(cfg, path, device, clock, batches) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- reports
-def spread(values: list[float]) -> str:
-    return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
+def spread(values: list[float], digits: int = 1) -> str:
+    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str], benchmark, script: str) -> int:
