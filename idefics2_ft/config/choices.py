@@ -29,6 +29,20 @@ DataFormat = Literal[
 Metric = Literal[
     "accuracy", "exact_match", "anls", "vqa_accuracy", "relaxed_accuracy", "multiple_choice", "letter_match"
 ]
+# how `evaluate` asks and scores the questions: training, or a preset of idefics2_ft/presets.py (pinned to its
+# table by tests/unit/test_presets.py: config may not import presets)
+EvalPreset = Literal[
+    "training",
+    "docvqa_lmms",
+    "docvqa_vlmevalkit",
+    "textvqa_lmms",
+    "textvqa_vlmevalkit",
+    "chartqa_lmms",
+    "chartqa_vlmevalkit",
+    "ai2d_lmms",
+    "ai2d_vlmevalkit",
+    "mmmu_lmms",
+]
 GroupBy = Literal["none", "length", "aspect"]
 Objective = Literal["sft", "dpo"]
 # the reference of preference tuning: auto is adapter with model.adapter, else base (docs/preference-tuning.md)

@@ -15,6 +15,7 @@ from idefics2_ft.config.choices import (
     DataFormat,
     DataSource,
     DType,
+    EvalPreset,
     GroupBy,
     LoggerType,
     LoraTarget,
@@ -230,7 +231,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     # how `idefics2-ft evaluate` asks and scores the questions: training (as the run trained, data.metric,
     # max_new_tokens above) or a harness's preset (idefics2_ft/presets.py: docvqa_lmms, ai2d_vlmevalkit, ...)
-    preset: str = "training"
+    preset: str = choice("training", EvalPreset)
     at_end: bool = True  # validate (loss + generation metrics) once after the last step
     before_training: bool = False  # also validate the model as loaded, before any step
 

@@ -269,16 +269,6 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"resume=true but {cfg.run_dir}/checkpoints/last.ckpt does not exist: point run_dir at the "
             "folder of the run to continue, or drop resume=true."
-def _eval_problems(cfg: DictConfig) -> list[str]:
-    from idefics2_ft.presets import preset_of
-
-    try:
-        preset_of(cfg.eval.preset)
-    except ValueError as err:
-        return [str(err)]
-    return []
-
-
         )
     if cfg.resume and cfg.overwrite:
         problems.append(
@@ -314,4 +304,3 @@ def validate(cfg: DictConfig) -> None:
     ]
     if problems:
         raise ConfigError(problems)
-        *_eval_problems(cfg),

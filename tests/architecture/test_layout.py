@@ -22,7 +22,10 @@ PACKAGE = ROOT / "idefics2_ft"
 LAYERS = [
     (
         "foundations",
-        {"config", "data", "models", "metrics", "versions", "ranks", "hardware", "console", "stops", "run_folder"},
+        {
+            *("config", "data", "models", "metrics", "presets"),
+            *("versions", "ranks", "hardware", "console", "stops", "run_folder"),
+        },
     ),
     ("components", {"training", "planning", "reporting", "hub", "demo"}),
     ("tasks", {"tasks"}),
@@ -32,6 +35,9 @@ LAYER_OF = {room: i for i, (_, rooms) in enumerate(LAYERS) for room in rooms}
 SIDEWAYS: set[tuple[str, str]] = {
     # validate lists the data keys' problems with the rest, and the data room owns them (data/checks.py)
     ("config", "data"),
+    # an evaluation preset rewrites a data row as its harness asks it, and reads options as its metric does
+    ("presets", "data"),
+    ("presets", "metrics"),
 }  # (from, to) arrows allowed inside a layer
 MAX_DEPTH = 4  # entry points -> tasks -> components -> foundations
 ARCHITECTURE = ROOT / "docs" / "architecture.md"

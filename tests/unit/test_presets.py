@@ -9,10 +9,12 @@ import ast
 import importlib.util
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
+from idefics2_ft.config.choices import EvalPreset
 from idefics2_ft.data.collator import Idefics2Collator, _expand_images
 from idefics2_ft.data.records import Row, qa_messages
 from idefics2_ft.presets import PRESETS, EvalRows, apply_preset, preset_of, split_options, unanswered
@@ -179,6 +181,11 @@ def test_a_question_without_an_answer_is_asked_not_scored():
     asked = EvalRows([row], PRESETS["docvqa_lmms"])[0]
     assert asked.problem is None and asked.answers == []
     assert asked.messages[0]["content"][-1]["text"].endswith("single word or phrase.")
+
+
+def test_the_configs_choices_are_the_tables_names():
+    # config may not import presets (both are foundations): this pins choices.EvalPreset to the table
+    assert get_args(EvalPreset) == ("training", *PRESETS)
 
 
 def test_an_unknown_preset_names_the_ones_there_are():
