@@ -290,6 +290,10 @@ class ExportConfig:
     merge_into: str = choice("dequantized", MergeInto)
     parity_samples: int = 4  # validation records the merged and unmerged models must agree on
     parity_atol: float | None = None  # max |logit difference|; None: 1e-3 in fp32, 0.1 in bf16/fp16
+    # the answer check: the model as trained (adapter on its 4-bit base) and the merged model answer this many
+    # validation questions (greedy, as evaluate does); export_report.json and the card say how many answers are
+    # the same and the two scores. It warns, never refuses. 0: no check. 200: one differing answer moves 0.5 points
+    agreement_questions: int = 200
     max_shard_size: str = "2GB"
     hub: HubConfig = field(default_factory=HubConfig)
 

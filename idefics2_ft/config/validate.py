@@ -260,6 +260,12 @@ def _export_problems(cfg: DictConfig) -> list[str]:
         problems.append("export.push_to_hub=true needs export.hub.repo_id=USER/NAME.")
     if e.adapter_only and cfg.peft.method == "full":
         problems.append("export.adapter_only=true with peft.method=full: there is no adapter; drop adapter_only.")
+    if e.agreement_questions < 0:
+        problems.append(
+            f"export.agreement_questions={e.agreement_questions}: the number of validation questions the merged model "
+            "and the model as trained both answer must be 0 (no answer check) or more (e.g. "
+            "export.agreement_questions=200)."
+        )
     return problems
 
 

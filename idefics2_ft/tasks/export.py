@@ -2,13 +2,18 @@
 
 Never merged into the 4-bit base (rounding would change the outputs): the base is reloaded in
 bf16 (fp32 on the CPU), the adapter applied, ``merge_and_unload`` called, and the merged model's
-logits compared with the unmerged adapter model's on the same base before anything is saved.
+logits compared with the unmerged adapter model's on the same base before anything is saved. Then
+the answer check: the model as trained (the adapter on its 4-bit base for QLoRA) and the merged
+model answer the same ``export.agreement_questions`` validation questions, and the report says how
+many answers are the same and how far the two scores are apart (a warning, never a refusal).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -23,13 +28,14 @@ from idefics2_ft.data.collator import Idefics2Collator
 from idefics2_ft.data.dataset import RecordDataset
 from idefics2_ft.data.sources import build_rows
 from idefics2_ft.metrics import display_name
-from idefics2_ft.models import load_full_precision, load_idefics2, load_processor, non_finite_parameters, resolve_dtype
+from idefics2_ft.models import load_full_precision, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.models.bases import describe_base
 from idefics2_ft.models.generation import generation_config
+from idefics2_ft.ranks import distributed
 from idefics2_ft.reporting.page import TEMPLATES, is_preference
 from idefics2_ft.run_folder import MARKER, Output, RunFolder, output_folder, read_metrics, redacted, unfinished
 from idefics2_ft.stops import StopPolicy, active
-from idefics2_ft.tasks.evaluate import base_model_path
+from idefics2_ft.tasks.evaluate import base_model_path, load_run, validate_once
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +93,34 @@ def merge_and_check(
     n: int,
     atol: float | None,
     merge_into: str = "dequantized",
+    questions: int = 0,
 ):
     """Returns ``(merged_model, processor, report)``; raises ParityError if the check fails.
 
-    The report holds two comparisons: the merged model against the adapter on the same
+    The report holds two comparisons of logits: the merged model against the adapter on the same
     full-precision base (``parity/*``: must agree within ``atol``, or nothing is exported), and, for
     QLoRA, against the model as trained, the adapter on its 4-bit base (``parity/trained_4bit_vs_merged_*``).
+    With ``questions``, a third of answers (``agreement/*``, ``answer_agreement``): the model as trained
+    (``load_run``: ``adapter_dir`` is the run's ``adapter/``) and the merged model answer the first
+    ``questions`` validation questions, greedy, as ``evaluate`` answers them.
+
+    The model as trained goes first and is freed before the full-precision base loads: the two are
+    never in memory together.
     """
     from peft import PeftModel
 
     base_path = base_model_path(cfg)
     processor = load_processor(str(adapter_dir), cfg.data)
     batch = parity_batch(cfg, processor, n)
+    trained_logits, trained_answers = None, None
+    if cfg.peft.quantize is not None or questions:
+        trained, _ = load_run(cfg)  # the model as trained and evaluated: 4-bit base for QLoRA, the adapter on top
+        if cfg.peft.quantize is not None:  # how far the model as trained is from the export (below)
+            trained_logits = _logits(trained, batch).cpu()
+        if questions:
+            trained_answers = validation_answers(cfg, trained, processor, questions, "the model as trained")
+        del trained
+        free_memory()
     base = load_full_precision(base_path, cfg.model, cfg.peft, dtype, dequantized=merge_into == "dequantized")
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     reference = _logits(model, batch)
@@ -116,13 +138,11 @@ def merge_and_check(
         "parity/mean_abs_diff": float(diff.mean()) if torch.isfinite(diff).all() else float("inf"),
         "parity/argmax_agreement": float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean()),
     }
-    if cfg.peft.quantize is not None:  # how far the model as trained (4-bit base) is from the export
-        trained = PeftModel.from_pretrained(load_idefics2(base_path, cfg.model, cfg.peft), str(adapter_dir)).eval()
-        trained_logits = _logits(trained, batch)
-        del trained
-        report["parity/trained_4bit_vs_merged_max_abs_diff"] = float((trained_logits - merged_logits).abs().max())
+    if trained_logits is not None:
+        merged_cpu = merged_logits.cpu()
+        report["parity/trained_4bit_vs_merged_max_abs_diff"] = float((trained_logits - merged_cpu).abs().max())
         report["parity/trained_4bit_vs_merged_argmax_agreement"] = float(
-            (trained_logits.argmax(-1) == merged_logits.argmax(-1)).float().mean()
+            (trained_logits.argmax(-1) == merged_cpu.argmax(-1)).float().mean()
         )
     ok = (
         torch.isfinite(merged_logits).all() and torch.isfinite(reference).all() and report["parity/max_abs_diff"] <= tol
@@ -133,7 +153,132 @@ def merge_and_check(
             f"> {tol:g} on {report['parity/tokens']} tokens ({report['parity/dtype']}). Nothing was exported; "
             "check the adapter files, or raise export.parity_atol if the difference is expected."
         )
+    if trained_answers is not None:
+        del model, reference, merged_logits
+        merged_answers = validation_answers(cfg, merged, processor, questions, "the merged model")
+        report.update(answer_agreement(cfg, trained_answers, merged_answers))
     return merged, processor, report
+
+
+# The answer check warns (and records ``agreement/ok: false``) below these; it never refuses an export: the
+# parity of the logits gates it, and greedy answers of a correct merge may still differ where two tokens
+# are nearly tied (another kernel, another dtype).
+MIN_SAME_ANSWERS = 0.98
+MAX_SCORE_POINTS = 0.5
+DIFFERING_SHOWN = 5  # differing answers kept in the report for the reader
+
+
+def answer_check_questions(cfg: DictConfig) -> tuple[int, str | None]:
+    """How many validation questions the answer check asks (``export.agreement_questions``), and why it
+    asks none (None: it runs)."""
+    n = int(cfg.export.agreement_questions)
+    if n <= 0:
+        return 0, "export.agreement_questions=0"
+    if cfg.objective.name == "dpo":
+        return 0, "a preference run (objective=dpo): its validation split holds pairs, not questions to answer"
+    if distributed() or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the end of a multi-rank training
+        return 0, (
+            "exported at the end of a multi-process run, where one rank cannot run a validation alone: "
+            f"`idefics2-ft export run_dir={cfg.run_dir}` checks the answers"
+        )
+    return n, None
+
+
+def validation_answers(cfg: DictConfig, model, processor, n: int, label: str) -> tuple[list[dict], float]:
+    """Greedy answers of ``model`` to the first ``n`` questions of the run's validation split, generated
+    as ``evaluate`` generates them: ``Idefics2Module`` in one ``validate_once`` pass (left-padded batches
+    of ``data.eval_batch_size``, ``eval.max_new_tokens``, the run's stop tokens; the Lightning progress
+    bar where ``trainer.enable_progress_bar``).
+
+    Returns:
+        The module's ``val_predictions`` rows (each scored with its metric, ``metrics.score``: the
+        ``score`` column) and the overall score as validation reports it (``val/<metric>``, for a
+        mixture ``val/score``).
+    """
+    from idefics2_ft.data.datamodule import Idefics2DataModule
+    from idefics2_ft.training.lightning_module import Idefics2Module
+
+    cap = min(n, cfg.data.max_val_samples or n)  # each source reads no more than it needs
+    data_cfg = OmegaConf.merge(cfg.data, {"pairs": False, "max_val_samples": cap})
+    datamodule = Idefics2DataModule(data_cfg, processor)
+    datamodule.setup("validate")
+    # the first n in the validation set's order (a mixture's sources interleaved), as evaluate reads them
+    datamodule.val_set = RecordDataset(datamodule.val_set.rows, min(n, len(datamodule.val_set)))
+    log.info(
+        "Answer check: %s answers %d %s question(s) (split %s).",
+        label,
+        len(datamodule.val_set),
+        cfg.data.path or cfg.data.source,
+        data_cfg.val_split,
+    )
+    module = Idefics2Module(
+        model,
+        processor.tokenizer,
+        optimizer_factory=None,
+        metric=data_cfg.metric,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
+    )
+    validate_once(cfg, module, datamodule)
+    metrics = module.val_metrics
+    overall = metrics.get("val/score", metrics.get(f"val/{data_cfg.metric}", float("nan")))
+    return list(module.val_predictions or []), float(overall)
+
+
+def answer_agreement(
+    cfg: DictConfig, trained: tuple[list[dict], float], merged: tuple[list[dict], float]
+) -> dict[str, Any]:
+    """``agreement/*``: how many of the same questions the two models answer identically, each one's
+    score (the run's metric: ``data.metric``, or a mixture's ``score``) and the difference in points
+    (merged minus as trained, x 100), and the first differing answers. Logs one line; warns below
+    ``MIN_SAME_ANSWERS`` or beyond ``MAX_SCORE_POINTS``."""
+    (rows_a, score_a), (rows_b, score_b) = trained, merged
+    if [r["id"] for r in rows_a] != [r["id"] for r in rows_b]:  # the same records, read twice: never expected
+        raise RuntimeError("The answer check's two passes read different questions: report this as a bug.")
+    same = [a["prediction"] == b["prediction"] for a, b in zip(rows_a, rows_b, strict=True)]
+    fraction = sum(same) / len(same) if same else float("nan")
+    points = round(100 * (score_b - score_a), 6)
+    metric = "score" if cfg.data.get("mixture") else cfg.data.metric
+    ok = bool(same) and fraction >= MIN_SAME_ANSWERS and abs(points) <= MAX_SCORE_POINTS
+    report: dict[str, Any] = {
+        "agreement/split": cfg.data.val_split,
+        "agreement/metric": metric,
+        "agreement/questions": len(same),
+        "agreement/same_answers": sum(same),
+        "agreement/same_fraction": fraction,
+        "agreement/adapter_score": score_a,
+        "agreement/merged_score": score_b,
+        "agreement/score_difference_points": points,
+        "agreement/ok": ok,
+        "agreement/differing": [
+            {"id": a["id"], "adapter": a["prediction"], "merged": b["prediction"], "references": a["answers"]}
+            for a, b, s in zip(rows_a, rows_b, same, strict=True)
+            if not s
+        ][:DIFFERING_SHOWN],
+    }
+    line = (
+        f"Adapter vs merged: {sum(same)}/{len(same)} answers the same ({100 * fraction:.1f}%); {metric} "
+        f"{100 * score_a:.2f}% as trained, {100 * score_b:.2f}% merged ({points:+.2f} points)."
+    )
+    if ok:
+        log.info(line)
+    else:
+        log.warning(
+            "%s Outside the bounds (at least %.0f%% the same, within %.1f points): the export is written all the "
+            "same (its logits passed the parity check); agreement/differing in export_report.json shows answers "
+            "that differ.",
+            line,
+            100 * MIN_SAME_ANSWERS,
+            MAX_SCORE_POINTS,
+        )
+    return report
+
+
+def free_memory() -> None:
+    """Return what freed models held: Python's cycles (a Lightning trainer and its module), and CUDA's cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
@@ -297,14 +442,14 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
     elif p.method != "full":
         method += f", r={p.r}, alpha={p.alpha}, targets `{p.target}`"
     merge_check = ""
-    if report:
+    if any(k.startswith("parity/") for k in report):
         into = report.get("parity/merged_into", "original")
         merge_check = _template("model_card_merge.md").substitute(
             merged_into="dequantized 4-bit weights it was trained against"
             if into == "dequantized"
             else "original full-precision base weights",
-            rows="\n".join(f"| `{k}` | {v} |" for k, v in report.items()),
-        )
+            rows="\n".join(f"| `{k}` | {v} |" for k, v in report.items() if k.startswith("parity/")),
+        ) + agreement_text(cfg, report)
     return _template("model_card.md").substitute(
         metadata=card_metadata(cfg, metrics, adapter_only).to_yaml(),
         name=cfg.name,
@@ -335,6 +480,46 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
     )
 
 
+def agreement_text(cfg: DictConfig, report: dict[str, Any]) -> str:
+    """The card's "Adapter vs merged" section (``model_card_agreement.md``) from ``agreement/*``; one line
+    where the check was skipped, nothing where the report has no answer check."""
+    if "agreement/questions" not in report:
+        skipped = report.get("agreement/skipped")
+        return f"## Adapter vs merged\n\nNot checked: {skipped}.\n\n" if skipped else ""
+    r = report
+    trained = "the adapter on its 4-bit base" if cfg.peft.quantize else "the adapter on its base model"
+    differing = "\n".join(
+        f"| `{_cell(d['id'])}` | {_cell(d['adapter'])} | {_cell(d['merged'])} | {_cell(', '.join(map(str, d['references'])))} |"
+        for d in r.get("agreement/differing", [])
+    )
+    if differing:
+        differing = (
+            "\nAnswers that differ (the first few):\n\n| question | as trained | merged | references |\n"
+            f"|---|---|---|---|\n{differing}\n"
+        )
+    return _template("model_card_agreement.md").substitute(
+        trained=trained,
+        questions=r["agreement/questions"],
+        split=r["agreement/split"],
+        same=r["agreement/same_answers"],
+        same_percent=f"{100 * r['agreement/same_fraction']:.1f}",
+        metric=display_name(r["agreement/metric"]) if r["agreement/metric"] != "score" else "Score (mean over sources)",
+        adapter_score=f"{100 * r['agreement/adapter_score']:.2f}%",
+        merged_score=f"{100 * r['agreement/merged_score']:.2f}%",
+        points=f"{r['agreement/score_difference_points']:+.2f}",
+        verdict="within" if r["agreement/ok"] else "**outside**",
+        min_same=f"{100 * MIN_SAME_ANSWERS:.0f}",
+        max_points=f"{MAX_SCORE_POINTS:g}",
+        differing=differing,
+    )
+
+
+def _cell(text: str) -> str:
+    """Text for one table cell: one line, ``|`` escaped, at most 60 characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _template(name: str) -> Template:
     return Template((TEMPLATES / name).read_text(encoding="utf-8"))
 
@@ -344,18 +529,24 @@ def _write_export(
 ) -> dict[str, Any]:
     """Write one export (``merged``: merge, check parity, save; ``adapter``: copy it) with its card,
     through the output writer: it appears at ``target`` once complete, and replaces only an earlier
-    export of the same kind from this run. Returns the parity report."""
+    export of the same kind from this run. Returns the report: parity, and for a merge the answer check
+    (``agreement/*``, or ``agreement/skipped`` saying why none ran)."""
     e = cfg.export
     policy = active() or StopPolicy("export")
     report: dict[str, Any] = {}
     merged = processor = None
     if kind == "merged":
+        questions, skipped = answer_check_questions(cfg)
+        if skipped:
+            log.info("Answer check (adapter vs merged) skipped: %s.", skipped)
         with policy.phase_of("the merge", "merge"):
             merged, processor, report = merge_and_check(
-                cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into
+                cfg, adapter_dir, resolve_dtype(e.dtype), e.parity_samples, e.parity_atol, e.merge_into, questions
             )
             # stop where the fine-tuned model stops, so that a plain generate() answers as we did
             merged.generation_config = generation_config(processor.tokenizer, merged.generation_config)
+        if skipped:
+            report["agreement/skipped"] = skipped
     with policy.phase_of("the export save", "export_save"), target.writing() as tmp:
         if kind == "adapter":
             shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
@@ -389,15 +580,16 @@ def export_targets(cfg: DictConfig) -> list[tuple[str, Output]]:
 
 
 def export_run(cfg: DictConfig, metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Merge (or copy the adapter), check parity, save with a card; with ``export.with_adapter`` also
-    the adapter beside it (``OUT-adapter``); push each if ``export.push_to_hub``.
+    """Merge (or copy the adapter), check parity, compare the answers of the model as trained and the
+    merged model (``export.agreement_questions``; it warns, never refuses), save with a card; with
+    ``export.with_adapter`` also the adapter beside it (``OUT-adapter``); push each if ``export.push_to_hub``.
 
     Args:
         cfg: the run's config (``run_dir/config.yaml`` with any ``export.*`` overrides).
         metrics: the run's metrics for the card; None reads ``metrics.json``.
 
     Returns:
-        The export folder and the report (parity figures, and the Hub commits when pushed).
+        The export folder and the report (parity figures, the answer check, and the Hub commits when pushed).
 
     Raises:
         NonFiniteWeights: the adapter holds a NaN or an infinity; nothing is written.

@@ -114,10 +114,94 @@ def test_a_corrupted_adapter_fails_the_parity_check_and_exports_nothing(run_dir,
 
 def test_adapter_only_export(run_dir, tmp_path):
     cfg = run_cfg(run_dir, "export.adapter_only=true", f"export.out_dir={tmp_path / 'a'}")
-    out, _ = export_run(cfg)
+    out, report = export_run(cfg)
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= names
     assert "library_name: peft" in (out / "README.md").read_text()
+    assert not any(k.startswith("agreement/") for k in report)  # nothing merged: no answer check
+
+
+def test_the_answer_check_is_what_evaluate_gives_on_both_models(run_dir, tmp_path):
+    """export.agreement_questions=N: the model as trained and the merged model answer the first N validation
+    questions; the report's figures are those of two evaluations of the same N questions, compared here."""
+    n = 8  # of the tiny run's 12 validation questions
+    cfg = run_cfg(run_dir, f"export.out_dir={tmp_path / 'merged'}", f"export.agreement_questions={n}")
+    out, report = export_run(cfg)
+    saved = json.loads((out / "export_report.json").read_text())
+    assert {k: v for k, v in saved.items() if k.startswith("agreement/")} == {
+        k: v for k, v in report.items() if k.startswith("agreement/")
+    }
+    assert saved["agreement/questions"] == n and saved["agreement/split"] == cfg.data.val_split
+    assert saved["agreement/metric"] == cfg.data.metric
+
+    # independently: evaluate both models on the same first n questions, and compare their predictions
+    first_n = run_cfg(run_dir, f"data.max_val_samples={n}")
+    trained, processor = load_run(first_n)
+    as_trained = evaluate(first_n, trained, processor, cfg.data.val_split, tmp_path / "eval-trained")
+    merged, merged_processor = load_run(first_n, model_dir=str(out))
+    as_merged = evaluate(first_n, merged, merged_processor, cfg.data.val_split, tmp_path / "eval-merged")
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        for name in ("eval-trained", "eval-merged")
+    }
+    pairs = list(zip(rows["eval-trained"], rows["eval-merged"], strict=True))
+    same = sum(a["prediction"] == b["prediction"] for a, b in pairs)
+    assert len(pairs) == n and saved["agreement/same_answers"] == same
+    assert saved["agreement/same_fraction"] == pytest.approx(same / n)
+    metric = f"eval/{cfg.data.metric}"
+    assert saved["agreement/adapter_score"] == pytest.approx(as_trained[metric])
+    assert saved["agreement/merged_score"] == pytest.approx(as_merged[metric])
+    assert saved["agreement/score_difference_points"] == pytest.approx(100 * (as_merged[metric] - as_trained[metric]))
+    differing = [
+        {"id": a["id"], "adapter": a["prediction"], "merged": b["prediction"], "references": a["references"]}
+        for a, b in pairs
+        if a["prediction"] != b["prediction"]
+    ]
+    assert saved["agreement/differing"] == differing[:5]
+    assert saved["agreement/ok"] == (same / n >= 0.98 and abs(saved["agreement/score_difference_points"]) <= 0.5)
+
+    card = (out / "README.md").read_text()
+    assert "## Adapter vs merged" in card and f"{same} of {n} answers are the same" in card
+
+    # 0 turns it off, and the report and the card say so
+    off = run_cfg(run_dir, f"export.out_dir={tmp_path / 'off'}", "export.agreement_questions=0")
+    out, report = export_run(off)
+    assert report["agreement/skipped"] == "export.agreement_questions=0" and "agreement/questions" not in report
+    assert "Not checked: export.agreement_questions=0." in (out / "README.md").read_text()
+
+
+def test_a_low_agreement_warns_and_the_card_shows_the_differing_answers(tmp_path, caplog):
+    from idefics2_ft.tasks.export import agreement_text, answer_agreement
+    from tests.helpers import compose_config
+
+    cfg = compose_config([f"run_dir={tmp_path}"])
+
+    def rows(predictions):  # Idefics2Module.val_predictions' rows: the columns the check reads
+        return [{"id": f"q|{i}", "prediction": p, "answers": ["red"]} for i, p in enumerate(predictions)]
+
+    as_trained = rows(["red"] * 20)
+    merged = rows(["red"] * 18 + ["a | b", "blue"])
+    with caplog.at_level("WARNING", logger="idefics2_ft.tasks.export"):
+        report = answer_agreement(cfg, (as_trained, 1.0), (merged, 0.9))
+    assert (report["agreement/questions"], report["agreement/same_answers"]) == (20, 18)
+    assert report["agreement/same_fraction"] == 0.9 and report["agreement/score_difference_points"] == -10.0
+    assert report["agreement/ok"] is False and len(report["agreement/differing"]) == 2
+    assert "18/20 answers the same" in caplog.text and "the export is written all the same" in caplog.text
+
+    text = agreement_text(cfg, report)
+    assert "18 of 20 answers are the same (90.0%)" in text and "-10.00 points" in text
+    assert "**outside** the bounds" in text
+    assert "| `q\\|18` | red | a \\| b | red |" in text  # a table cell keeps its |
+
+
+def test_a_negative_number_of_answer_check_questions_is_refused_naming_the_key(tmp_path):
+    from idefics2_ft.config import ConfigError, validate
+    from tests.helpers import compose_config
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config([f"run_dir={tmp_path}", "export.agreement_questions=-1"]))
+    [problem] = info.value.problems
+    assert "export.agreement_questions=-1" in problem and "export.agreement_questions=200" in problem
 
 
 def test_predict_command_answers(run_dir):
