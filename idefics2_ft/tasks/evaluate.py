@@ -167,34 +167,10 @@ def evaluate(
         OutputRefused: ``out_dir`` may not be written (before any question is answered).
     """
 
-    from idefics2_ft.data.datamodule import Idefics2DataModule
-    from idefics2_ft.training.lightning_module import Idefics2Module
-
     if cfg.objective.name == "dpo":
         raise ConfigError([PAIRS_NOT_ANSWERS.format(run_dir=cfg.run_dir)])
     target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
-
-    preset = preset_of(cfg.eval.preset)  # None: the questions as the run trained on them
-    data_cfg = OmegaConf.merge(cfg.data, {"val_split": split, "pairs": False})
-    datamodule = Idefics2DataModule(data_cfg, processor)
-    module = Idefics2Module(
-        model,
-        processor.tokenizer,
-        optimizer_factory=None,
-        metric=preset.metric if preset else data_cfg.metric,
-        max_new_tokens=preset.max_new_tokens if preset else cfg.eval.max_new_tokens,
-        # a preset scores every source with its harness's metric
-        source_metrics={} if preset else {s.name: s.cfg.metric for s in datamodule.sources if s.name},
-    )
-    datamodule.setup("validate")
-    datamodule.val_set.rows = EvalRows(datamodule.val_set.rows, preset)
-    datamodule.generation_prefix = preset.prefill if preset else ""
-    if preset:
-        log.info(
-            "Preset %s: %s's %s prompt, %s, max_new_tokens=%d.",
-            *(preset.name, preset.harness, preset.benchmark, preset.metric, preset.max_new_tokens),
-        )
-    validate_once(cfg, module, datamodule)
+    module, datamodule, preset = answer_questions(cfg, model, processor, split)
     rows = module.val_predictions
     scored = [r for r in rows if not r.get("unanswered")]
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
@@ -253,6 +229,50 @@ def submission(rows: list[dict]) -> list[dict]:
             return value
 
     return [{"questionId": as_id(r["id"]), "answer": r["prediction"]} for r in rows if r.get("unanswered")]
+
+
+def answer_questions(cfg: DictConfig, model, processor, split: str, limit: int | None = None):
+    """Greedy answers of ``model`` to the questions of ``split`` (the first ``limit``, in the split's
+    order, or all), asked as ``eval.preset`` says (``training``: as the run trained) and scored with its
+    metric: ``Idefics2Module`` in one ``validate_once`` pass (left-padded batches of
+    ``data.eval_batch_size``, the preset's or ``eval.max_new_tokens``, the run's stop tokens). A
+    question whose split holds no answer is answered, not scored (``presets.unanswered``).
+
+    Returns:
+        ``(module, datamodule, preset)``: the module's ``val_predictions`` and ``val_metrics`` hold
+        the answers and scores; ``preset`` is None for ``training``.
+    """
+    from idefics2_ft.data.datamodule import Idefics2DataModule
+    from idefics2_ft.data.dataset import RecordDataset
+    from idefics2_ft.training.lightning_module import Idefics2Module
+
+    preset = preset_of(cfg.eval.preset)  # None: the questions as the run trained on them
+    keys: dict[str, Any] = {"val_split": split, "pairs": False}
+    if limit is not None:  # each source reads no more than it needs
+        keys["max_val_samples"] = min(limit, cfg.data.max_val_samples or limit)
+    data_cfg = OmegaConf.merge(cfg.data, keys)
+    datamodule = Idefics2DataModule(data_cfg, processor)
+    module = Idefics2Module(
+        model,
+        processor.tokenizer,
+        optimizer_factory=None,
+        metric=preset.metric if preset else data_cfg.metric,
+        max_new_tokens=preset.max_new_tokens if preset else cfg.eval.max_new_tokens,
+        # a preset scores every source with its harness's metric
+        source_metrics={} if preset else {s.name: s.cfg.metric for s in datamodule.sources if s.name},
+    )
+    datamodule.setup("validate")
+    rows = EvalRows(datamodule.val_set.rows, preset)
+    # the first `limit` in the validation set's order (a mixture's sources interleaved)
+    datamodule.val_set = RecordDataset(rows, min(limit, len(rows)) if limit is not None else len(datamodule.val_set))
+    datamodule.generation_prefix = preset.prefill if preset else ""
+    if preset:
+        log.info(
+            "Preset %s: %s's %s prompt, %s, max_new_tokens=%d.",
+            *(preset.name, preset.harness, preset.benchmark, preset.metric, preset.max_new_tokens),
+        )
+    validate_once(cfg, module, datamodule)
+    return module, datamodule, preset
 
 
 PAIRS_NOT_ANSWERS = (

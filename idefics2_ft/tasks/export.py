@@ -31,11 +31,12 @@ from idefics2_ft.metrics import display_name
 from idefics2_ft.models import load_full_precision, load_processor, non_finite_parameters, resolve_dtype
 from idefics2_ft.models.bases import describe_base
 from idefics2_ft.models.generation import generation_config
+from idefics2_ft.presets import card_of, card_table, preset_of
 from idefics2_ft.ranks import distributed
 from idefics2_ft.reporting.page import TEMPLATES, is_preference
 from idefics2_ft.run_folder import MARKER, Output, RunFolder, output_folder, read_metrics, redacted, unfinished
 from idefics2_ft.stops import StopPolicy, active
-from idefics2_ft.tasks.evaluate import base_model_path, load_run, validate_once
+from idefics2_ft.tasks.evaluate import answer_questions, base_model_path, load_run
 
 log = logging.getLogger(__name__)
 
@@ -195,33 +196,17 @@ def validation_answers(cfg: DictConfig, model, processor, n: int, label: str) ->
         ``score`` column) and the overall score as validation reports it (``val/<metric>``, for a
         mixture ``val/score``).
     """
-    from idefics2_ft.data.datamodule import Idefics2DataModule
-    from idefics2_ft.training.lightning_module import Idefics2Module
-
-    cap = min(n, cfg.data.max_val_samples or n)  # each source reads no more than it needs
-    data_cfg = OmegaConf.merge(cfg.data, {"pairs": False, "max_val_samples": cap})
-    datamodule = Idefics2DataModule(data_cfg, processor)
-    datamodule.setup("validate")
-    # the first n in the validation set's order (a mixture's sources interleaved), as evaluate reads them
-    datamodule.val_set = RecordDataset(datamodule.val_set.rows, min(n, len(datamodule.val_set)))
     log.info(
-        "Answer check: %s answers %d %s question(s) (split %s).",
+        "Answer check: %s answers the first %d question(s) of %s (split %s).",
         label,
-        len(datamodule.val_set),
+        n,
         cfg.data.path or cfg.data.source,
-        data_cfg.val_split,
+        cfg.data.val_split,
     )
-    module = Idefics2Module(
-        model,
-        processor.tokenizer,
-        optimizer_factory=None,
-        metric=data_cfg.metric,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        source_metrics={s.name: s.cfg.metric for s in datamodule.sources if s.name},
-    )
-    validate_once(cfg, module, datamodule)
+    module, _, preset = answer_questions(cfg, model, processor, cfg.data.val_split, limit=n)
     metrics = module.val_metrics
-    overall = metrics.get("val/score", metrics.get(f"val/{data_cfg.metric}", float("nan")))
+    metric = preset.metric if preset else cfg.data.metric
+    overall = metrics.get("val/score", metrics.get(f"val/{metric}", float("nan")))
     return list(module.val_predictions or []), float(overall)
 
 
@@ -238,7 +223,8 @@ def answer_agreement(
     same = [a["prediction"] == b["prediction"] for a, b in zip(rows_a, rows_b, strict=True)]
     fraction = sum(same) / len(same) if same else float("nan")
     points = round(100 * (score_b - score_a), 6)
-    metric = "score" if cfg.data.get("mixture") else cfg.data.metric
+    preset = preset_of(cfg.eval.preset)  # the questions were asked (and scored) as it says
+    metric = "score" if cfg.data.get("mixture") else (preset.metric if preset else cfg.data.metric)
     ok = bool(same) and fraction >= MIN_SAME_ANSWERS and abs(points) <= MAX_SCORE_POINTS
     report: dict[str, Any] = {
         "agreement/split": cfg.data.val_split,
@@ -299,8 +285,12 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
     else:
         scored = [("", data, cfg.data.get("subset"), cfg.data.metric)]
     results = []
+    card_prefix, card = card_of(metrics)
     for prefix, dataset, subset, metric in scored:
         value = metrics.get(f"eval/{prefix}{metric}", metrics.get(f"val/{prefix}{metric}"))
+        scored_by = "eval/" if f"eval/{prefix}{metric}" in metrics else "val/"
+        # the score card of the pass that gave this value (the split is the result's own key)
+        card_args = {k: v for k, v in card.items() if k != "split"} if scored_by == card_prefix else {}
         if isinstance(value, (int, float)):
             results.append(
                 EvalResult(
@@ -312,6 +302,7 @@ def card_metadata(cfg: DictConfig, metrics: dict[str, Any], adapter_only: bool):
                     metric_type=metric,
                     metric_name=display_name(metric),  # the table's name for it (metrics.METRICS)
                     metric_value=round(float(value), 4),
+                    metric_args=card_args or None,  # the score card: preset, image settings, dtype, weights, ...
                 )
             )
     return _metadata(cfg, adapter_only, data, results)
@@ -427,7 +418,9 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
     config, image settings, metrics, the merge check, usage."""
     base = cfg.model.name_or_path
     p = cfg.peft
-    evals = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
+    # the scores; their score card (val/card/*, eval/card/*) is a table of its own
+    evals = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/")) and "/card/" not in k}
+    card = card_table(metrics)
     hardware = metrics.get("hardware") or (
         torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
@@ -467,6 +460,12 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any], report: dict[str, Any],
         hardware=hardware,
         eval_rows="\n".join(
             f"| `{k}` | {v:.4f} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in sorted(evals.items())
+        ),
+        score_card=(
+            "The score card (what the scores depend on beside the weights: compare them with a published score "
+            f"only where it matches):\n\n{card}\n"
+            if card
+            else ""
         ),
         merge_check=merge_check,
         peft_import="from peft import PeftModel\nfrom transformers import GenerationConfig\n" if adapter_only else "",

@@ -336,6 +336,12 @@ def test_the_cards_metadata_is_what_the_hub_reads(run_dir, tmp_path, monkeypatch
         [result] = data.eval_results  # the model-index
         assert result.metric_type == "accuracy" and result.dataset_split == cfg.data.val_split
         assert result.metric_value == round(metrics["val/accuracy"], 4)
+        # the score card travels with the score: in the model-index's metric args and as a table in the text
+        card_keys = {k.removeprefix("val/card/"): v for k, v in metrics.items() if k.startswith("val/card/")}
+        assert result.metric_args == {k: v for k, v in card_keys.items() if k != "split"}
+        assert result.metric_args["preset"] == "training" and result.metric_args["weights"] == "4-bit base + adapter"
+        assert "| preset | training |" in card.text and f"| questions | {card_keys['questions']} |" in card.text
+        assert "val/card/" not in card.text  # not repeated among the scores
         assert "# t: Idefics2 fine-tuned with idefics2-ft" in card.text
     assert (tmp_path / "both-adapter" / "adapter_model.safetensors").is_file()
 
