@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Installed only when the venv has no torch: the CPU wheel of torch 2.13.0 (on these machines it
 # lies on disk). A torch already in the venv (your CUDA build) is kept: pip is held to its version.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,oracle,deepspeed,slurm
+EXTRAS ?= dev,oracle,deepspeed,slurm,serve
 PIP_FLAGS ?= -q
 # With the oracle extra, install also puts in lmms-eval, the harness whose metric files
 # tests/unit/test_metrics_harness.py runs against ours: without its dependencies (torchvision, opencv,
@@ -27,7 +27,7 @@ JOBS ?= 2
 PARALLEL := OMP_NUM_THREADS=1
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-browser demo demo-dpo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-8b checkpoint-8b bench bench-mixed bench-dpo bench-gpu plan lint format clean
+.PHONY: help install install-browser demo demo-dpo test test-min test-wheel test-slow test-gpu test-slurm test-faults test-serve test-8b checkpoint-8b bench bench-mixed bench-dpo bench-gpu plan lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ test-slurm: $(VENV)/.installed ## a real single-node SLURM cluster (root): sbatc
 test-faults: $(VENV)/.installed ## fault injection through train.py: bad inputs in both modes, kill -9 and resume, divergence, reused folders (JOBS=2 at a time)
 	$(PARALLEL) $(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m faults
 	@for t in outputs/fault_table.md outputs/guarantees_table.md; do if test -f $$t; then echo; cat $$t; fi; done
+
+test-serve: $(VENV)/.installed ## the export served by `transformers serve`, asked with the openai client, answers as predict does, image splitting off and on (~2 min)
+	$(PY) -m pytest -q -m serve
 
 checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b checkpoint and DocVQA-like pages into the cache
 	$(PY) scripts/build_8b.py
