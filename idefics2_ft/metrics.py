@@ -229,10 +229,36 @@ _LETTER = re.compile(r"^(?:answer\s*(?:is)?\s*:?\s*)?\(?([A-Z])\)?(?:[.):]|\s|$)
 _EDGE_MARKS = (",", ".", "!", "?", ";", ":", "'")  # stripped from the ends of an answer, one mark after the other
 
 
+def option_block(question: str) -> tuple[int, int, dict[str, str]]:
+    """Where a question's options are: ``(first line, line after the last, {"A": "Oxygen", ...})``.
+
+    The options are the last run of consecutive lines lettered A, B, C, ... in order ("A. Oxygen",
+    "(B) Carbon dioxide", "C) Nitrogen"), so a stem's own numbered lines ("I. x > 0") or a line that
+    merely starts like one ("A. Smith wrote ...") are not taken for options. ``(0, 0, {})`` if none.
+    """
+    lines = question.splitlines()
+    found: tuple[int, int, dict[str, str]] = (0, 0, {})
+    i = 0
+    while i < len(lines):
+        match = _OPTION_LINE.match(lines[i])
+        if not match or match.group(1) != "A":
+            i += 1
+            continue
+        options, j = {}, i
+        while j < len(lines):
+            match = _OPTION_LINE.match(lines[j])
+            if not match or match.group(1) != chr(ord("A") + len(options)):
+                break
+            options[match.group(1)] = match.group(2)
+            j += 1
+        found = (i, j, options)
+        i = j
+    return found
+
+
 def options_of(question: str) -> dict[str, str]:
-    """``{"A": "Oxygen", ...}`` from option lines in a question ("A. Oxygen", "(B) Carbon dioxide",
-    "C) Nitrogen"), in the question's order."""
-    return {letter: text for letter, text in _OPTION_LINE.findall(question)}
+    """``{"A": "Oxygen", ...}``: the question's options (``option_block``), in order."""
+    return option_block(question)[2]
 
 
 def choice_letter(answer: str, options: dict[str, str]) -> str | None:
@@ -471,6 +497,6 @@ def row_scores(metric: str, prediction: str, references: Sequence[str], question
         if entry.column is not None:
             scores[entry.column] = value if entry is chosen else entry(prediction, references, question)
     scores[metric] = value
-    if chosen.parses is not None:
-        scores["unparsed"] = not chosen.parses(prediction, question)
+    if chosen.parses is not None:  # an answer that names no option: it scored 0 (a right one was read)
+        scores["unparsed"] = value == 0 and not chosen.parses(prediction, question)
     return scores

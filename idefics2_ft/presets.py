@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idefics2_ft.data.records import Row, count_images, message_text
-from idefics2_ft.metrics import choice_letter, options_of
+from idefics2_ft.metrics import choice_letter, option_block
 
 TRAINING = "training"
 
@@ -186,21 +186,15 @@ _QUESTION = re.compile(r"^\s*question\s*:\s*", re.IGNORECASE)
 
 
 def split_options(text: str) -> tuple[str, dict[str, str]]:
-    """``(stem, {"A": "Oxygen", ...})`` from a question whose options are ``A. text`` lines: the stem is
-    what comes before the first option, without a ``Question:`` label or a ``Choices:`` header; what
-    follows the last option (an instruction such as "Answer with the letter.") is dropped, since the
-    preset gives its own."""
-    options = options_of(text)
+    """``(stem, {"A": "Oxygen", ...})`` from a question whose options are lines lettered A, B, C, ...
+    (``metrics.option_block``): the stem is what comes before them, without a ``Question:`` label or a
+    ``Choices:`` header; what follows the last option (an instruction such as "Answer with the
+    letter.") is dropped, since the preset gives its own."""
+    first, _, options = option_block(text)
     if not options:
         return text, {}
-    lines = text.splitlines()
-    first = next(i for i, line in enumerate(lines) if _is_option(line))
-    stem = [line for line in lines[:first] if not _HEADER.match(line)]
+    stem = [line for line in text.splitlines()[:first] if not _HEADER.match(line)]
     return _QUESTION.sub("", "\n".join(stem), count=1).strip(), options
-
-
-def _is_option(line: str) -> bool:
-    return bool(options_of(line))
 
 
 # ---------------------------------------------------------------- rows as the preset asks them
@@ -277,6 +271,8 @@ def score_card(
     model: Any,
     questions: int,
     unparsed: int | None = None,
+    unanswered: int = 0,
+    bad_records: int = 0,
 ) -> dict[str, Any]:
     """Everything a score depends on beyond the weights, to put beside it (eval_metrics.json's
     ``card/*``, metrics.json, report.html, the model card's model-index).
@@ -288,6 +284,8 @@ def score_card(
         model: the model that answered (how its weights are held: ``weights_kind``; its dtype).
         questions: questions scored.
         unparsed: multiple-choice answers that named no option (scored 0, never guessed).
+        unanswered: questions answered but not scored (their split holds no answer: a submission's).
+        bad_records: records that could not be asked (a missing image, no options for the preset).
     """
     import torch
     import transformers
@@ -296,7 +294,7 @@ def score_card(
         "card/split": split,
         "card/preset": preset.name if preset else TRAINING,
         "card/harness": preset.harness if preset else "idefics2-ft (the training prompt)",
-        "card/metric": preset.metric if preset else cfg.data.metric,
+        "card/metric": preset.metric if preset else _run_metric(cfg),
         "card/max_new_tokens": preset.max_new_tokens if preset else cfg.eval.max_new_tokens,
         "card/image_splitting": bool(cfg.data.do_image_splitting),
         "card/longest_edge": int(cfg.data.longest_edge),
@@ -308,7 +306,19 @@ def score_card(
     }
     if unparsed is not None:
         card["card/unparsed"] = int(unparsed)
+    if unanswered:
+        card["card/unanswered"] = int(unanswered)
+    if bad_records:
+        card["card/bad_records"] = int(bad_records)
     return card
+
+
+def _run_metric(cfg: Any) -> str:
+    """The metric a run scores with: ``data.metric``, or a mixture's own per source."""
+    if not cfg.data.get("mixture"):
+        return cfg.data.metric
+    per_source = ", ".join(f"{e.name} {e.metric or cfg.data.metric}" for e in cfg.data.mixture)
+    return f"score: the mean over sources ({per_source})"
 
 
 def weights_kind(cfg: Any, model: Any) -> str:
@@ -334,6 +344,8 @@ CARD_FIELDS: tuple[tuple[str, str], ...] = (
     ("card/torch", "torch"),
     ("card/questions", "questions"),
     ("card/unparsed", "unparsed multiple-choice answers"),
+    ("card/unanswered", "questions without an answer (not scored)"),
+    ("card/bad_records", "records that could not be asked"),
 )
 
 

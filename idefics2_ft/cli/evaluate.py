@@ -52,9 +52,17 @@ def main(argv: list[str]) -> int:
         split = own["data.split"] or cfg.data.val_split
         with policy.phase_of("checks"):
             try:  # an unknown preset, before anything loads
-                preset_of(cfg.eval.preset)
+                preset = preset_of(cfg.eval.preset)
             except ValueError as err:
                 raise ConfigError([str(err)]) from None
+            if preset is not None and cfg.objective.name == "dpo":
+                raise ConfigError(
+                    [
+                        f"eval.preset={preset.name} asks questions, and {cfg.run_dir} is a preference run whose "
+                        "split holds pairs (scored by their rewards): drop eval.preset, or score a question/answer "
+                        "split with objective.name=sft and its data.* keys."
+                    ]
+                )
             cfg = config_for_split(cfg, split)  # a split the source does not have is refused here
             # where the results go, refused before a weight loads if it may not be written
             target = evaluation_output(cfg, own["out_dir"] or RunFolder(cfg.run_dir).eval(split))

@@ -299,6 +299,7 @@ def write_report(
         metric: the metric the columns hold; None: ``data.metric`` (an evaluation preset scores with its own).
     """
     folder, run_dir = Path(folder), Path(run_dir)
+    every_source = metric  # a preset's metric scores every source of a mixture
     metric = metric or cfg.data.metric
     pairs = is_preference(cfg)
     history = read_history(run_dir)
@@ -310,8 +311,9 @@ def write_report(
     )
     if pairs:
         curves += reward_curves_html(history)
-    if cfg.data.get("mixture") and not pairs:
-        table = source_table(columns, mixture_metrics(cfg))
+    if cfg.data.get("mixture") and not pairs:  # each source by its own metric, or all by a preset's
+        sources = [(n, every_source or m) for n, m in mixture_metrics(cfg)]
+        table = source_table(columns, sources)
     else:
         table = pair_table(columns) if pairs else metric_table(columns, metric)
     plan_path = RunFolder(run_dir).plan
@@ -423,5 +425,5 @@ def evaluation_report(cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], p
         rows=rows,
         run_dir=Path(cfg.run_dir),
         facts=facts,
-        metric=metrics.get("eval/card/metric"),
+        metric=None if same_prompt else metrics.get("eval/card/metric"),  # a preset scores with its own
     )

@@ -171,17 +171,45 @@ def evaluate(
         raise ConfigError([PAIRS_NOT_ANSWERS.format(run_dir=cfg.run_dir)])
     target = out_dir if isinstance(out_dir, Output) else evaluation_output(cfg, out_dir)
     module, datamodule, preset = answer_questions(cfg, model, processor, split)
-    rows = module.val_predictions
+    rows = module.val_predictions or []
     scored = [r for r in rows if not r.get("unanswered")]
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
+    # the records that could not be asked (a missing image, no options for a multiple-choice preset, ...)
+    bad = {f"eval/skipped/{k.removeprefix('val/')}": v for k, v in module.skipped.items() if v}
+    metrics.update(bad)
+    if bad:
+        log.warning(
+            "%d of %d records of split %r could not be asked and are not in the score: %s.",
+            *(sum(bad.values()), len(datamodule.val_set), split, ", ".join(f"{k[13:]} {v}" for k, v in bad.items())),
+        )
+    if not rows:
+        raise DataError(
+            f"No question of split {split!r} could be asked ({len(datamodule.val_set)} records, all bad: "
+            f"{', '.join(f'{k[13:]} {v}' for k, v in bad.items()) or 'none read'}); nothing was written."
+            + (
+                f" eval.preset={preset.name} asks {preset.benchmark} questions: is it the preset for this data?"
+                if preset
+                else ""
+            )
+        )
     for column in diagnostic_columns():  # eval/accuracy, eval/anls beside the run's own metric
         if scored:
             metrics.setdefault(f"eval/{column}", sum(r[column] for r in scored) / len(scored))
     metrics["eval/split"] = split
     metrics.update(weights or {})
     unparsed = metrics.get("eval/unparsed")
-    card = score_card(cfg, preset, split, model, len(rows), None if unparsed is None else int(unparsed))
+    card = score_card(
+        cfg,
+        preset,
+        split,
+        model,
+        len(scored),
+        None if unparsed is None else int(unparsed),
+        unanswered=len(rows) - len(scored),
+        bad_records=sum(bad.values()),
+    )
     metrics.update({f"eval/{k}": v for k, v in card.items()})
+    answers = submission(rows, cfg, bad) if len(scored) < len(rows) else None
     from idefics2_ft.reporting import evaluation_report
 
     lines = [
@@ -201,15 +229,15 @@ def evaluate(
         (folder / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
         (folder / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (folder / "score_card.json").write_text(json.dumps(card, indent=2) + "\n")
-        if len(scored) < len(rows):  # questions without public answers: the file their server scores
-            (folder / SUBMISSION).write_text(json.dumps(submission(rows), indent=1) + "\n")
+        if answers is not None:  # questions without public answers: the file their server scores
+            (folder / SUBMISSION).write_text(json.dumps(answers, indent=1) + "\n")
         evaluation_report(cfg, folder, metrics, scored, datamodule.val_set.rows, label)
     log.info("Report: %s", target.path / "report.html")
-    if len(scored) < len(rows):
+    if answers is not None:
         log.info(
-            "%d of %d questions have no answer in split %r: not scored; %s holds the answers for the benchmark's "
+            "%d questions of split %r have no answer: not scored; %s holds their answers for the benchmark's "
             "server (DocVQA: the Robust Reading Competition's site, task 'Single Page Document VQA').",
-            *(len(rows) - len(scored), len(rows), split, target.path / SUBMISSION),
+            *(len(answers), split, target.path / SUBMISSION),
         )
     return metrics
 
@@ -217,18 +245,49 @@ def evaluate(
 SUBMISSION = "submission.json"
 
 
-def submission(rows: list[dict]) -> list[dict]:
+def submission(rows: list[dict], cfg: DictConfig, bad: dict[str, int]) -> list[dict] | None:
     """The answers to questions without a public answer, as DocVQA's evaluation server takes them:
-    ``[{"questionId": 57344, "answer": "..."}]`` (the id an integer where it is one: DocVQA's
-    ``questionId``; ``data.id_column=questionId`` reads it)."""
+    ``[{"questionId": 57344, "answer": "..."}]``, the ids read from ``data.id_column`` (DocVQA's
+    ``questionId``), integers where the column holds integers (``"57344"`` too, not ``"0012"``).
+
+    Returns None (and says why) when the file could not be right: no ``data.id_column`` (the ids would
+    be line numbers) or a row without its id, or ids repeated. Warns when bad records left questions
+    out (the server counts them as unanswered).
+    """
+    unanswered = [r for r in rows if r.get("unanswered")]
+    if not cfg.data.id_column:
+        log.warning(
+            "%d questions have no answer, and no submission.json was written: the server matches answers by "
+            "question id; set data.id_column= to the column that holds it (DocVQA: data.id_column=questionId).",
+            len(unanswered),
+        )
+        return None
+    ids = [r["id"] for r in unanswered]
 
     def as_id(value):
-        try:
+        if isinstance(value, str) and value.isdigit() and str(int(value)) == value:
             return int(value)
-        except (TypeError, ValueError):
-            return value
+        return value
 
-    return [{"questionId": as_id(r["id"]), "answer": r["prediction"]} for r in rows if r.get("unanswered")]
+    answers = [{"questionId": as_id(i), "answer": r["prediction"]} for i, r in zip(ids, unanswered, strict=True)]
+    repeated = sorted(
+        {str(a["questionId"]) for a in answers if [b["questionId"] for b in answers].count(a["questionId"]) > 1}
+    )
+    if repeated:
+        log.warning(
+            "No submission.json: question ids repeat in data.id_column=%s (%s); the server needs one answer per "
+            "question (a row without the column takes its line number as id).",
+            cfg.data.id_column,
+            ", ".join(repeated[:5]),
+        )
+        return None
+    if bad:
+        log.warning(
+            "submission.json holds %d answers; %d records could not be asked (%s) and are missing from it: "
+            "the server counts them as unanswered.",
+            *(len(answers), sum(bad.values()), ", ".join(f"{k[13:]} {v}" for k, v in bad.items())),
+        )
+    return answers
 
 
 def answer_questions(cfg: DictConfig, model, processor, split: str, limit: int | None = None):

@@ -94,8 +94,44 @@ def test_a_split_without_answers_is_answered_into_a_submission_file(loaded, tmp_
     )
     submitted = json.loads((tmp_path / "eval" / SUBMISSION).read_text())
     assert submitted == [{"questionId": 57344 + i, "answer": rows[i]["prediction"]} for i in range(5)]
-    assert metrics["eval/unanswered"] == 5 and metrics["eval/card/questions"] == 5
+    assert metrics["eval/unanswered"] == metrics["eval/card/unanswered"] == 5 and metrics["eval/card/questions"] == 0
     assert "eval/anls" not in metrics and "eval/loss" not in metrics  # nothing to score against
+
+
+def test_a_submission_needs_the_id_column_and_says_what_it_leaves_out(loaded, tmp_path, caplog):
+    questions = [{"questionId": 900 + i, "question": f"What is written? {i}", "answers": None} for i in range(4)]
+    path = qa_file(tmp_path / "test", questions)
+    (tmp_path / "test" / "2.png").unlink()  # one page is missing: that question cannot be asked
+    data = ["data.source=jsonl", "data.format=qa", f"data.val_file={path}", "data.max_val_samples=null"]
+    _, metrics, rows = evaluation(loaded, tmp_path / "no-id", *data, "eval.preset=docvqa_lmms")
+    assert not (tmp_path / "no-id" / SUBMISSION).exists()  # its ids would be line numbers
+    assert "set data.id_column=" in caplog.text
+    _, metrics, rows = evaluation(
+        loaded, tmp_path / "eval", *data, "data.id_column=questionId", "eval.preset=docvqa_lmms"
+    )
+    submitted = json.loads((tmp_path / "eval" / SUBMISSION).read_text())
+    assert [a["questionId"] for a in submitted] == [900, 901, 903]
+    assert metrics["eval/skipped/missing_image"] == metrics["eval/card/bad_records"] == 1
+    assert "missing from it" in caplog.text
+
+
+def test_questions_a_preset_cannot_ask_are_counted_and_none_at_all_is_an_error(loaded, tmp_path):
+    questions = [
+        {"question": "Which colour?\nA. red\nB. green", "answers": ["A"]},
+        {"question": "Which colour?", "answers": ["red"]},
+    ]
+    data = ["data.source=jsonl", "data.format=qa", f"data.val_file={qa_file(tmp_path / 'mc', questions)}"]
+    _, metrics, rows = evaluation(
+        loaded, tmp_path / "eval", *data, "data.max_val_samples=null", "eval.preset=mmmu_lmms"
+    )
+    assert len(rows) == metrics["eval/card/questions"] == 1
+    assert metrics["eval/skipped/preset_options"] == metrics["eval/card/bad_records"] == 1
+    from idefics2_ft.data import DataError
+
+    only_bad = ["data.source=jsonl", "data.format=qa", f"data.val_file={qa_file(tmp_path / 'bad', questions[1:])}"]
+    with pytest.raises(DataError, match="No question of split .* could be asked .*preset_options 1.*is it the preset"):
+        evaluation(loaded, tmp_path / "none", *only_bad, "eval.preset=mmmu_lmms")
+    assert not (tmp_path / "none").exists()
 
 
 MC_QUESTIONS = [

@@ -107,6 +107,13 @@ def question_with_options(question: str, options: list[str], style: str = "cauld
     return question + "\n" + "\n".join(lines)
 
 
+def test_only_a_run_of_lettered_lines_from_a_is_read_as_the_options():
+    statements = "Consider:\nI. x > 0\nII. y > 0\nWhich hold?\nA. I only\nB. II only\nAnswer with the letter."
+    assert split_options(statements) == ("Consider:\nI. x > 0\nII. y > 0\nWhich hold?", {"A": "I only", "B": "II only"})
+    stem_like_an_option = "A. Smith wrote it.\nWho wrote it?\nA. Smith\nB. Jones"
+    assert split_options(stem_like_an_option) == ("A. Smith wrote it.\nWho wrote it?", {"A": "Smith", "B": "Jones"})
+
+
 @pytest.mark.parametrize("style", ["cauldron", "plain"])
 def test_options_are_read_from_either_layout(style):
     stem, options = split_options(question_with_options("Which gas?", OPTIONS, style))
