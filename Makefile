@@ -91,7 +91,7 @@ checkpoint-8b: $(VENV)/.installed ## write (once) a random-init idefics2-8b chec
 test-8b: $(VENV)/.installed ## the real-size 8B (random init) through recipe=docvqa_qlora on the CPU: 2 steps, resume, validation, export (~25 min, 16 GB disk)
 	$(PY) -m pytest -q -s -m big8b
 
-bench: $(VENV)/.installed ## our loop against a bare PyTorch loop and HF Trainer on the same batches (outputs/bench.md, ~2 min)
+bench: $(VENV)/.installed ## our loop against a bare loop doing the same work, a bare loop with the full head, and HF Trainer, on the same batches (outputs/bench.md, ~3 min)
 	$(PY) scripts/benchmarks/loops.py
 
 bench-mixed: $(VENV)/.installed ## data.group_by on mixed DocVQA-like pages against HF Trainer's group_by_length, and a three-format mixture against one source (outputs/bench_mixed.md, bench_mixture.md; ~15 min)
