@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -270,9 +271,8 @@ def submission(rows: list[dict], cfg: DictConfig, bad: dict[str, int]) -> list[d
         return value
 
     answers = [{"questionId": as_id(i), "answer": r["prediction"]} for i, r in zip(ids, unanswered, strict=True)]
-    repeated = sorted(
-        {str(a["questionId"]) for a in answers if [b["questionId"] for b in answers].count(a["questionId"]) > 1}
-    )
+    counts = Counter(str(a["questionId"]) for a in answers)
+    repeated = sorted(k for k, n in counts.items() if n > 1)
     if repeated:
         log.warning(
             "No submission.json: question ids repeat in data.id_column=%s (%s); the server needs one answer per "
