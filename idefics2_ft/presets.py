@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from idefics2_ft.data.records import Row, count_images, message_text
@@ -228,8 +228,6 @@ def apply_preset(row: Row, preset: Preset) -> Row:
 
 
 def _with(row: Row, **changes: Any) -> Row:
-    from dataclasses import replace
-
     return replace(row, **changes)
 
 

@@ -176,17 +176,18 @@ def evaluate(
     scored = [r for r in rows if not r.get("unanswered")]
     metrics = {"eval/" + k.removeprefix("val/"): v for k, v in module.val_metrics.items()}
     # the records that could not be asked (a missing image, no options for a multiple-choice preset, ...)
-    bad = {f"eval/skipped/{k.removeprefix('val/')}": v for k, v in module.skipped.items() if v}
-    metrics.update(bad)
+    bad = {k.removeprefix("val/"): v for k, v in module.skipped.items() if v}  # by kind
+    metrics.update({f"eval/skipped/{kind}": n for kind, n in bad.items()})
+    kinds = ", ".join(f"{kind} {n}" for kind, n in bad.items())
     if bad:
         log.warning(
             "%d of %d records of split %r could not be asked and are not in the score: %s.",
-            *(sum(bad.values()), len(datamodule.val_set), split, ", ".join(f"{k[13:]} {v}" for k, v in bad.items())),
+            *(sum(bad.values()), len(datamodule.val_set), split, kinds),
         )
     if not rows:
         raise DataError(
             f"No question of split {split!r} could be asked ({len(datamodule.val_set)} records, all bad: "
-            f"{', '.join(f'{k[13:]} {v}' for k, v in bad.items()) or 'none read'}); nothing was written."
+            f"{kinds or 'none read'}); nothing was written."
             + (
                 f" eval.preset={preset.name} asks {preset.benchmark} questions: is it the preset for this data?"
                 if preset
@@ -285,7 +286,7 @@ def submission(rows: list[dict], cfg: DictConfig, bad: dict[str, int]) -> list[d
         log.warning(
             "submission.json holds %d answers; %d records could not be asked (%s) and are missing from it: "
             "the server counts them as unanswered.",
-            *(len(answers), sum(bad.values()), ", ".join(f"{k[13:]} {v}" for k, v in bad.items())),
+            *(len(answers), sum(bad.values()), ", ".join(f"{kind} {n}" for kind, n in bad.items())),
         )
     return answers
 
